@@ -1,0 +1,14 @@
+//! Messages stored in JetStream KV buckets, and the schema version each is written with. A
+//! reader refuses a record from a newer schema instead of misreading it (`StoredRecord`).
+
+use crate::WireMessage;
+
+/// A message stored as a KV record.
+pub trait Record: WireMessage {
+    /// Bumped when the record's meaning changes in a way an older reader must not ignore.
+    const SCHEMA_VERSION: u32;
+}
+
+impl Record for crate::v1::SandboxRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}

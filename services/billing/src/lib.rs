@@ -1,0 +1,18 @@
+//! slipway-billing: usage aggregated per end-user, invoices, quotas.
+//!
+//! Today this is the service shell every Slipway service shares: it connects to NATS as its own
+//! user, verifies the streams and buckets it depends on (`/readyz` fails on drift), registers
+//! `slipway-billing` with the NATS service API (`$SRV.PING`, `INFO`, `STATS`) and shuts down
+//! gracefully. Its operations (`slipway.billing.v1.<op>`) are added by the issues that build them.
+#![forbid(unsafe_code)]
+
+use slipway_common::App;
+
+/// Registers the service on NATS and runs it until shutdown.
+pub async fn serve(app: App) -> anyhow::Result<()> {
+    let _host = app
+        .service_host("Slipway billing: usage aggregated per end-user, invoices, quotas")
+        .await?;
+    tracing::info!(health = %app.health_addr, "slipway-billing running");
+    app.run().await
+}

@@ -1,0 +1,6 @@
+//! The `slipway-billing` binary: everything is in the library and the shared service kit.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    slipway_common::cli::service_main(slipway_common::Service::Billing, slipway_billing::serve)
+}

@@ -1,0 +1,371 @@
+//! Configuration: compiled-in defaults, then an optional TOML file, then the ecosystem's own
+//! environment names (`MIOSA_BASE_URL`, `MIOSA_API_KEY`, `NATS_URL`,
+//! `OTEL_EXPORTER_OTLP_ENDPOINT`), then `SLIPWAY__SECTION__KEY` variables, each overriding the
+//! one before. Secrets are read from files (`*_file`) and never printed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The environment prefix: `SLIPWAY__NATS__URL` sets `nats.url`.
+pub const ENV_PREFIX: &str = "SLIPWAY";
+/// Ecosystem names accepted as aliases, and the key each sets.
+pub const ALIASES: &[(&str, &str)] = &[
+    ("MIOSA_BASE_URL", "platform.base_url"),
+    ("MIOSA_API_KEY", "platform.api_key"),
+    ("NATS_URL", "nats.url"),
+    ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
+];
+
+/// One configuration for every Slipway component; each reads the sections it needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub nats: NatsSettings,
+    pub health: HealthSettings,
+    pub telemetry: TelemetrySettings,
+    pub platform: PlatformSettings,
+    pub edge: EdgeSettings,
+    pub setup: SetupSettings,
+    pub service: ServiceSettings,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSettings {
+    /// Comma-separated server URLs.
+    pub url: String,
+    /// The nkey seed of this component's NATS user (one user per service).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// User and password, the alternative to an nkey.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Read from `nkey_seed_file`; not settable directly.
+    #[serde(default, skip_deserializing)]
+    pub nkey_seed: Option<Secret>,
+    /// Read from `password_file`; not settable directly.
+    #[serde(default, skip_deserializing)]
+    pub password: Option<Secret>,
+    /// The inbox prefix, so least-privilege permissions can allow `<prefix>.>` only.
+    pub inbox_prefix: Option<String>,
+    pub connect_timeout_ms: u64,
+    /// Default timeout of a request to another service.
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSettings {
+    /// Where `/livez`, `/readyz` and `/metrics` are served; port 0 picks a free one.
+    pub listen: SocketAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub log_format: LogFormat,
+    /// A `tracing` filter, for example `info,slipway_executor=debug`.
+    pub log_filter: String,
+    /// OTLP over HTTP, for example `http://otel-collector:4318`. Traces are exported only when set.
+    pub otlp_endpoint: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformSettings {
+    /// MIOSA's API (`https://api.miosa.ai/api/v1`) or a sandboxd (`http://127.0.0.1:7070/api/v1`).
+    pub base_url: String,
+    pub api_key_file: Option<PathBuf>,
+    /// From `api_key_file` or `MIOSA_API_KEY`. Never logged.
+    pub api_key: Option<Secret>,
+    /// Requests per minute allowed by the key.
+    pub rate_limit_rpm: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSettings {
+    /// The base domain previews and deployments are served under.
+    pub domain: String,
+    /// Where every host under `domain` resolves for Slipway's own HTTP clients (this machine's
+    /// resolver does not map `*.localhost` to loopback). Empty: the system resolver.
+    pub resolve: Option<SocketAddr>,
+}
+
+impl EdgeSettings {
+    /// The address to connect to for `host`, when `resolve` covers it.
+    pub fn resolve_host(&self, host: &str) -> Option<SocketAddr> {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let domain = self.domain.trim_end_matches('.').to_ascii_lowercase();
+        let covered = host == domain || host.ends_with(&format!(".{domain}"));
+        self.resolve.filter(|_| covered)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    File,
+    Memory,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupSettings {
+    /// JetStream replicas of every stream and bucket (3 in a production cluster).
+    pub replicas: usize,
+    pub storage: StorageKind,
+    /// How often a service re-verifies the streams and buckets it depends on.
+    pub verify_interval_ms: u64,
+    /// Deliveries of one message before it goes to the dead-letter stream.
+    pub max_deliver: i64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// Requests handled at once per service instance.
+    pub max_in_flight: usize,
+    /// How long in-flight work may take to finish after SIGTERM.
+    pub grace_period_ms: u64,
+}
+
+/// A secret value: masked in `Debug`, `Display` and serialisation.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value, for the one place that needs it (an HTTP header, a NATS connect).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Where settings come from. The environment is passed in, not read from the process, so tests
+/// can load settings side by side.
+#[derive(Clone, Debug, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: HashMap<String, String>,
+    /// Defaults of the component loading them, over the compiled-in ones (for example its own
+    /// health port).
+    pub defaults: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The file named by `file` and the process environment.
+    pub fn from_process(file: Option<PathBuf>) -> Self {
+        Self {
+            file,
+            env: std::env::vars().collect(),
+            defaults: Vec::new(),
+        }
+    }
+
+    pub fn with_default(mut self, key: &str, value: &str) -> Self {
+        self.defaults.push((key.to_string(), value.to_string()));
+        self
+    }
+}
+
+impl Settings {
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        for (key, value) in DEFAULTS {
+            builder = builder.set_default(*key, *value)?;
+        }
+        for (key, value) in &sources.defaults {
+            builder = builder.set_default(key.as_str(), value.as_str())?;
+        }
+        if let Some(file) = &sources.file {
+            builder = builder.add_source(config::File::from(file.as_path()).required(true));
+        }
+        let mut env: HashMap<String, String> = sources
+            .env
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // An alias counts as the `SLIPWAY__` variable it stands for, unless that one is set too.
+        for (alias, key) in ALIASES {
+            if let Some(v) = sources.env.get(*alias).filter(|v| !v.is_empty()) {
+                let name = format!("{ENV_PREFIX}__{}", key.replace('.', "__").to_uppercase());
+                env.entry(name).or_insert_with(|| v.clone());
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env)),
+        );
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        settings.read_secret_files()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+        if let Some(path) = &self.platform.api_key_file {
+            self.platform.api_key = Some(read_secret("platform.api_key_file", path)?);
+        }
+        if let Some(path) = &self.nats.nkey_seed_file {
+            self.nats.nkey_seed = Some(read_secret("nats.nkey_seed_file", path)?);
+        }
+        if let Some(path) = &self.nats.password_file {
+            self.nats.password = Some(read_secret("nats.password_file", path)?);
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.to_string(),
+        };
+        if self.nats.url.trim().is_empty() {
+            return Err(invalid("nats.url", "must not be empty"));
+        }
+        for url in self.nats.url.split(',') {
+            let url = url.trim();
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|s| url.starts_with(s));
+            if !scheme_ok && url.contains("://") {
+                return Err(invalid("nats.url", &format!("`{url}` is not a NATS URL")));
+            }
+        }
+        if self.nats.user.is_some() != self.nats.password.is_some() {
+            return Err(invalid(
+                "nats.user",
+                "set both `nats.user` and `nats.password_file`, or neither",
+            ));
+        }
+        if self
+            .nats
+            .nkey_seed
+            .as_ref()
+            .is_some_and(|s| !s.expose().starts_with('S'))
+        {
+            return Err(invalid("nats.nkey_seed_file", "does not hold an nkey seed"));
+        }
+        if let Some(prefix) = &self.nats.inbox_prefix
+            && (prefix.is_empty() || prefix.contains(['*', '>', ' ']))
+        {
+            return Err(invalid(
+                "nats.inbox_prefix",
+                "must be a plain subject prefix",
+            ));
+        }
+        let base = &self.platform.base_url;
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(invalid(
+                "platform.base_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if self
+            .platform
+            .api_key
+            .as_ref()
+            .is_some_and(|k| !k.expose().starts_with("msk_"))
+        {
+            return Err(invalid(
+                "platform.api_key",
+                "a MIOSA API key starts with `msk_`",
+            ));
+        }
+        if self.platform.rate_limit_rpm == 0 {
+            return Err(invalid("platform.rate_limit_rpm", "must be at least 1"));
+        }
+        if self.edge.domain.is_empty() || self.edge.domain.contains(['/', ':', ' ']) {
+            return Err(invalid(
+                "edge.domain",
+                "must be a bare domain such as `localhost`",
+            ));
+        }
+        if self.setup.replicas == 0 || self.setup.replicas > 5 {
+            return Err(invalid("setup.replicas", "must be between 1 and 5"));
+        }
+        if self.setup.max_deliver < 1 {
+            return Err(invalid("setup.max_deliver", "must be at least 1"));
+        }
+        if self.service.max_in_flight == 0 {
+            return Err(invalid("service.max_in_flight", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// The settings as TOML with every secret masked (`--print-config`).
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn read_secret(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
+    let value = std::fs::read_to_string(path).map_err(|e| ConfigError::Invalid {
+        key,
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: format!("{} is empty", path.display()),
+        });
+    }
+    Ok(Secret::new(value))
+}
+
+/// The compiled-in defaults: everything on one machine, on loopback.
+const DEFAULTS: &[(&str, &str)] = &[
+    ("nats.url", "nats://127.0.0.1:4222"),
+    ("nats.connect_timeout_ms", "5000"),
+    ("nats.request_timeout_ms", "10000"),
+    ("health.listen", "127.0.0.1:0"),
+    ("telemetry.log_format", "text"),
+    ("telemetry.log_filter", "info"),
+    ("platform.base_url", "http://127.0.0.1:7070/api/v1"),
+    ("platform.rate_limit_rpm", "600"),
+    ("edge.domain", "localhost"),
+    ("setup.replicas", "1"),
+    ("setup.storage", "file"),
+    ("setup.verify_interval_ms", "30000"),
+    ("setup.max_deliver", "5"),
+    ("service.max_in_flight", "64"),
+    ("service.grace_period_ms", "25000"),
+];

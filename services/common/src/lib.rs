@@ -1,0 +1,27 @@
+//! Shared glue for Slipway's services, and nothing else: configuration, telemetry, NATS
+//! connection, the subject map and topology, setup, NATS authorization, typed request/reply, the
+//! service kit (health, metrics, graceful shutdown), KV records and failpoints.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod failpoint;
+pub mod health;
+pub mod metrics;
+pub mod nats;
+pub mod records;
+pub mod rpc;
+pub mod service;
+pub mod setup;
+pub mod shutdown;
+pub mod subjects;
+pub mod telemetry;
+pub mod topology;
+
+pub use app::App;
+pub use config::Settings;
+pub use rpc::{RpcClient, RpcError, ServiceError};
+pub use shutdown::Shutdown;
+pub use subjects::Service;

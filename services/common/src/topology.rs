@@ -1,0 +1,345 @@
+//! The JetStream topology: every stream, durable consumer and KV bucket, and which component uses
+//! which. Setup creates it; services verify the part they use; NATS permissions are derived from
+//! it. Changing a value here is a contract change for operators: `slipway setup --update`
+//! applies the editable ones.
+
+use std::time::Duration;
+
+use crate::config::{SetupSettings, StorageKind};
+use crate::subjects::{self, Service, streams};
+
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retention {
+    /// Kept until `max_age`: many readers.
+    Limits,
+    /// Removed once acknowledged: one durable worker pool.
+    WorkQueue,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamSpec {
+    pub name: &'static str,
+    pub subjects: Vec<String>,
+    pub retention: Retention,
+    /// Zero keeps messages forever.
+    pub max_age: Duration,
+    /// JetStream's `Nats-Msg-Id` dedupe window.
+    pub duplicate_window: Duration,
+    pub max_message_size: i32,
+    pub description: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsumerSpec {
+    pub stream: &'static str,
+    pub durable: &'static str,
+    pub filter_subject: String,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+    pub description: &'static str,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BucketSpec {
+    pub bucket: &'static str,
+    pub history: i64,
+    /// Zero keeps entries forever.
+    pub max_age: Duration,
+    pub description: &'static str,
+}
+
+impl BucketSpec {
+    /// The stream JetStream keeps the bucket in.
+    pub fn stream_name(&self) -> String {
+        format!("KV_{}", self.bucket)
+    }
+}
+
+/// KV bucket names.
+pub mod buckets {
+    pub const RUNS: &str = "slipway_runs";
+    pub const LEASES: &str = "slipway_leases";
+    pub const SANDBOXES: &str = "slipway_sandboxes";
+    pub const METER: &str = "slipway_meter";
+    pub const RELAYS: &str = "slipway_relays";
+    pub const PREVIEWS: &str = "slipway_previews";
+    pub const SHARES: &str = "slipway_shares";
+    pub const BILLING: &str = "slipway_billing";
+    pub const BILLING_DEDUPE: &str = "slipway_billing_dedupe";
+    pub const QUOTAS: &str = "slipway_quotas";
+    pub const DEPLOYMENTS: &str = "slipway_deployments";
+}
+
+/// The whole topology, with the storage and replication of this installation.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub streams: Vec<StreamSpec>,
+    pub consumers: Vec<ConsumerSpec>,
+    pub buckets: Vec<BucketSpec>,
+    pub storage: StorageKind,
+    pub replicas: usize,
+}
+
+const MIB: i32 = 1024 * 1024;
+
+impl Topology {
+    pub fn new(settings: &SetupSettings) -> Self {
+        let stream_subjects = |name: &str| {
+            subjects::stream_subjects()
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, s)| s)
+                .unwrap_or_default()
+        };
+        let stream = |name: &'static str, retention, max_age, description| StreamSpec {
+            name,
+            subjects: stream_subjects(name),
+            retention,
+            max_age,
+            duplicate_window: Duration::from_secs(3600),
+            max_message_size: MIB,
+            description,
+        };
+        let streams = vec![
+            stream(
+                streams::PROMPTS,
+                Retention::WorkQueue,
+                7 * DAY,
+                "prompts to start runs",
+            ),
+            stream(
+                streams::RUN_COMMANDS,
+                Retention::Limits,
+                30 * DAY,
+                "commands for runs in progress",
+            ),
+            stream(
+                streams::RUN_EVENTS,
+                Retention::Limits,
+                30 * DAY,
+                "facts about runs, for platforms and UIs",
+            ),
+            StreamSpec {
+                // Billing rebuilds its aggregates from the raw stream and keeps dedupe for 35
+                // days of accepted lateness; the stream outlives both.
+                max_message_size: 64 * 1024,
+                duplicate_window: Duration::from_secs(2 * 3600),
+                ..stream(
+                    streams::USAGE,
+                    Retention::Limits,
+                    400 * DAY,
+                    "usage events, partitioned by end-user",
+                )
+            },
+            stream(
+                streams::USAGE_REJECTED,
+                Retention::Limits,
+                90 * DAY,
+                "usage events billing refused, with the reason",
+            ),
+            stream(
+                streams::BILLED,
+                Retention::Limits,
+                400 * DAY,
+                "priced usage for platforms' invoicing",
+            ),
+            stream(
+                streams::DEPLOY_JOBS,
+                Retention::WorkQueue,
+                7 * DAY,
+                "the deployer's job queue",
+            ),
+            stream(
+                streams::DLQ,
+                Retention::Limits,
+                30 * DAY,
+                "messages that can never be valid, with the reason",
+            ),
+        ];
+        let consumer = |stream, durable, description, ack_wait| ConsumerSpec {
+            stream,
+            durable,
+            filter_subject: stream_subjects(stream).join(","),
+            ack_wait,
+            max_deliver: settings.max_deliver,
+            max_ack_pending: 1000,
+            description,
+        };
+        let consumers = vec![
+            consumer(
+                streams::PROMPTS,
+                "planner",
+                "planner: prompts to runs",
+                Duration::from_secs(60),
+            ),
+            consumer(
+                streams::USAGE,
+                "billing",
+                "billing: fold usage exactly once",
+                Duration::from_secs(30),
+            ),
+            consumer(
+                streams::DEPLOY_JOBS,
+                "deployer",
+                "deployer: deploy jobs",
+                Duration::from_secs(300),
+            ),
+        ];
+        let bucket = |bucket, max_age, description| BucketSpec {
+            bucket,
+            history: 1,
+            max_age,
+            description,
+        };
+        let buckets = vec![
+            bucket(
+                buckets::RUNS,
+                Duration::ZERO,
+                "runs and their steps (planner)",
+            ),
+            bucket(
+                buckets::LEASES,
+                Duration::ZERO,
+                "leases: one holder per run, partition, sampler or relay",
+            ),
+            bucket(
+                buckets::SANDBOXES,
+                Duration::ZERO,
+                "every sandbox with its run and end-user (executor)",
+            ),
+            bucket(
+                buckets::METER,
+                Duration::ZERO,
+                "usage watermarks and pending intervals (executor)",
+            ),
+            bucket(
+                buckets::RELAYS,
+                Duration::ZERO,
+                "file-watch relays (executor)",
+            ),
+            bucket(buckets::PREVIEWS, Duration::ZERO, "previews (preview)"),
+            bucket(buckets::SHARES, Duration::ZERO, "share links (preview)"),
+            bucket(
+                buckets::BILLING,
+                Duration::ZERO,
+                "aggregates and checkpoints (billing)",
+            ),
+            bucket(
+                buckets::BILLING_DEDUPE,
+                36 * DAY,
+                "usage event ids seen, per event-hour (billing)",
+            ),
+            bucket(
+                buckets::QUOTAS,
+                Duration::ZERO,
+                "per end-user quotas and reservations (billing)",
+            ),
+            bucket(
+                buckets::DEPLOYMENTS,
+                Duration::ZERO,
+                "deployments and versions (deployer)",
+            ),
+        ];
+        Self {
+            streams,
+            consumers,
+            buckets,
+            storage: settings.storage,
+            replicas: settings.replicas,
+        }
+    }
+
+    pub fn stream(&self, name: &str) -> Option<&StreamSpec> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    /// The part of the topology `service` depends on (what it verifies before it is ready).
+    pub fn for_service(&self, service: Service) -> Topology {
+        let role = Role::of(service);
+        Topology {
+            streams: self
+                .streams
+                .iter()
+                .filter(|s| role.consumes.contains(&s.name) || role.publishes.contains(&s.name))
+                .cloned()
+                .collect(),
+            consumers: self
+                .consumers
+                .iter()
+                .filter(|c| role.consumes.contains(&c.stream) && c.durable == service.as_str())
+                .cloned()
+                .collect(),
+            buckets: self
+                .buckets
+                .iter()
+                .filter(|b| role.buckets.contains(&b.bucket))
+                .cloned()
+                .collect(),
+            storage: self.storage,
+            replicas: self.replicas,
+        }
+    }
+}
+
+/// What one service does with the topology.
+#[derive(Clone, Copy, Debug)]
+pub struct Role {
+    /// Streams it reads through a durable consumer.
+    pub consumes: &'static [&'static str],
+    /// Streams it publishes into (with acknowledgements).
+    pub publishes: &'static [&'static str],
+    pub buckets: &'static [&'static str],
+    /// Services it sends requests to.
+    pub calls: &'static [Service],
+}
+
+impl Role {
+    pub fn of(service: Service) -> Role {
+        use buckets as b;
+        match service {
+            Service::Planner => Role {
+                consumes: &[streams::PROMPTS, streams::RUN_COMMANDS],
+                publishes: &[streams::RUN_EVENTS, streams::USAGE, streams::DLQ],
+                buckets: &[b::RUNS, b::LEASES],
+                calls: &[
+                    Service::Executor,
+                    Service::Preview,
+                    Service::Billing,
+                    Service::Deployer,
+                ],
+            },
+            Service::Executor => Role {
+                consumes: &[],
+                publishes: &[streams::USAGE],
+                buckets: &[b::SANDBOXES, b::METER, b::RELAYS, b::LEASES],
+                calls: &[],
+            },
+            Service::Preview => Role {
+                consumes: &[],
+                publishes: &[streams::RUN_EVENTS],
+                buckets: &[b::PREVIEWS, b::SHARES, b::LEASES],
+                calls: &[Service::Executor],
+            },
+            Service::Billing => Role {
+                consumes: &[streams::USAGE],
+                publishes: &[streams::BILLED, streams::USAGE_REJECTED, streams::DLQ],
+                buckets: &[b::BILLING, b::BILLING_DEDUPE, b::QUOTAS, b::LEASES],
+                calls: &[Service::Executor],
+            },
+            Service::Deployer => Role {
+                consumes: &[streams::DEPLOY_JOBS],
+                publishes: &[
+                    streams::DEPLOY_JOBS,
+                    streams::RUN_EVENTS,
+                    streams::USAGE,
+                    streams::DLQ,
+                ],
+                buckets: &[b::DEPLOYMENTS, b::LEASES],
+                calls: &[Service::Executor],
+            },
+        }
+    }
+}

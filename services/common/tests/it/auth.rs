@@ -1,0 +1,162 @@
+use std::time::Duration;
+
+use async_nats::{ConnectOptions, Event};
+use slipway_common::Service;
+use slipway_common::auth::{Credential, Principal, User, authorization_config, permissions};
+use slipway_common::topology::Topology;
+use slipway_test_support::NatsServer;
+use tokio::sync::mpsc;
+
+use crate::helpers::settings;
+
+struct Keys(Vec<(Principal, nkeys::KeyPair)>);
+
+impl Keys {
+    fn new() -> Self {
+        Keys(
+            Principal::all()
+                .into_iter()
+                .map(|p| (p, nkeys::KeyPair::new_user()))
+                .collect(),
+        )
+    }
+    fn users(&self) -> Vec<User> {
+        self.0
+            .iter()
+            .map(|(p, k)| User {
+                principal: *p,
+                credential: Credential::Nkey(k.public_key()),
+            })
+            .collect()
+    }
+    fn seed(&self, p: Principal) -> String {
+        self.0
+            .iter()
+            .find(|(q, _)| *q == p)
+            .unwrap()
+            .1
+            .seed()
+            .unwrap()
+    }
+}
+
+/// Connects as `p`, with its inbox prefix; server errors (permission violations) go to the channel.
+async fn connect_as(
+    server: &NatsServer,
+    keys: &Keys,
+    p: Principal,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = ConnectOptions::with_nkey(keys.seed(p))
+        .custom_inbox_prefix(p.inbox_prefix())
+        .event_callback(move |e| {
+            let tx = tx.clone();
+            async move {
+                if let Event::ServerError(e) = e {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(server.url())
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+async fn violation(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the server reports a permissions violation")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_service_user_is_refused_subjects_outside_its_job() {
+    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
+    let keys = Keys::new();
+    let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
+
+    let (admin, _) = connect_as(&server, &keys, Principal::Admin).await;
+    let js = async_nats::jetstream::new(admin.clone());
+    slipway_common::setup::apply(&js, &topo, slipway_common::setup::Mode::CreateMissing)
+        .await
+        .unwrap();
+
+    let (billing, mut errors) =
+        connect_as(&server, &keys, Principal::Service(Service::Billing)).await;
+    // Billing may read its own stream's configuration...
+    let billing_js = async_nats::jetstream::new(billing.clone());
+    billing_js
+        .get_stream("USAGE")
+        .await
+        .expect("billing reads USAGE");
+    // ...but not publish prompts, and not pose as the planner.
+    billing
+        .publish("slipway.prompts", "{}".into())
+        .await
+        .unwrap();
+    billing.flush().await.unwrap();
+    let e = violation(&mut errors).await;
+    assert!(
+        e.to_lowercase().contains("permissions violation") && e.contains("slipway.prompts"),
+        "{e}"
+    );
+    let _sub = billing.subscribe("slipway.planner.v1.>").await.unwrap();
+    billing.flush().await.unwrap();
+    let e = violation(&mut errors).await;
+    assert!(e.contains("slipway.planner.v1.>"), "{e}");
+
+    // The platform may publish a prompt, which lands in the stream.
+    let (platform, mut platform_errors) = connect_as(&server, &keys, Principal::Platform).await;
+    let pjs = async_nats::jetstream::new(platform.clone());
+    pjs.publish("slipway.prompts", r#"{"prompt":"x","user_id":"u"}"#.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(platform_errors.try_recv().is_err());
+    // But it may not publish usage, which only services produce.
+    platform
+        .publish("slipway.usage.executor.exec_count.u", "x".into())
+        .await
+        .unwrap();
+    platform.flush().await.unwrap();
+    assert!(
+        violation(&mut platform_errors)
+            .await
+            .contains("slipway.usage")
+    );
+}
+
+#[test]
+fn each_service_publishes_only_its_own_event_kinds_and_usage() {
+    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
+    let preview = permissions(Principal::Service(Service::Preview), &topo);
+    assert!(
+        preview
+            .publish
+            .contains("slipway.runs.*.events.preview_ready")
+    );
+    assert!(!preview.publish.contains("slipway.runs.*.events.deployed"));
+    assert!(
+        !preview
+            .publish
+            .iter()
+            .any(|s| s.starts_with("slipway.usage"))
+    );
+    let deployer = permissions(Principal::Service(Service::Deployer), &topo);
+    assert!(deployer.publish.contains("slipway.runs.*.events.deployed"));
+    assert!(deployer.publish.contains("slipway.usage.deployer.>"));
+    assert!(!deployer.publish.contains("slipway.usage.executor.>"));
+    let executor = permissions(Principal::Service(Service::Executor), &topo);
+    assert!(executor.subscribe.contains("slipway.executor.v1.>"));
+    assert!(
+        !executor.publish.iter().any(|s| s.contains(".events.")),
+        "the executor publishes no run events"
+    );
+    let platform = permissions(Principal::Platform, &topo);
+    assert!(
+        !platform.publish.contains("slipway.executor.v1.>"),
+        "only services call the executor"
+    );
+}

@@ -1,0 +1,11 @@
+//! Integration tests of the shared kit, against real nats-server processes (one per test).
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
+
+mod auth;
+mod config;
+mod helpers;
+mod records;
+mod rpc;
+mod setup;
+mod shutdown;
+mod subjects;

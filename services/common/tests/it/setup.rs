@@ -1,0 +1,138 @@
+use std::time::Duration;
+
+use async_nats::jetstream;
+use slipway_common::Service;
+use slipway_common::setup::{self, Mode};
+use slipway_common::subjects::streams;
+use slipway_common::topology::Topology;
+use slipway_test_support::NatsServer;
+
+use crate::helpers::{readyz_until, settings, spawn_app};
+
+async fn js(server: &NatsServer) -> jetstream::Context {
+    jetstream::new(async_nats::connect(server.url()).await.unwrap())
+}
+
+fn topology(server: &NatsServer) -> Topology {
+    Topology::new(&settings(&server.url(), &[]).setup)
+}
+
+#[tokio::test]
+async fn setup_creates_everything_once_and_reopens_it() {
+    let server = NatsServer::start().unwrap();
+    let js = js(&server).await;
+    let topo = topology(&server);
+    let expected = topo.streams.len() + topo.buckets.len() + topo.consumers.len();
+
+    let first = setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
+    assert_eq!(first.created.len(), expected, "{:?}", first.created);
+    assert!(first.unchanged.is_empty() && first.drifted.is_empty());
+    let created_at = js
+        .get_stream(streams::USAGE)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .created;
+    js.publish("slipway.usage.executor.exec_count.u1", "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let second = setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
+    assert!(second.created.is_empty(), "{:?}", second.created);
+    assert_eq!(second.unchanged.len(), expected);
+    assert!(second.drifted.is_empty(), "{:?}", second.drifted);
+    let mut usage = js.get_stream(streams::USAGE).await.unwrap();
+    let info = usage.info().await.unwrap();
+    assert_eq!(
+        info.created, created_at,
+        "the stream was re-opened, not recreated"
+    );
+    assert_eq!(
+        info.state.messages, 1,
+        "its messages survive a second setup"
+    );
+    assert!(setup::verify(&js, &topo).await.unwrap().is_empty());
+    // The buckets are usable key-value stores.
+    let kv = js.get_key_value("slipway_runs").await.unwrap();
+    kv.put("k", "v".into()).await.unwrap();
+}
+
+#[tokio::test]
+async fn drift_makes_readyz_fail_naming_it_and_update_corrects_it() {
+    let server = NatsServer::start().unwrap();
+    let js = js(&server).await;
+    let topo = topology(&server);
+
+    // Before setup, the service is up but not ready, and says what is missing.
+    let app = spawn_app(Service::Billing, settings(&server.url(), &[]), |_| async {}).await;
+    let (_, body) = readyz_until(app.health, "missing topology", |s, b| {
+        s == 503
+            && b["failing"]["topology"]
+                .as_str()
+                .is_some_and(|t| t.contains("stream USAGE: existence"))
+    })
+    .await;
+    assert!(
+        body["failing"]["topology"]
+            .as_str()
+            .unwrap()
+            .contains("slipway setup"),
+        "{body}"
+    );
+
+    setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
+    readyz_until(app.health, "ready after setup", |s, _| s == 200).await;
+
+    // An operator changes USAGE behind Slipway's back.
+    let mut config = js
+        .get_stream(streams::USAGE)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_age = Duration::from_secs(3 * 86_400);
+    js.update_stream(config).await.unwrap();
+    let (_, body) = readyz_until(app.health, "drift reported", |s, _| s == 503).await;
+    let why = body["failing"]["topology"].as_str().unwrap();
+    assert!(
+        why.contains("stream USAGE") && why.contains("max_age is 259200s"),
+        "{why}"
+    );
+
+    let report = setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
+    assert_eq!(report.drifted.len(), 1, "{:?}", report.drifted);
+    assert_eq!(report.drifted[0].resource, "stream USAGE");
+    let report = setup::apply(&js, &topo, Mode::Update).await.unwrap();
+    assert_eq!(report.updated, vec!["stream USAGE".to_string()]);
+    readyz_until(app.health, "ready after update", |s, _| s == 200).await;
+
+    // A service verifies only what it uses: a drifted deploy queue does not concern billing.
+    let mut config = js
+        .get_stream(streams::DEPLOY_JOBS)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_age = Duration::from_secs(2 * 86_400);
+    js.update_stream(config).await.unwrap();
+    let drifts = setup::verify(&js, &topo).await.unwrap();
+    assert_eq!(drifts.len(), 1);
+    assert!(
+        setup::verify(&js, &topo.for_service(Service::Billing))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    app.shutdown.trigger();
+    app.task.await.unwrap().unwrap();
+}

@@ -1,0 +1,18 @@
+//! slipway-deployer: immutable production deployments, versions, rollback.
+//!
+//! Today this is the service shell every Slipway service shares: it connects to NATS as its own
+//! user, verifies the streams and buckets it depends on (`/readyz` fails on drift), registers
+//! `slipway-deployer` with the NATS service API (`$SRV.PING`, `INFO`, `STATS`) and shuts down
+//! gracefully. Its operations (`slipway.deployer.v1.<op>`) are added by the issues that build them.
+#![forbid(unsafe_code)]
+
+use slipway_common::App;
+
+/// Registers the service on NATS and runs it until shutdown.
+pub async fn serve(app: App) -> anyhow::Result<()> {
+    let _host = app
+        .service_host("Slipway deployer: immutable production deployments, versions, rollback")
+        .await?;
+    tracing::info!(health = %app.health_addr, "slipway-deployer running");
+    app.run().await
+}

@@ -1,0 +1,133 @@
+//! sandboxd: a MIOSA-compatible sandbox host for one machine, the embedded default the executor
+//! talks to when no MIOSA key is configured. It answers the subset of MIOSA's REST API the app
+//! lifecycle uses (`../shared/miosa-api.md`; the official Python SDK is the reference client).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod templates;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "slipway-sandboxd",
+    version,
+    about = "A MIOSA-compatible sandbox host"
+)]
+pub struct Args {
+    /// Where the API listens.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "SANDBOXD_LISTEN")]
+    pub listen: SocketAddr,
+    /// Where sandboxes and their state live.
+    #[arg(long, default_value = "./sandboxd-data", env = "SANDBOXD_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// A file with the accepted API keys, one `msk_...` per line. Without it any `msk_` key is
+    /// accepted, and only while listening on loopback.
+    #[arg(long, env = "SANDBOXD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+}
+
+/// Which bearer keys the API accepts.
+#[derive(Clone, Debug)]
+pub enum KeyPolicy {
+    /// Exactly these keys.
+    Listed(Vec<String>),
+    /// Any key with the `msk_` prefix (loopback only).
+    AnyMsk,
+}
+
+impl KeyPolicy {
+    pub fn accepts(&self, key: &str) -> bool {
+        match self {
+            KeyPolicy::Listed(keys) => keys
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())),
+            KeyPolicy::AnyMsk => key.starts_with("msk_") && key.len() > 4,
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Decides the key policy; refuses to accept any key on a non-loopback address.
+pub fn key_policy(args: &Args) -> anyhow::Result<KeyPolicy> {
+    match &args.api_keys_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("--api-keys-file {}: {e}", path.display()))?;
+            let keys: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect();
+            if keys.is_empty() || keys.iter().any(|k| !k.starts_with("msk_")) {
+                anyhow::bail!(
+                    "--api-keys-file {}: one `msk_...` key per line",
+                    path.display()
+                );
+            }
+            Ok(KeyPolicy::Listed(keys))
+        }
+        None if args.listen.ip().is_loopback() => Ok(KeyPolicy::AnyMsk),
+        None => anyhow::bail!(
+            "listening on {} needs --api-keys-file: any `msk_` key is accepted only on loopback",
+            args.listen
+        ),
+    }
+}
+
+pub fn main(args: Args) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("slipway-sandboxd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slipway-sandboxd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let policy = key_policy(&args)?;
+    if matches!(policy, KeyPolicy::AnyMsk) {
+        eprintln!("slipway-sandboxd: no --api-keys-file: accepting any `msk_` key (loopback only)");
+    }
+    std::fs::create_dir_all(&args.data_dir)?;
+    let stop = CancellationToken::new();
+    {
+        let stop = stop.clone();
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            stop.cancel();
+        });
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let addr = listener.local_addr()?;
+    let state = api::State::new(policy);
+    println!("http://{addr}/api/v1");
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await?;
+    Ok(())
+}

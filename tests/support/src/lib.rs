@@ -1,0 +1,20 @@
+//! Test support for Slipway (not published): a real `nats-server` per test on a random port,
+//! killed and cleaned on drop; runs of real binaries to a named failpoint and back; real sandboxd processes; the size
+//! of randomized suites.
+#![forbid(unsafe_code)]
+
+pub mod nats;
+pub mod process;
+pub mod sandboxd;
+
+pub use nats::NatsServer;
+pub use process::{FailpointRun, RunningProcess};
+pub use sandboxd::Sandboxd;
+
+/// How many cases each randomized test runs: `SLIPWAY_TEST_CASES`, 256 by default.
+pub fn random_cases() -> usize {
+    std::env::var("SLIPWAY_TEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256)
+}

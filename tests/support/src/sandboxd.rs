@@ -1,0 +1,99 @@
+//! A real `slipway-sandboxd` process for one test, on a random loopback port, killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+pub struct Sandboxd {
+    child: Child,
+    base_url: String,
+    data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Sandboxd {
+    /// Starts `bin` with a fresh data directory.
+    pub fn start(bin: impl AsRef<Path>, extra_args: &[&str]) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let data_dir = tmp.path().join("data");
+        let mut s = Self::start_in(bin, &data_dir, extra_args, &[])?;
+        s._tmp = Some(tmp);
+        Ok(s)
+    }
+
+    /// Starts `bin` on an existing data directory (a restart), with extra environment.
+    pub fn start_in(
+        bin: impl AsRef<Path>,
+        data_dir: &Path,
+        extra_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
+        let bin = bin.as_ref();
+        let mut child = Command::new(bin)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra_args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(first)) = lines.next() {
+                let _ = tx.send(first);
+            }
+            for _ in lines {}
+        });
+        let base_url = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(url) if url.starts_with("http://") => url.trim().to_string(),
+            Ok(other) => bail!("sandboxd printed `{other}` instead of its base URL"),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                bail!("sandboxd did not print its base URL ({status})")
+            }
+        };
+        Ok(Self {
+            child,
+            base_url,
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>/api/v1`
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Kills the process (SIGKILL) and waits for it, keeping the data directory.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Hands the temporary data directory over, so it outlives this process (for restarts).
+    pub fn take_dir(&mut self) -> Option<tempfile::TempDir> {
+        self._tmp.take()
+    }
+}
+
+impl Drop for Sandboxd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
