@@ -4,7 +4,18 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod clock;
+pub mod exec;
+pub mod files;
+pub mod host;
+pub mod jail;
+pub mod journal;
+pub mod model;
+pub mod paths;
+pub mod processes;
+pub mod store;
 pub mod templates;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -105,11 +116,20 @@ pub fn main(args: Args) -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let policy = key_policy(&args)?;
     if matches!(policy, KeyPolicy::AnyMsk) {
         eprintln!("slipway-sandboxd: no --api-keys-file: accepting any `msk_` key (loopback only)");
     }
     std::fs::create_dir_all(&args.data_dir)?;
+    let jail = jail::Jail::detect()?;
+    let host = host::Host::open(&args.data_dir, jail)?;
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();
@@ -124,10 +144,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let state = api::State::new(policy);
+    let state = api::AppState::new(host.clone(), policy);
     println!("http://{addr}/api/v1");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
+    // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first.
+    for entry in host.all() {
+        entry.processes.kill_all().await;
+    }
     Ok(())
 }

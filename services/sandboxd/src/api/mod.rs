@@ -1,43 +1,96 @@
 //! The HTTP API: MIOSA's routes under `/api/v1`, bearer-key authentication, MIOSA-style errors.
 
 mod error;
+pub mod extract;
+mod sandboxes;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 
 pub use error::ApiError;
 
-use crate::KeyPolicy;
+use crate::host::Host;
+use crate::{KeyPolicy, exec, files, templates};
+
+/// Largest request body: a write-many of a whole small app.
+pub const MAX_BODY: usize = 64 * 1024 * 1024;
 
 /// What every handler can reach.
 #[derive(Clone)]
-pub struct State {
-    inner: Arc<Inner>,
+pub struct AppState {
+    pub host: Arc<Host>,
+    keys: Arc<KeyPolicy>,
 }
 
-struct Inner {
-    keys: KeyPolicy,
-}
-
-impl State {
-    pub fn new(keys: KeyPolicy) -> Self {
+impl AppState {
+    pub fn new(host: Arc<Host>, keys: KeyPolicy) -> Self {
         Self {
-            inner: Arc::new(Inner { keys }),
+            host,
+            keys: Arc::new(keys),
         }
     }
 }
 
-pub fn router(state: State) -> Router {
+pub fn router(state: AppState) -> Router {
+    let sandbox = Router::new()
+        .route(
+            "/",
+            get(sandboxes::get)
+                .patch(sandboxes::update)
+                .delete(sandboxes::destroy),
+        )
+        .route("/pause", post(sandboxes::pause))
+        .route("/resume", post(sandboxes::resume))
+        .route("/stop", post(sandboxes::stop))
+        .route("/extend", post(sandboxes::extend))
+        .route("/readiness", get(sandboxes::readiness))
+        .route("/readiness/stream", get(sandboxes::readiness_stream))
+        // Canonical file routes.
+        .route("/fs/write", post(files::fs_write))
+        .route("/fs/write-many", post(files::fs_write_many))
+        .route("/fs/download", get(files::fs_download))
+        .route("/fs/stat", post(files::stat))
+        .route("/fs/mkdir", post(files::mkdir))
+        .route("/fs/delete", post(files::delete_body))
+        // Legacy file routes; the named ones are matched before the catch-all download.
+        .route(
+            "/files",
+            post(files::legacy_write)
+                .get(files::list)
+                .delete(files::delete_body),
+        )
+        .route("/files/write-many", post(files::legacy_write_many))
+        .route("/files/stat", post(files::stat).get(files::stat_get))
+        .route("/files/mkdir", post(files::mkdir))
+        .route("/files/tree", get(files::tree))
+        .route("/files/watch", get(files::watch))
+        .route("/files/{*path}", get(files::legacy_download))
+        .route("/exec", post(exec::exec))
+        .route("/exec/stream", post(exec::exec_stream))
+        .route(
+            "/processes",
+            post(exec::start_process).get(exec::list_processes),
+        )
+        .route(
+            "/processes/{pid}",
+            get(exec::get_process).delete(exec::stop_process),
+        )
+        .route("/processes/{pid}/logs", get(exec::process_logs))
+        .route("/processes/{pid}/stream", get(exec::process_stream));
     let api = Router::new()
-        .route("/sandbox-templates", get(crate::templates::list))
-        .route("/sandbox-templates/{id}", get(crate::templates::get))
+        .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
+        .route("/sandboxes/by-name/{name}", get(sandboxes::by_name))
+        .nest("/sandboxes/{id}", sandbox)
+        .route("/sandbox-templates", get(templates::list))
+        .route("/sandbox-templates/{id}", get(templates::get))
+        .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .fallback(|| async { ApiError::not_found("route_not_found", "no such route") });
+        .layer(DefaultBodyLimit::max(MAX_BODY));
     Router::new()
         .nest("/api/v1", api)
         .route("/livez", get(|| async { "ok\n" }))
@@ -45,7 +98,7 @@ pub fn router(state: State) -> Router {
 }
 
 async fn authenticate(
-    axum::extract::State(state): axum::extract::State<State>,
+    axum::extract::State(state): axum::extract::State<AppState>,
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
@@ -56,7 +109,7 @@ async fn authenticate(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match key {
-        Some(k) if state.inner.keys.accepts(k) => Ok(next.run(request).await),
+        Some(k) if state.keys.accepts(k) => Ok(next.run(request).await),
         Some(_) => Err(ApiError::unauthorized("invalid API key")),
         None => Err(ApiError::unauthorized(
             "missing `Authorization: Bearer msk_...`",

@@ -1,4 +1,10 @@
-//! sandboxd as its clients see it: a real process on a random port, real HTTP.
+//! sandboxd as its clients see it: a real process on a random port, real HTTP, real bubblewrap.
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
 
+mod api;
 mod basics;
+mod crash;
+mod exec;
+mod files;
+mod sandboxes;
+mod watch;

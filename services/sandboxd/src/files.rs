@@ -1,0 +1,549 @@
+//! The file API, on both route families the SDKs use: the canonical `/fs/*` routes and the legacy
+//! `/files/*` routes they fall back to on 404, each with its own body rules (`/fs/write` takes
+//! `content` verbatim and decodes `content_base64`; legacy `/files` decodes `content` as base64).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::api::extract::JsonBody;
+use crate::api::{ApiError, AppState};
+use crate::host::Entry;
+use crate::journal::{self, Item};
+use crate::paths::{self, PathError, Resolved};
+
+/// Largest single file accepted (MIOSA's `FILE_TOO_LARGE` limit).
+pub const MAX_FILE_BYTES: usize = 10 * 1024 * 1024;
+/// Most files in one write-many.
+pub const MAX_BATCH_FILES: usize = 10_000;
+
+fn path_error(e: PathError) -> ApiError {
+    match e {
+        PathError::Nul | PathError::Loop(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.to_string())
+        }
+        _ => ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN_PATH", e.to_string()),
+    }
+}
+
+fn resolve(entry: &Entry, path: &str) -> Result<Resolved, ApiError> {
+    paths::resolve(&entry.workspace(), path).map_err(path_error)
+}
+
+fn io_error(path: &str, e: std::io::Error) -> ApiError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            ApiError::not_found("file_not_found", format!("`{path}` does not exist"))
+        }
+        std::io::ErrorKind::IsADirectory => {
+            ApiError::invalid("is_a_directory", format!("`{path}` is a directory"))
+        }
+        std::io::ErrorKind::NotADirectory => ApiError::invalid(
+            "not_a_directory",
+            format!("a parent of `{path}` is not a directory"),
+        ),
+        _ => ApiError::internal(format!("`{path}`: {e}")),
+    }
+}
+
+/// Which body rule a route follows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Rules {
+    /// `/fs/*`: `content` verbatim, `content_base64` decoded.
+    Canonical,
+    /// `/files/*`: `content` is base64 unless `encoding` says otherwise.
+    Legacy,
+}
+
+#[derive(Deserialize)]
+pub struct FileBody {
+    path: String,
+    content: Option<String>,
+    content_base64: Option<String>,
+    encoding: Option<String>,
+    mode: Option<u32>,
+}
+
+impl FileBody {
+    fn bytes(&self, rules: Rules) -> Result<Vec<u8>, String> {
+        if let Some(b64) = &self.content_base64 {
+            return B64
+                .decode(b64.trim())
+                .map_err(|e| format!("content_base64 is not base64: {e}"));
+        }
+        let content = self.content.as_deref().unwrap_or("");
+        let base64 = match self.encoding.as_deref() {
+            Some("base64") => true,
+            Some("utf8" | "utf-8" | "text") => false,
+            Some(other) => return Err(format!("unknown encoding `{other}`")),
+            None => rules == Rules::Legacy,
+        };
+        if base64 {
+            B64.decode(content.trim())
+                .map_err(|e| format!("content is not base64: {e}"))
+        } else {
+            Ok(content.as_bytes().to_vec())
+        }
+    }
+}
+
+/// Why one file of a write was refused.
+enum Refusal {
+    Path(PathError),
+    TooLarge,
+    Invalid(String),
+}
+
+/// Checks one file of a write and turns it into a batch item.
+fn item(entry: &Entry, body: &FileBody, rules: Rules) -> Result<Item, Refusal> {
+    let resolved = paths::resolve(&entry.workspace(), &body.path).map_err(Refusal::Path)?;
+    if resolved.parts.is_empty() {
+        return Err(Refusal::Invalid("cannot write /workspace itself".into()));
+    }
+    if resolved.host.is_dir() {
+        return Err(Refusal::Invalid(format!("`{}` is a directory", body.path)));
+    }
+    let content = body.bytes(rules).map_err(Refusal::Invalid)?;
+    if content.len() > MAX_FILE_BYTES {
+        return Err(Refusal::TooLarge);
+    }
+    if body.mode.is_some_and(|m| m > 0o7777) {
+        return Err(Refusal::Invalid(
+            "mode must be permission bits (at most 0o7777)".into(),
+        ));
+    }
+    Ok(Item {
+        parts: resolved.parts,
+        content,
+        mode: body.mode,
+    })
+}
+
+async fn write_items(entry: Arc<Entry>, items: Vec<Item>) -> Result<Vec<String>, ApiError> {
+    let written: Vec<String> = items
+        .iter()
+        .map(|i| paths::sandbox_path(&i.parts))
+        .collect();
+    let dir = entry.dir.clone();
+    let workspace = entry.workspace();
+    tokio::task::spawn_blocking(move || journal::write_batch(&dir, &workspace, &items))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(format!("writing files: {e}")))?;
+    Ok(written)
+}
+
+fn refuse_item(index: usize, path: &str, refusal: Refusal) -> ApiError {
+    let (base, reason) = match refusal {
+        Refusal::Path(e) => (path_error(e.clone()), e.to_string()),
+        Refusal::TooLarge => (
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "FILE_TOO_LARGE", ""),
+            format!("larger than {MAX_FILE_BYTES} bytes"),
+        ),
+        Refusal::Invalid(r) => (ApiError::invalid("invalid_file", ""), r),
+    };
+    ApiError::new(
+        base.status,
+        base.code,
+        format!("file {index} (`{path}`): {reason}; nothing was written"),
+    )
+}
+
+async fn write_one(
+    state: &AppState,
+    id: &str,
+    body: FileBody,
+    rules: Rules,
+) -> Result<Json<Value>, ApiError> {
+    let entry = state.host.live(id)?;
+    let it = item(&entry, &body, rules).map_err(|r| refuse_item(0, &body.path, r))?;
+    let size = it.content.len();
+    let written = write_items(entry, vec![it]).await?;
+    Ok(Json(
+        json!({ "data": { "path": written[0], "size": size, "written": true } }),
+    ))
+}
+
+pub async fn fs_write(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<FileBody>,
+) -> Result<Json<Value>, ApiError> {
+    write_one(&s, &id, body, Rules::Canonical).await
+}
+
+pub async fn legacy_write(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<FileBody>,
+) -> Result<Json<Value>, ApiError> {
+    write_one(&s, &id, body, Rules::Legacy).await
+}
+
+#[derive(Deserialize)]
+pub struct ManyBody {
+    files: Vec<FileBody>,
+}
+
+async fn write_many(
+    state: &AppState,
+    id: &str,
+    body: ManyBody,
+    rules: Rules,
+) -> Result<Json<Value>, ApiError> {
+    let entry = state.host.live(id)?;
+    if body.files.is_empty() {
+        return Err(ApiError::invalid("invalid_files", "`files` is empty"));
+    }
+    if body.files.len() > MAX_BATCH_FILES {
+        return Err(ApiError::invalid(
+            "invalid_files",
+            format!("at most {MAX_BATCH_FILES} files per batch"),
+        ));
+    }
+    let mut items = Vec::with_capacity(body.files.len());
+    let mut seen = std::collections::HashSet::new();
+    for (i, f) in body.files.iter().enumerate() {
+        let it = item(&entry, f, rules).map_err(|r| refuse_item(i, &f.path, r))?;
+        if !seen.insert(it.parts.clone()) {
+            return Err(refuse_item(
+                i,
+                &f.path,
+                Refusal::Invalid("appears twice in the batch".into()),
+            ));
+        }
+        items.push(it);
+    }
+    let written = write_items(entry, items).await?;
+    Ok(Json(
+        json!({ "data": { "written": written, "failed": [] } }),
+    ))
+}
+
+pub async fn fs_write_many(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<ManyBody>,
+) -> Result<Json<Value>, ApiError> {
+    write_many(&s, &id, body, Rules::Canonical).await
+}
+
+pub async fn legacy_write_many(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(body): JsonBody<ManyBody>,
+) -> Result<Json<Value>, ApiError> {
+    write_many(&s, &id, body, Rules::Legacy).await
+}
+
+#[derive(Deserialize)]
+pub struct PathQuery {
+    path: Option<String>,
+    depth: Option<usize>,
+    recursive: Option<bool>,
+}
+
+async fn read(state: &AppState, id: &str, path: &str) -> Result<Response, ApiError> {
+    let entry = state.host.live(id)?;
+    let r = resolve(&entry, path)?;
+    if r.host.is_dir() {
+        return Err(ApiError::invalid(
+            "is_a_directory",
+            format!("`{path}` is a directory"),
+        ));
+    }
+    let bytes = tokio::fs::read(&r.host)
+        .await
+        .map_err(|e| io_error(path, e))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+pub async fn fs_download(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Response, ApiError> {
+    let path = q
+        .path
+        .ok_or_else(|| ApiError::invalid("invalid_path", "`path` is required"))?;
+    read(&s, &id, &path).await
+}
+
+pub async fn legacy_download(
+    State(s): State<AppState>,
+    UrlPath((id, path)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    read(&s, &id, &format!("/{path}")).await
+}
+
+fn describe(r_path: &str, host: &Path) -> std::io::Result<Value> {
+    let meta = std::fs::symlink_metadata(host)?;
+    let ft = meta.file_type();
+    let kind = if ft.is_symlink() {
+        "symlink"
+    } else if ft.is_dir() {
+        "dir"
+    } else {
+        "file"
+    };
+    let name = Path::new(r_path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "workspace".into());
+    Ok(json!({
+        "name": name,
+        "path": r_path,
+        "type": kind,
+        "is_dir": ft.is_dir(),
+        "size": meta.len(),
+        "mode": format!("{:o}", meta.permissions().mode() & 0o7777),
+        "modified_at": crate::clock::rfc3339(meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000),
+    }))
+}
+
+fn listing(base: &str, host: &Path, depth: usize, out: &mut Vec<Value>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(host)?.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let path = format!(
+            "{}/{}",
+            base.trim_end_matches('/'),
+            e.file_name().to_string_lossy()
+        );
+        let d = describe(&path, &e.path())?;
+        let is_dir = d["is_dir"].as_bool().unwrap_or(false);
+        out.push(d);
+        if is_dir && depth > 1 {
+            listing(&path, &e.path(), depth - 1, out)?;
+        }
+    }
+    Ok(())
+}
+
+pub async fn list(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.live(&id)?;
+    let path = q.path.unwrap_or_else(|| paths::WORKSPACE.into());
+    let r = resolve(&entry, &path)?;
+    let depth = if q.recursive == Some(true) {
+        64
+    } else {
+        q.depth.unwrap_or(1).clamp(1, 64)
+    };
+    let base = r.sandbox_path();
+    let mut entries = Vec::new();
+    listing(&base, &r.host, depth, &mut entries).map_err(|e| io_error(&path, e))?;
+    Ok(Json(
+        json!({ "data": { "path": base, "entries": entries } }),
+    ))
+}
+
+fn tree_node(path: &str, host: &Path, depth: usize) -> std::io::Result<Value> {
+    let mut node = describe(path, host)?;
+    if node["type"] == "dir" {
+        let mut children = Vec::new();
+        if depth > 0 {
+            let mut entries: Vec<_> = std::fs::read_dir(host)?.flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let child = format!(
+                    "{}/{}",
+                    path.trim_end_matches('/'),
+                    e.file_name().to_string_lossy()
+                );
+                children.push(tree_node(&child, &e.path(), depth - 1)?);
+            }
+        }
+        node["children"] = Value::Array(children);
+    }
+    Ok(node)
+}
+
+pub async fn tree(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.live(&id)?;
+    let path = q.path.unwrap_or_else(|| paths::WORKSPACE.into());
+    let r = resolve(&entry, &path)?;
+    let node = tree_node(&r.sandbox_path(), &r.host, q.depth.unwrap_or(3).min(64))
+        .map_err(|e| io_error(&path, e))?;
+    Ok(Json(json!({ "data": node })))
+}
+
+#[derive(Deserialize)]
+pub struct PathBody {
+    path: String,
+}
+
+async fn stat_path(s: &AppState, id: &str, path: &str) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.live(id)?;
+    let r = paths::resolve_nofollow(&entry.workspace(), path).map_err(path_error)?;
+    let d = describe(&r.sandbox_path(), &r.host).map_err(|e| io_error(path, e))?;
+    Ok(Json(json!({ "data": d })))
+}
+
+pub async fn stat(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(b): JsonBody<PathBody>,
+) -> Result<Json<Value>, ApiError> {
+    stat_path(&s, &id, &b.path).await
+}
+
+pub async fn stat_get(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let path = q
+        .path
+        .ok_or_else(|| ApiError::invalid("invalid_path", "`path` is required"))?;
+    stat_path(&s, &id, &path).await
+}
+
+pub async fn mkdir(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(b): JsonBody<PathBody>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.live(&id)?;
+    let r = resolve(&entry, &b.path)?;
+    std::fs::create_dir_all(&r.host).map_err(|e| io_error(&b.path, e))?;
+    Ok(Json(
+        json!({ "data": { "path": r.sandbox_path(), "created": true } }),
+    ))
+}
+
+async fn delete_path(
+    s: &AppState,
+    id: &str,
+    path: &str,
+    recursive: bool,
+) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.live(id)?;
+    let r = paths::resolve_nofollow(&entry.workspace(), path).map_err(path_error)?;
+    if r.parts.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN_PATH",
+            "cannot delete /workspace itself",
+        ));
+    }
+    let meta = std::fs::symlink_metadata(&r.host).map_err(|e| io_error(path, e))?;
+    let result = if meta.is_dir() {
+        if recursive {
+            std::fs::remove_dir_all(&r.host)
+        } else {
+            std::fs::remove_dir(&r.host)
+        }
+    } else {
+        std::fs::remove_file(&r.host)
+    };
+    result.map_err(|e| match e.kind() {
+        std::io::ErrorKind::DirectoryNotEmpty => ApiError::new(
+            StatusCode::CONFLICT,
+            "directory_not_empty",
+            format!("`{path}` is not empty (pass recursive)"),
+        ),
+        _ => io_error(path, e),
+    })?;
+    Ok(Json(
+        json!({ "data": { "path": r.sandbox_path(), "deleted": true } }),
+    ))
+}
+
+pub async fn delete_body(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+    JsonBody(b): JsonBody<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let path = b
+        .get("path")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or(q.path)
+        .ok_or_else(|| ApiError::invalid("invalid_path", "`path` is required"))?;
+    let recursive = b
+        .get("recursive")
+        .and_then(Value::as_bool)
+        .or(q.recursive)
+        .unwrap_or(false);
+    delete_path(&s, &id, &path, recursive).await
+}
+
+pub async fn watch(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
+    let entry = s.host.live(&id)?;
+    let path = q.path.unwrap_or_else(|| paths::WORKSPACE.into());
+    let prefix = resolve(&entry, &path)?.sandbox_path();
+    let mut rx = entry
+        .watch
+        .subscribe()
+        .map_err(|e| ApiError::internal(format!("watching: {e}")))?;
+    let stream = async_stream(move |tx| async move {
+        let mut n: u64 = 0;
+        loop {
+            let ev = match rx.recv().await {
+                Ok(ev) => ev,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    crate::watch::FileEvent::resync(&prefix)
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            let inside = ev.event == "resync"
+                || ev.path == prefix
+                || ev
+                    .path
+                    .starts_with(&format!("{}/", prefix.trim_end_matches('/')));
+            if !inside {
+                continue;
+            }
+            n += 1;
+            let data = serde_json::to_string(&ev).unwrap_or_default();
+            if tx
+                .send(
+                    Event::default()
+                        .id(n.to_string())
+                        .event(ev.event)
+                        .data(data),
+                )
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task, ended when the task ends or the client goes away.
+pub fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, std::convert::Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(f(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}

@@ -1,0 +1,506 @@
+//! The sandbox registry: every sandbox in memory and on disk under `<data-dir>/sandboxes/<id>`,
+//! idempotent creation, and the lifecycle (pause, resume, stop, extend, destroy).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, RwLock};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::api::ApiError;
+use crate::clock::now_ms;
+use crate::jail::Jail;
+use crate::model::{Sandbox, State};
+use crate::processes::Processes;
+use crate::watch::Hub;
+use crate::{store, templates};
+
+/// How long an `Idempotency-Key` is remembered.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+
+pub struct Host {
+    data_dir: PathBuf,
+    sandboxes: RwLock<HashMap<String, Arc<Entry>>>,
+    /// Serialises creation, so a key or a name is checked and taken in one step.
+    create_lock: tokio::sync::Mutex<()>,
+    pub jail: Jail,
+}
+
+/// One sandbox and what lives with it.
+pub struct Entry {
+    pub id: String,
+    pub dir: PathBuf,
+    pub record: Mutex<Sandbox>,
+    pub processes: Processes,
+    pub watch: Hub,
+    pub exec_count: AtomicU64,
+}
+
+impl Entry {
+    /// The host directory mounted at `/workspace`.
+    pub fn workspace(&self) -> PathBuf {
+        self.dir.join("workspace")
+    }
+
+    pub fn snapshot(&self) -> Sandbox {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn persist(&self, record: &Sandbox) -> Result<(), ApiError> {
+        store::write_json(&self.dir.join("meta.json"), record)
+            .map_err(|e| ApiError::internal(format!("saving sandbox {}: {e}", self.id)))
+    }
+
+    /// Applies `change` to the record and saves it.
+    pub fn update(&self, change: impl FnOnce(&mut Sandbox)) -> Result<Sandbox, ApiError> {
+        let mut record = self.record.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = record.clone();
+        change(&mut next);
+        next.updated_at_ms = now_ms();
+        self.persist(&next)?;
+        *record = next.clone();
+        Ok(next)
+    }
+
+    pub fn state(&self) -> State {
+        self.record.lock().unwrap_or_else(|p| p.into_inner()).state
+    }
+}
+
+/// The body of `POST /sandboxes`, with the aliases the SDKs send.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+pub struct CreateRequest {
+    pub template_id: Option<String>,
+    pub image: Option<String>,
+    pub template: Option<String>,
+    pub name: Option<String>,
+    pub slug: Option<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub external_user_id: Option<String>,
+    pub external_project_id: Option<String>,
+    pub external_workspace_id: Option<String>,
+    pub workspace_id: Option<String>,
+    pub project_id: Option<String>,
+    pub timeout_sec: Option<u64>,
+    pub idle_timeout_sec: Option<u64>,
+    pub persistent: Option<bool>,
+    pub always_on: Option<bool>,
+    pub size: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct IdempotencyRecord {
+    body_sha256: String,
+    sandbox_id: String,
+    created_at_ms: i64,
+}
+
+/// Filters of `GET /sandboxes`; every one that is set must match.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListFilter {
+    pub state: Option<String>,
+    pub external_user_id: Option<String>,
+    pub external_project_id: Option<String>,
+    pub external_workspace_id: Option<String>,
+    pub name: Option<String>,
+    pub tags: Option<String>,
+}
+
+const MAX_NAME: usize = 128;
+const MAX_ENV: usize = 256;
+
+impl Host {
+    /// Loads every sandbox under `data_dir`, rolling interrupted file batches forward or back.
+    pub fn open(data_dir: &Path, jail: Jail) -> anyhow::Result<Arc<Host>> {
+        let sandboxes_dir = data_dir.join("sandboxes");
+        std::fs::create_dir_all(&sandboxes_dir)?;
+        std::fs::create_dir_all(data_dir.join("idempotency"))?;
+        let mut sandboxes = HashMap::new();
+        for entry in std::fs::read_dir(&sandboxes_dir)? {
+            let dir = entry?.path();
+            let Some(record) = store::read_json::<Sandbox>(&dir.join("meta.json"))? else {
+                // Created but never recorded (a crash mid-create): nothing refers to it.
+                std::fs::remove_dir_all(&dir)?;
+                continue;
+            };
+            if record.state != State::Destroyed {
+                // A file batch cut short by a crash is completed or undone before anything
+                // reads the workspace.
+                crate::journal::recover(&dir)?;
+            }
+            let entry = Arc::new(Entry::new(record.id.clone(), dir, record));
+            sandboxes.insert(entry.id.clone(), entry);
+        }
+        let host = Arc::new(Host {
+            data_dir: data_dir.to_path_buf(),
+            sandboxes: RwLock::new(sandboxes),
+            create_lock: tokio::sync::Mutex::new(()),
+            jail,
+        });
+        host.prune_idempotency();
+        Ok(host)
+    }
+
+    pub fn get(&self, id: &str) -> Result<Arc<Entry>, ApiError> {
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::not_found("sandbox_not_found", format!("sandbox `{id}` not found"))
+            })
+    }
+
+    /// A sandbox that is not destroyed; a paused one is resumed first (any call counts as
+    /// activity).
+    pub fn live(&self, id: &str) -> Result<Arc<Entry>, ApiError> {
+        let entry = self.get(id)?;
+        match entry.state() {
+            State::Destroyed => Err(ApiError::new(
+                axum::http::StatusCode::GONE,
+                "sandbox_destroyed",
+                format!("sandbox `{id}` was destroyed"),
+            )),
+            State::Paused => {
+                self.resume(&entry)?;
+                Ok(entry)
+            }
+            State::Running | State::Stopped => Ok(entry),
+        }
+    }
+
+    pub fn by_name(&self, name: &str) -> Result<Arc<Entry>, ApiError> {
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .find(|e| {
+                let r = e.record.lock().unwrap_or_else(|p| p.into_inner());
+                r.state != State::Destroyed && r.name.as_deref() == Some(name)
+            })
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::not_found("sandbox_not_found", format!("no sandbox named `{name}`"))
+            })
+    }
+
+    pub fn list(&self, filter: &ListFilter) -> Result<Vec<Sandbox>, ApiError> {
+        let state = match filter.state.as_deref().filter(|s| !s.is_empty()) {
+            Some(s) => Some(State::parse(s).ok_or_else(|| {
+                ApiError::invalid("invalid_state", format!("unknown state `{s}`"))
+            })?),
+            None => None,
+        };
+        let tags: Vec<&str> = filter
+            .tags
+            .as_deref()
+            .map(|t| t.split(',').filter(|t| !t.is_empty()).collect())
+            .unwrap_or_default();
+        let eq = |want: &Option<String>, have: &Option<String>| {
+            want.as_ref().is_none_or(|w| have.as_ref() == Some(w))
+        };
+        let mut out: Vec<Sandbox> = self
+            .sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.snapshot())
+            .filter(|s| match state {
+                Some(st) => s.state == st,
+                None => s.state != State::Destroyed,
+            })
+            .filter(|s| eq(&filter.external_user_id, &s.external_user_id))
+            .filter(|s| eq(&filter.external_project_id, &s.external_project_id))
+            .filter(|s| eq(&filter.external_workspace_id, &s.external_workspace_id))
+            .filter(|s| eq(&filter.name, &s.name))
+            .filter(|s| tags.iter().all(|t| s.tags.iter().any(|have| have == t)))
+            .collect();
+        out.sort_by(|a, b| a.created_at_ms.cmp(&b.created_at_ms).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Creates a sandbox; with an `Idempotency-Key` seen in the last 24 h, returns that
+    /// sandbox instead (and refuses the key with a different body).
+    pub async fn create(
+        &self,
+        req: CreateRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Sandbox, ApiError> {
+        let template_id = req
+            .template_id
+            .clone()
+            .or(req.image.clone())
+            .or(req.template.clone())
+            .unwrap_or_else(|| templates::DEFAULT_TEMPLATE.to_string());
+        if templates::find(&template_id).is_none() {
+            return Err(ApiError::invalid(
+                "template_not_found",
+                format!("unknown template `{template_id}` (GET /sandbox-templates lists them)"),
+            ));
+        }
+        let name = req
+            .name
+            .clone()
+            .or(req.slug.clone())
+            .filter(|n| !n.is_empty());
+        if let Some(n) = &name
+            && (n.len() > MAX_NAME || n.chars().any(|c| c.is_control() || c == '/'))
+        {
+            return Err(ApiError::invalid(
+                "invalid_name",
+                "a name is 1 to 128 characters, no `/`",
+            ));
+        }
+        if req.env.len() > MAX_ENV || req.env.keys().any(|k| !valid_env_key(k)) {
+            return Err(ApiError::invalid(
+                "invalid_env",
+                "env keys are [A-Za-z_][A-Za-z0-9_]*",
+            ));
+        }
+        if let Some(size) = req.size.as_deref()
+            && !["xs", "small", "medium", "large", "xl"].contains(&size)
+        {
+            return Err(ApiError::invalid(
+                "invalid_size",
+                format!("unknown size `{size}`"),
+            ));
+        }
+
+        let _guard = self.create_lock.lock().await;
+        let body_sha256 = hex(&Sha256::digest(
+            serde_json::to_vec(&req).unwrap_or_default(),
+        ));
+        let idem_path = idempotency_key.map(|k| {
+            self.data_dir
+                .join("idempotency")
+                .join(format!("{}.json", hex(&Sha256::digest(k.as_bytes()))))
+        });
+        let mut id = None;
+        if let Some(path) = &idem_path {
+            let seen = store::read_json::<IdempotencyRecord>(path)
+                .map_err(|e| ApiError::internal(e.to_string()))?;
+            if let Some(seen) = seen.filter(|s| now_ms() - s.created_at_ms < IDEMPOTENCY_TTL_MS) {
+                if seen.body_sha256 != body_sha256 {
+                    return Err(ApiError::new(
+                        axum::http::StatusCode::CONFLICT,
+                        "idempotency_key_reused",
+                        "this Idempotency-Key was used with a different request body",
+                    ));
+                }
+                if let Ok(entry) = self.get(&seen.sandbox_id) {
+                    return Ok(entry.snapshot());
+                }
+                // Recorded, then a crash before the sandbox existed: create it under that id.
+                id = Some(seen.sandbox_id);
+            }
+        }
+        if let Some(n) = &name
+            && self.by_name(n).is_ok()
+        {
+            return Err(ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "name_taken",
+                format!("a sandbox named `{n}` exists"),
+            ));
+        }
+        let id = id.unwrap_or_else(new_id);
+        if let Some(path) = &idem_path {
+            store::write_json(
+                path,
+                &IdempotencyRecord {
+                    body_sha256,
+                    sandbox_id: id.clone(),
+                    created_at_ms: now_ms(),
+                },
+            )
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        }
+        let now = now_ms();
+        let record = Sandbox {
+            id: id.clone(),
+            name,
+            template_id,
+            state: State::Running,
+            env: req.env,
+            metadata: req.metadata,
+            tags: req.tags,
+            external_user_id: req.external_user_id,
+            external_project_id: req.external_project_id,
+            external_workspace_id: req.external_workspace_id,
+            workspace_id: req.workspace_id,
+            project_id: req.project_id,
+            timeout_sec: req.timeout_sec,
+            idle_timeout_sec: req.idle_timeout_sec,
+            persistent: req.persistent.unwrap_or(false),
+            always_on: req.always_on.unwrap_or(false),
+            created_at_ms: now,
+            updated_at_ms: now,
+            destroyed_at_ms: None,
+            timeout_base_ms: now,
+        };
+        let dir = self.data_dir.join("sandboxes").join(&id);
+        std::fs::create_dir_all(dir.join("workspace"))
+            .map_err(|e| ApiError::internal(format!("creating the workspace: {e}")))?;
+        let entry = Arc::new(Entry::new(id.clone(), dir, record.clone()));
+        entry.persist(&record)?;
+        self.sandboxes
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, entry);
+        Ok(record)
+    }
+
+    pub fn pause(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
+        match entry.state() {
+            State::Running => {
+                entry.processes.signal_all(crate::processes::Signal::Stop);
+                entry.update(|r| r.state = State::Paused)
+            }
+            State::Paused => Ok(entry.snapshot()),
+            s => Err(conflict(&entry.id, s, "pause")),
+        }
+    }
+
+    pub fn resume(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
+        match entry.state() {
+            State::Paused => {
+                entry
+                    .processes
+                    .signal_all(crate::processes::Signal::Continue);
+                entry.update(|r| {
+                    r.state = State::Running;
+                    r.timeout_base_ms = now_ms();
+                })
+            }
+            State::Stopped => entry.update(|r| {
+                r.state = State::Running;
+                r.timeout_base_ms = now_ms();
+            }),
+            State::Running => Ok(entry.snapshot()),
+            s => Err(conflict(&entry.id, s, "resume")),
+        }
+    }
+
+    /// Keeps the files, ends the processes.
+    pub async fn stop(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
+        match entry.state() {
+            State::Running | State::Paused => {
+                entry.processes.kill_all().await;
+                entry.update(|r| r.state = State::Stopped)
+            }
+            State::Stopped => Ok(entry.snapshot()),
+            s => Err(conflict(&entry.id, s, "stop")),
+        }
+    }
+
+    pub fn extend(&self, entry: &Entry, timeout_sec: Option<u64>) -> Result<Sandbox, ApiError> {
+        entry.update(|r| {
+            if let Some(t) = timeout_sec {
+                r.timeout_sec = Some(t);
+            }
+            r.timeout_base_ms = now_ms();
+        })
+    }
+
+    /// Ends the processes and removes the files; the record stays, destroyed.
+    pub async fn destroy(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
+        if entry.state() == State::Destroyed {
+            return Ok(entry.snapshot());
+        }
+        entry.processes.kill_all().await;
+        let record = entry.update(|r| {
+            r.state = State::Destroyed;
+            r.destroyed_at_ms = Some(now_ms());
+            r.env.clear();
+        })?;
+        entry.watch.close();
+        for sub in ["workspace", "journal", "processes"] {
+            let path = entry.dir.join(sub);
+            if path.exists() {
+                std::fs::remove_dir_all(&path)
+                    .map_err(|e| ApiError::internal(format!("removing {sub}: {e}")))?;
+            }
+        }
+        Ok(record)
+    }
+
+    fn prune_idempotency(&self) {
+        let dir = self.data_dir.join("idempotency");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Ok(Some(r)) = store::read_json::<IdempotencyRecord>(&e.path())
+                && now_ms() - r.created_at_ms >= IDEMPOTENCY_TTL_MS
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Every sandbox, for shutdown.
+    pub fn all(&self) -> Vec<Arc<Entry>> {
+        self.sandboxes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+impl Entry {
+    fn new(id: String, dir: PathBuf, record: Sandbox) -> Self {
+        let workspace = dir.join("workspace");
+        Entry {
+            processes: Processes::new(dir.join("processes")),
+            watch: Hub::new(workspace),
+            id,
+            dir,
+            record: Mutex::new(record),
+            exec_count: AtomicU64::new(0),
+        }
+    }
+}
+
+fn conflict(id: &str, state: State, op: &str) -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::CONFLICT,
+        "invalid_state",
+        format!("cannot {op} sandbox `{id}` while it is {}", state.as_str()),
+    )
+}
+
+fn valid_env_key(k: &str) -> bool {
+    let mut chars = k.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && k.len() <= 128
+}
+
+fn new_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    let suffix: String = (0..20)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect();
+    format!("sbx_{suffix}")
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

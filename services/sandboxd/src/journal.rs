@@ -1,0 +1,123 @@
+//! Write-many, all or nothing, also across a crash. The batch is staged in
+//! `<sandbox>/journal/<tx>/` (each file written and synced), then committed by writing its
+//! manifest (one atomic rename), then applied file by file with renames into the workspace. On
+//! start, a committed batch is rolled forward and an uncommitted one is discarded, so after any
+//! crash the workspace holds all of a batch or none of it.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use slipway_common::failpoint;
+
+use crate::store;
+
+/// One file of a batch: its path under the workspace (already resolved) and its content.
+pub struct Item {
+    pub parts: Vec<String>,
+    pub content: Vec<u8>,
+    pub mode: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Manifest {
+    entries: Vec<ManifestEntry>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManifestEntry {
+    parts: Vec<String>,
+    staged: String,
+    mode: Option<u32>,
+}
+
+const MANIFEST: &str = "manifest.json";
+
+/// Writes every item into `workspace` or, on error, none of them.
+pub fn write_batch(sandbox_dir: &Path, workspace: &Path, items: &[Item]) -> std::io::Result<()> {
+    let tx = sandbox_dir.join("journal").join(format!(
+        "{}-{}",
+        crate::clock::now_ms(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&tx)?;
+    let staged = stage(&tx, items);
+    if let Err(e) = staged {
+        let _ = std::fs::remove_dir_all(&tx);
+        return Err(e);
+    }
+    apply(&tx, workspace)
+}
+
+fn stage(tx: &Path, items: &[Item]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut entries = Vec::with_capacity(items.len());
+    for (n, item) in items.iter().enumerate() {
+        let name = format!("{n}.data");
+        let mut f = std::fs::File::create(tx.join(&name))?;
+        f.write_all(&item.content)?;
+        f.sync_all()?;
+        entries.push(ManifestEntry {
+            parts: item.parts.clone(),
+            staged: name,
+            mode: item.mode,
+        });
+        failpoint::hit("write_many.staged");
+    }
+    store::sync_dir(tx)?;
+    // The commit point: once the manifest exists, the batch happens.
+    store::write_json(&tx.join(MANIFEST), &Manifest { entries })?;
+    failpoint::hit("write_many.committed");
+    Ok(())
+}
+
+fn apply(tx: &Path, workspace: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let manifest: Manifest = store::read_json(&tx.join(MANIFEST))?
+        .ok_or_else(|| std::io::Error::other("journal manifest missing"))?;
+    let mut touched_dirs: Vec<PathBuf> = Vec::new();
+    for entry in &manifest.entries {
+        let staged = tx.join(&entry.staged);
+        if !staged.exists() {
+            // Applied before a crash.
+            continue;
+        }
+        let mut target = workspace.to_path_buf();
+        for p in &entry.parts {
+            target.push(p);
+        }
+        let parent = target.parent().unwrap_or(workspace).to_path_buf();
+        std::fs::create_dir_all(&parent)?;
+        if let Some(mode) = entry.mode {
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode & 0o7777))?;
+        }
+        std::fs::rename(&staged, &target)?;
+        if !touched_dirs.contains(&parent) {
+            touched_dirs.push(parent);
+        }
+        failpoint::hit("write_many.applying");
+    }
+    for dir in touched_dirs {
+        store::sync_dir(&dir)?;
+    }
+    std::fs::remove_dir_all(tx)?;
+    Ok(())
+}
+
+/// Completes committed batches and discards uncommitted ones (at start, before serving).
+pub fn recover(sandbox_dir: &Path) -> std::io::Result<()> {
+    let journal = sandbox_dir.join("journal");
+    let Ok(txs) = std::fs::read_dir(&journal) else {
+        return Ok(());
+    };
+    let workspace = sandbox_dir.join("workspace");
+    for tx in txs.flatten().map(|e| e.path()) {
+        if tx.join(MANIFEST).exists() {
+            tracing::info!(tx = %tx.display(), "rolling an interrupted file batch forward");
+            apply(&tx, &workspace)?;
+        } else {
+            tracing::info!(tx = %tx.display(), "discarding an uncommitted file batch");
+            std::fs::remove_dir_all(&tx)?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,152 @@
+//! Sandbox paths: what a client names (`/workspace/src/app.js`, `src/app.js`) to a host path
+//! under the sandbox's directory. Absolute paths outside `/workspace`, `..` escapes, NUL bytes
+//! and symlinks that lead outside are refused. Symlinks are resolved the way the sandbox sees
+//! them: an absolute target is read inside the sandbox (`/workspace/x`), never on the host.
+
+use std::path::{Component, Path, PathBuf};
+
+/// Where the sandbox's files live, as its processes see them.
+pub const WORKSPACE: &str = "/workspace";
+
+const MAX_SYMLINKS: usize = 40;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("path contains a NUL byte")]
+    Nul,
+    #[error("`{0}` is outside /workspace")]
+    Outside(String),
+    #[error("`{0}` escapes /workspace")]
+    Escape(String),
+    #[error("`{0}` leads through a symlink outside /workspace")]
+    SymlinkEscape(String),
+    #[error("`{0}`: too many levels of symlinks")]
+    Loop(String),
+}
+
+/// A resolved path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    /// The host path.
+    pub host: PathBuf,
+    /// The components under `/workspace` (empty for `/workspace` itself).
+    pub parts: Vec<String>,
+}
+
+impl Resolved {
+    /// The path as the sandbox sees it: `/workspace/...`.
+    pub fn sandbox_path(&self) -> String {
+        sandbox_path(&self.parts)
+    }
+}
+
+pub fn sandbox_path(parts: &[String]) -> String {
+    if parts.is_empty() {
+        WORKSPACE.to_string()
+    } else {
+        format!("{WORKSPACE}/{}", parts.join("/"))
+    }
+}
+
+/// The components of `path` under `/workspace`, lexically normalised.
+pub fn parts_of(path: &str) -> Result<Vec<String>, PathError> {
+    if path.contains('\0') {
+        return Err(PathError::Nul);
+    }
+    let rest = if path.starts_with('/') {
+        match path.strip_prefix(WORKSPACE) {
+            Some("") => "",
+            Some(r) if r.starts_with('/') => r,
+            _ => return Err(PathError::Outside(path.to_string())),
+        }
+    } else {
+        path
+    };
+    normalise(&[], rest).ok_or_else(|| PathError::Escape(path.to_string()))
+}
+
+/// `base` joined with the relative `rest`, with `.` and `..` applied; `None` if it escapes.
+fn normalise(base: &[String], rest: &str) -> Option<Vec<String>> {
+    let mut parts = base.to_vec();
+    for c in Path::new(rest).components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
+        }
+    }
+    Some(parts)
+}
+
+/// Resolves `path` under `root` (the host directory mounted at `/workspace`), following every
+/// symlink, the last component's too.
+pub fn resolve(root: &Path, path: &str) -> Result<Resolved, PathError> {
+    let parts = parts_of(path)?;
+    let parts = follow(root, parts, path)?;
+    Ok(Resolved {
+        host: host_path(root, &parts),
+        parts,
+    })
+}
+
+/// Like [`resolve`], but a symlink in the last component is not followed (to delete or stat the
+/// link itself).
+pub fn resolve_nofollow(root: &Path, path: &str) -> Result<Resolved, PathError> {
+    let mut parts = parts_of(path)?;
+    let Some(last) = parts.pop() else {
+        return Ok(Resolved {
+            host: root.to_path_buf(),
+            parts,
+        });
+    };
+    let mut parts = follow(root, parts, path)?;
+    parts.push(last);
+    Ok(Resolved {
+        host: host_path(root, &parts),
+        parts,
+    })
+}
+
+fn host_path(root: &Path, parts: &[String]) -> PathBuf {
+    let mut p = root.to_path_buf();
+    for part in parts {
+        p.push(part);
+    }
+    p
+}
+
+fn follow(root: &Path, mut parts: Vec<String>, original: &str) -> Result<Vec<String>, PathError> {
+    let mut hops = 0;
+    'restart: loop {
+        let mut host = root.to_path_buf();
+        for i in 0..parts.len() {
+            host.push(&parts[i]);
+            let Ok(meta) = std::fs::symlink_metadata(&host) else {
+                // Nothing exists from here on: nothing more to follow.
+                return Ok(parts);
+            };
+            if !meta.file_type().is_symlink() {
+                continue;
+            }
+            hops += 1;
+            if hops > MAX_SYMLINKS {
+                return Err(PathError::Loop(original.to_string()));
+            }
+            let target = std::fs::read_link(&host)
+                .map_err(|_| PathError::SymlinkEscape(original.to_string()))?;
+            let target = target.to_string_lossy().into_owned();
+            let escape = || PathError::SymlinkEscape(original.to_string());
+            let mut resolved = if target.starts_with('/') {
+                parts_of(&target).map_err(|_| escape())?
+            } else {
+                normalise(&parts[..i], &target).ok_or_else(escape)?
+            };
+            resolved.extend(parts[i + 1..].iter().cloned());
+            parts = resolved;
+            continue 'restart;
+        }
+        return Ok(parts);
+    }
+}
