@@ -131,8 +131,15 @@ pub async fn exec(
     let started = Instant::now();
     let mut child = s
         .host
+        .iso
         .jail
-        .command(&p.entry.workspace(), &p.cwd, &p.env, &p.command)
+        .command(
+            &p.entry.workspace(),
+            &s.host.confinement(&p.entry),
+            &p.cwd,
+            &p.env,
+            &p.command,
+        )
         .spawn()
         .map_err(|e| ApiError::internal(format!("starting the command: {e}")))?;
     let os_pid = child.id();
@@ -184,8 +191,15 @@ pub async fn exec_stream(
     p.entry.exec_count.fetch_add(1, Ordering::Relaxed);
     let mut child = s
         .host
+        .iso
         .jail
-        .command(&p.entry.workspace(), &p.cwd, &p.env, &p.command)
+        .command(
+            &p.entry.workspace(),
+            &s.host.confinement(&p.entry),
+            &p.cwd,
+            &p.env,
+            &p.command,
+        )
         .spawn()
         .map_err(|e| ApiError::internal(format!("starting the command: {e}")))?;
     let timeout = p.timeout;
@@ -261,15 +275,9 @@ pub async fn start_process(
     let name = b.name.clone();
     let restart = b.restart;
     let p = prepare(&s, &id, b)?;
-    let cmd = s
+    let proc = s
         .host
-        .jail
-        .command(&p.entry.workspace(), &p.cwd, &p.env, &p.command);
-    let proc = p
-        .entry
-        .processes
-        .start(cmd, p.command.clone(), p.cwd.clone(), name, restart)
-        .map_err(|e| ApiError::internal(format!("starting the process: {e}")))?;
+        .launch(&p.entry, p.command, p.cwd, p.env, name, restart)?;
     Ok((StatusCode::CREATED, Json(json!({ "data": proc.view() }))))
 }
 
@@ -367,4 +375,33 @@ pub async fn process_stream(
             .await;
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// `GET /sandboxes/{id}/resources`: limits, what the kernel counted, and containment events.
+pub async fn resources(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.get(&id)?;
+    let stats = match &s.host.iso.cgroups {
+        Some(cg) if entry.state() != crate::model::State::Destroyed => cg.stats(&entry.id).ok(),
+        _ => None,
+    }
+    .unwrap_or_default();
+    let limits = s.host.iso.limits;
+    Ok(Json(json!({ "data": {
+        "cpu_count": crate::model::CPU_COUNT,
+        "memory_mb": limits.memory_bytes / (1024 * 1024),
+        "pids_max": limits.pids,
+        "usage": {
+            "active_cpu_ms": stats.cpu_usage_ns / 1_000_000,
+            "memory_bytes": stats.memory_bytes,
+            "pids": stats.pids,
+        },
+        "events": {
+            "oom_kills": stats.oom_kills,
+            "pids_limit_hits": stats.pids_limit_hits,
+        },
+        "exec_count": entry.exec_count.load(Ordering::Relaxed),
+    }})))
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rand::Rng;
@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
 use crate::clock::now_ms;
-use crate::jail::Jail;
+use crate::isolation::cgroup::{Cgroups, Limits};
+use crate::isolation::net::Net;
+use crate::jail::{Confinement, Jail};
 use crate::model::{Sandbox, State};
 use crate::processes::Processes;
 use crate::watch::Hub;
@@ -26,7 +28,24 @@ pub struct Host {
     sandboxes: RwLock<HashMap<String, Arc<Entry>>>,
     /// Serialises creation, so a key or a name is checked and taken in one step.
     create_lock: tokio::sync::Mutex<()>,
+    pub iso: Isolation,
+}
+
+/// How sandboxes are confined on this host.
+pub struct Isolation {
     pub jail: Jail,
+    pub cgroups: Option<Cgroups>,
+    pub net: Option<Net>,
+    pub limits: Limits,
+}
+
+/// A process to start again when its sandbox resumes after a sandboxd restart.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestartSpec {
+    pub command: String,
+    pub cwd: String,
+    pub env: BTreeMap<String, String>,
+    pub name: Option<String>,
 }
 
 /// One sandbox and what lives with it.
@@ -37,6 +56,10 @@ pub struct Entry {
     pub processes: Processes,
     pub watch: Hub,
     pub exec_count: AtomicU64,
+    /// Unix ms of the last call that counts as activity (idle timeouts).
+    pub last_activity_ms: AtomicI64,
+    /// Set when sandboxd restarted under it: flagged processes are relaunched on resume.
+    pub relaunch_pending: AtomicBool,
 }
 
 impl Entry {
@@ -71,6 +94,29 @@ impl Entry {
     pub fn state(&self) -> State {
         self.record.lock().unwrap_or_else(|p| p.into_inner()).state
     }
+
+    pub fn touch(&self) {
+        self.last_activity_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn restart_file(&self) -> PathBuf {
+        self.dir.join("restart.json")
+    }
+
+    pub fn restart_specs(&self) -> Vec<RestartSpec> {
+        store::read_json(&self.restart_file())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Remembers a process to relaunch after a sandboxd restart.
+    pub fn remember(&self, spec: RestartSpec) -> Result<(), ApiError> {
+        let mut specs = self.restart_specs();
+        specs.push(spec);
+        store::write_json(&self.restart_file(), &specs)
+            .map_err(|e| ApiError::internal(e.to_string()))
+    }
 }
 
 /// The body of `POST /sandboxes`, with the aliases the SDKs send.
@@ -97,6 +143,8 @@ pub struct CreateRequest {
     pub persistent: Option<bool>,
     pub always_on: Option<bool>,
     pub size: Option<String>,
+    /// MIOSA's network policy switch; outbound access is on by default where the host has it.
+    pub allow_internet_access: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -122,14 +170,14 @@ const MAX_ENV: usize = 256;
 
 impl Host {
     /// Loads every sandbox under `data_dir`, rolling interrupted file batches forward or back.
-    pub fn open(data_dir: &Path, jail: Jail) -> anyhow::Result<Arc<Host>> {
+    pub fn open(data_dir: &Path, iso: Isolation) -> anyhow::Result<Arc<Host>> {
         let sandboxes_dir = data_dir.join("sandboxes");
         std::fs::create_dir_all(&sandboxes_dir)?;
         std::fs::create_dir_all(data_dir.join("idempotency"))?;
         let mut sandboxes = HashMap::new();
         for entry in std::fs::read_dir(&sandboxes_dir)? {
             let dir = entry?.path();
-            let Some(record) = store::read_json::<Sandbox>(&dir.join("meta.json"))? else {
+            let Some(mut record) = store::read_json::<Sandbox>(&dir.join("meta.json"))? else {
                 // Created but never recorded (a crash mid-create): nothing refers to it.
                 std::fs::remove_dir_all(&dir)?;
                 continue;
@@ -139,14 +187,27 @@ impl Host {
                 // reads the workspace.
                 crate::journal::recover(&dir)?;
             }
+            let restarted = matches!(record.state, State::Running | State::Paused);
+            if record.state == State::Running {
+                // Its processes died with the previous sandboxd: it comes back paused, and
+                // resuming it relaunches the processes started with the restart flag.
+                record.state = State::Paused;
+                store::write_json(&dir.join("meta.json"), &record)?;
+            }
             let entry = Arc::new(Entry::new(record.id.clone(), dir, record));
+            if restarted {
+                entry.relaunch_pending.store(true, Ordering::SeqCst);
+                let record = entry.snapshot();
+                confine(&iso, &record)
+                    .map_err(|e| anyhow::anyhow!("sandbox {}: {}", record.id, e.message))?;
+            }
             sandboxes.insert(entry.id.clone(), entry);
         }
         let host = Arc::new(Host {
             data_dir: data_dir.to_path_buf(),
             sandboxes: RwLock::new(sandboxes),
             create_lock: tokio::sync::Mutex::new(()),
-            jail,
+            iso,
         });
         host.prune_idempotency();
         Ok(host)
@@ -175,9 +236,13 @@ impl Host {
             )),
             State::Paused => {
                 self.resume(&entry)?;
+                entry.touch();
                 Ok(entry)
             }
-            State::Running | State::Stopped => Ok(entry),
+            State::Running | State::Stopped => {
+                entry.touch();
+                Ok(entry)
+            }
         }
     }
 
@@ -316,6 +381,7 @@ impl Host {
             ));
         }
         let id = id.unwrap_or_else(new_id);
+        let net_index = self.free_net_index()?;
         if let Some(path) = &idem_path {
             store::write_json(
                 path,
@@ -349,11 +415,15 @@ impl Host {
             updated_at_ms: now,
             destroyed_at_ms: None,
             timeout_base_ms: now,
+            net_index,
+            outbound: req.allow_internet_access.unwrap_or(true),
         };
+        confine(&self.iso, &record)?;
         let dir = self.data_dir.join("sandboxes").join(&id);
         std::fs::create_dir_all(dir.join("workspace"))
             .map_err(|e| ApiError::internal(format!("creating the workspace: {e}")))?;
         let entry = Arc::new(Entry::new(id.clone(), dir, record.clone()));
+        entry.touch();
         entry.persist(&record)?;
         self.sandboxes
             .write()
@@ -365,7 +435,7 @@ impl Host {
     pub fn pause(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
         match entry.state() {
             State::Running => {
-                entry.processes.signal_all(crate::processes::Signal::Stop);
+                self.freeze(entry, true)?;
                 entry.update(|r| r.state = State::Paused)
             }
             State::Paused => Ok(entry.snapshot()),
@@ -375,19 +445,20 @@ impl Host {
 
     pub fn resume(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
         match entry.state() {
-            State::Paused => {
-                entry
-                    .processes
-                    .signal_all(crate::processes::Signal::Continue);
-                entry.update(|r| {
+            State::Paused | State::Stopped => {
+                self.freeze(entry, false)?;
+                let record = entry.update(|r| {
                     r.state = State::Running;
                     r.timeout_base_ms = now_ms();
-                })
+                })?;
+                entry.touch();
+                if entry.relaunch_pending.swap(false, Ordering::SeqCst) {
+                    for spec in entry.restart_specs() {
+                        self.launch(entry, spec.command, spec.cwd, spec.env, spec.name, false)?;
+                    }
+                }
+                Ok(record)
             }
-            State::Stopped => entry.update(|r| {
-                r.state = State::Running;
-                r.timeout_base_ms = now_ms();
-            }),
             State::Running => Ok(entry.snapshot()),
             s => Err(conflict(&entry.id, s, "resume")),
         }
@@ -397,7 +468,7 @@ impl Host {
     pub async fn stop(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
         match entry.state() {
             State::Running | State::Paused => {
-                entry.processes.kill_all().await;
+                self.end_processes(entry).await;
                 entry.update(|r| r.state = State::Stopped)
             }
             State::Stopped => Ok(entry.snapshot()),
@@ -419,13 +490,22 @@ impl Host {
         if entry.state() == State::Destroyed {
             return Ok(entry.snapshot());
         }
-        entry.processes.kill_all().await;
+        self.end_processes(entry).await;
         let record = entry.update(|r| {
             r.state = State::Destroyed;
             r.destroyed_at_ms = Some(now_ms());
             r.env.clear();
         })?;
         entry.watch.close();
+        if let Some(cg) = &self.iso.cgroups {
+            cg.remove(&entry.id)
+                .map_err(|e| ApiError::internal(format!("removing cgroups: {e}")))?;
+        }
+        if let Some(index) = record.net_index {
+            Net::remove(index)
+                .map_err(|e| ApiError::internal(format!("removing the network: {e}")))?;
+        }
+        let _ = std::fs::remove_file(entry.restart_file());
         for sub in ["workspace", "journal", "processes"] {
             let path = entry.dir.join(sub);
             if path.exists() {
@@ -446,6 +526,152 @@ impl Host {
                 && now_ms() - r.created_at_ms >= IDEMPOTENCY_TTL_MS
             {
                 let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// What confines `entry`'s processes.
+    pub fn confinement(&self, entry: &Entry) -> Confinement {
+        let record = entry.snapshot();
+        Confinement {
+            cgroup_procs: self
+                .iso
+                .cgroups
+                .as_ref()
+                .map(|c| c.procs_files(&entry.id))
+                .unwrap_or_default(),
+            netns: record
+                .net_index
+                .filter(|_| self.iso.net.is_some())
+                .map(Net::ns_path),
+        }
+    }
+
+    /// Starts a background process in `entry` (and remembers it when `remember` and flagged).
+    pub fn launch(
+        &self,
+        entry: &Entry,
+        command: String,
+        cwd: String,
+        env: BTreeMap<String, String>,
+        name: Option<String>,
+        restart: bool,
+    ) -> Result<Arc<crate::processes::Proc>, ApiError> {
+        let cmd = self.iso.jail.command(
+            &entry.workspace(),
+            &self.confinement(entry),
+            &cwd,
+            &env,
+            &command,
+        );
+        let proc = entry
+            .processes
+            .start(cmd, command.clone(), cwd.clone(), name.clone(), restart)
+            .map_err(|e| ApiError::internal(format!("starting the process: {e}")))?;
+        if restart {
+            entry.remember(RestartSpec {
+                command,
+                cwd,
+                env,
+                name,
+            })?;
+        }
+        Ok(proc)
+    }
+
+    fn freeze(&self, entry: &Entry, frozen: bool) -> Result<(), ApiError> {
+        match &self.iso.cgroups {
+            Some(cg) => cg
+                .freeze(&entry.id, frozen)
+                .map_err(|e| ApiError::internal(format!("freezer: {e}"))),
+            None => {
+                let signal = if frozen {
+                    crate::processes::Signal::Stop
+                } else {
+                    crate::processes::Signal::Continue
+                };
+                entry.processes.signal_all(signal);
+                Ok(())
+            }
+        }
+    }
+
+    /// Ends every process of the sandbox, those that left their process group included.
+    async fn end_processes(&self, entry: &Entry) {
+        if let Some(cg) = &self.iso.cgroups {
+            let (cg, id) = (cg.clone(), entry.id.clone());
+            let _ = tokio::task::spawn_blocking(move || kill_cgroup(&cg, &id)).await;
+        }
+        entry.processes.kill_all().await;
+    }
+
+    /// Ends every sandbox's processes (sandboxd is stopping; the sandboxes stay).
+    pub async fn shutdown(&self) {
+        for entry in self.all() {
+            self.end_processes(&entry).await;
+        }
+    }
+
+    fn free_net_index(&self) -> Result<Option<u32>, ApiError> {
+        self.iso
+            .net
+            .as_ref()
+            .map(|n| n.allocate())
+            .transpose()
+            .map_err(|e| {
+                ApiError::new(
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    "capacity_exhausted",
+                    e.to_string(),
+                )
+            })
+    }
+
+    /// Pauses (persistent) or destroys sandboxes idle past `idle_timeout_sec`, or past
+    /// `timeout_sec` since their last extend; `always_on` sandboxes are left alone.
+    pub async fn reap_idle(&self) {
+        let now = now_ms();
+        for entry in self.all() {
+            let r = entry.snapshot();
+            if r.state != State::Running || r.always_on {
+                continue;
+            }
+            let idle_ms = now - entry.last_activity_ms.load(Ordering::Relaxed);
+            let idle = r
+                .idle_timeout_sec
+                .is_some_and(|t| idle_ms >= (t as i64) * 1000);
+            let expired = r
+                .timeout_sec
+                .is_some_and(|t| now - r.timeout_base_ms >= (t as i64) * 1000);
+            if !(idle || expired) {
+                continue;
+            }
+            let outcome = if r.persistent {
+                self.pause(&entry).map(|_| "paused")
+            } else {
+                self.destroy(&entry).await.map(|_| "destroyed")
+            };
+            match outcome {
+                Ok(what) => {
+                    tracing::info!(sandbox = %r.id, idle, expired, "{what} after its timeout")
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %r.id, error = %e.message, "timeout handling failed")
+                }
+            }
+        }
+    }
+
+    /// Removes every host resource of every sandbox (cgroups, network namespaces), leaving the
+    /// records: `slipway-sandboxd --purge`, for uninstalling or after tests.
+    pub async fn purge(&self) {
+        for entry in self.all() {
+            self.end_processes(&entry).await;
+            if let Some(cg) = &self.iso.cgroups {
+                let _ = cg.remove(&entry.id);
+            }
+            if let Some(index) = entry.snapshot().net_index {
+                let _ = Net::remove(index);
             }
         }
     }
@@ -471,8 +697,41 @@ impl Entry {
             dir,
             record: Mutex::new(record),
             exec_count: AtomicU64::new(0),
+            last_activity_ms: AtomicI64::new(now_ms()),
+            relaunch_pending: AtomicBool::new(false),
         }
     }
+}
+
+/// Kills every process in a sandbox's cgroups. Frozen first, so nothing can fork while it is
+/// being killed (a fork bomb included); the SIGKILLs land together when it thaws.
+fn kill_cgroup(cg: &Cgroups, id: &str) {
+    for _ in 0..100 {
+        if cg.pids(id).is_empty() {
+            break;
+        }
+        let _ = cg.freeze(id, true);
+        for pid in cg.pids(id) {
+            if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+        }
+        let _ = cg.freeze(id, false);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Creates the sandbox's cgroups and network namespace (both idempotent).
+fn confine(iso: &Isolation, record: &Sandbox) -> Result<(), ApiError> {
+    if let Some(cg) = &iso.cgroups {
+        cg.create(&record.id, iso.limits)
+            .map_err(|e| ApiError::internal(format!("creating cgroups: {e}")))?;
+    }
+    if let (Some(net), Some(index)) = (&iso.net, record.net_index) {
+        net.setup(index, record.outbound)
+            .map_err(|e| ApiError::internal(format!("creating the network: {e}")))?;
+    }
+    Ok(())
 }
 
 fn conflict(id: &str, state: State, op: &str) -> ApiError {

@@ -8,6 +8,7 @@ pub mod clock;
 pub mod exec;
 pub mod files;
 pub mod host;
+pub mod isolation;
 pub mod jail;
 pub mod journal;
 pub mod model;
@@ -41,6 +42,62 @@ pub struct Args {
     /// accepted, and only while listening on loopback.
     #[arg(long, env = "SANDBOXD_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Run sandbox processes without bubblewrap, network namespaces or cgroups: for machines
+    /// that cannot isolate, never for code from strangers.
+    #[arg(long)]
+    pub insecure_no_isolation: bool,
+    /// Give sandboxes no outbound network access (by default they have it where the host does).
+    #[arg(long)]
+    pub no_outbound: bool,
+    /// Where the cgroup hierarchies are mounted.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
+    /// Memory limit of each sandbox, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    pub memory_limit_mb: u64,
+    /// Most processes (and threads) in one sandbox.
+    #[arg(long, default_value_t = 1024)]
+    pub pids_limit: u64,
+    /// How often idle and expired sandboxes are looked for, in milliseconds.
+    #[arg(long, default_value_t = 5000)]
+    pub idle_check_ms: u64,
+    /// Remove the host resources (cgroups, network namespaces) of every sandbox in the data
+    /// directory, then exit; the records and files stay.
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// Sets up what confines sandboxes on this host.
+pub fn isolation(args: &Args) -> anyhow::Result<host::Isolation> {
+    let limits = isolation::cgroup::Limits {
+        memory_bytes: args.memory_limit_mb.saturating_mul(1024 * 1024),
+        pids: args.pids_limit,
+    };
+    if args.insecure_no_isolation {
+        eprintln!(
+            "slipway-sandboxd: WARNING: --insecure-no-isolation: sandbox processes run on the host \
+             with no namespaces and no limits; never run code from strangers like this"
+        );
+        return Ok(host::Isolation {
+            jail: jail::Jail::None,
+            cgroups: None,
+            net: None,
+            limits,
+        });
+    }
+    let jail = jail::Jail::detect()?;
+    let cgroups = isolation::cgroup::Cgroups::detect(&args.cgroup_root)
+        .map_err(|e| anyhow::anyhow!("cgroups: {e} (or pass --insecure-no-isolation)"))?;
+    let net = isolation::net::Net::init(!args.no_outbound).map_err(|e| {
+        anyhow::anyhow!("network namespaces: {e} (or pass --insecure-no-isolation)")
+    })?;
+    tracing::info!(cgroups = ?cgroups, outbound = net.outbound, "sandboxes isolated");
+    Ok(host::Isolation {
+        jail,
+        cgroups: Some(cgroups),
+        net: Some(net),
+        limits,
+    })
 }
 
 /// Which bearer keys the API accepts.
@@ -122,14 +179,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let policy = key_policy(&args)?;
     if matches!(policy, KeyPolicy::AnyMsk) {
         eprintln!("slipway-sandboxd: no --api-keys-file: accepting any `msk_` key (loopback only)");
     }
     std::fs::create_dir_all(&args.data_dir)?;
-    let jail = jail::Jail::detect()?;
-    let host = host::Host::open(&args.data_dir, jail)?;
+    let host = host::Host::open(&args.data_dir, isolation(&args)?)?;
+    if args.purge {
+        host.purge().await;
+        return Ok(());
+    }
+    {
+        let host = host.clone();
+        let every = std::time::Duration::from_millis(args.idle_check_ms.max(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                host.reap_idle().await;
+            }
+        });
+    }
     let stop = CancellationToken::new();
     {
         let stop = stop.clone();
@@ -149,9 +220,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
-    // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first.
-    for entry in host.all() {
-        entry.processes.kill_all().await;
-    }
+    // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first,
+    // frozen ones included.
+    host.shutdown().await;
     Ok(())
 }

@@ -62,6 +62,16 @@ pub struct Sandbox {
     pub destroyed_at_ms: Option<i64>,
     /// When the activity timeout was last reset (create, extend, resume).
     pub timeout_base_ms: i64,
+    /// The sandbox's network namespace index (its /30 in 10.233.0.0/16).
+    #[serde(default)]
+    pub net_index: Option<u32>,
+    /// Whether the sandbox may open outbound connections (where the host has them).
+    #[serde(default = "yes")]
+    pub outbound: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub const CPU_COUNT: u64 = 2;
@@ -102,6 +112,7 @@ impl Sandbox {
             "idle_timeout_sec": self.idle_timeout_sec,
             "persistent": self.persistent,
             "always_on": self.always_on,
+            "allow_internet_access": self.outbound,
             "created_at": ts(self.created_at_ms),
             "started_at": ts(self.created_at_ms),
             "ready_at": ts(self.created_at_ms),

@@ -44,6 +44,30 @@ pub fn signal_group(os_pid: u32, signal: Signal) {
     }
 }
 
+/// The processes of process group `pgid`, with their command names, read from /proc.
+pub fn group_members(pgid: u32) -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            let comm = stat.get(open + 1..close)?.to_string();
+            // After the command: state, ppid, pgrp.
+            let pgrp: u32 = stat
+                .get(close + 1..)?
+                .split_whitespace()
+                .nth(2)?
+                .parse()
+                .ok()?;
+            (pgrp == pgid).then_some((pid, comm))
+        })
+        .collect()
+}
+
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -125,7 +149,16 @@ impl Proc {
             return;
         }
         signal_group(self.os_pid, Signal::Continue);
-        signal_group(self.os_pid, Signal::Term);
+        // SIGTERM goes to the sandbox's own processes, not to the jail around them: bubblewrap
+        // would die of it at once and take them down without their grace period.
+        for pid in group_members(self.os_pid)
+            .into_iter()
+            .filter(|(_, comm)| comm != "bwrap")
+        {
+            if let Some(p) = Pid::from_raw(pid.0) {
+                let _ = rustix::process::kill_process(p, Signal::Term.os());
+            }
+        }
         let mut done = self.done.clone();
         let ended = tokio::time::timeout(STOP_GRACE, finished(&mut done))
             .await

@@ -28,6 +28,15 @@ impl NatsServer {
 
     /// Starts a server with extra configuration, for example a generated `authorization` block.
     pub fn with_config(extra: &str) -> Result<Self> {
+        Self::listening("127.0.0.1", extra)
+    }
+
+    /// Starts a server on every host address (`0.0.0.0`), to prove what cannot reach it.
+    pub fn on_all_interfaces() -> Result<Self> {
+        Self::listening("0.0.0.0", "")
+    }
+
+    fn listening(host: &str, extra: &str) -> Result<Self> {
         let bin = binary()?;
         check_version(&bin)?;
         let dir = tempfile::tempdir()?;
@@ -36,7 +45,7 @@ impl NatsServer {
         std::fs::write(
             &conf,
             format!(
-                "listen: 127.0.0.1:-1\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+                "listen: {host}:-1\njetstream {{ store_dir: {:?} }}\n{extra}\n",
                 store.display().to_string()
             ),
         )?;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 
 pub struct Sandboxd {
+    bin: PathBuf,
     child: Child,
     base_url: String,
     data_dir: PathBuf,
@@ -33,9 +34,11 @@ impl Sandboxd {
         envs: &[(&str, &str)],
     ) -> Result<Self> {
         let bin = bin.as_ref();
-        let mut child = Command::new(bin)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
+        let mut cmd = Command::new(bin);
+        if !extra_args.contains(&"--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        let mut child = cmd
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra_args)
@@ -64,6 +67,7 @@ impl Sandboxd {
             }
         };
         Ok(Self {
+            bin: bin.to_path_buf(),
             child,
             base_url,
             data_dir: data_dir.to_path_buf(),
@@ -93,7 +97,16 @@ impl Sandboxd {
 }
 
 impl Drop for Sandboxd {
+    /// Kills the process and removes its sandboxes' host resources (cgroups, network
+    /// namespaces), which outlive a killed sandboxd by design.
     fn drop(&mut self) {
         self.kill();
+        let _ = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--purge")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
     }
 }

@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/stop", post(sandboxes::stop))
         .route("/extend", post(sandboxes::extend))
         .route("/readiness", get(sandboxes::readiness))
+        .route("/resources", get(exec::resources))
         .route("/readiness/stream", get(sandboxes::readiness_stream))
         // Canonical file routes.
         .route("/fs/write", post(files::fs_write))

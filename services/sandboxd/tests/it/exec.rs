@@ -173,6 +173,16 @@ async fn background_processes_serve_log_stop_and_die_with_their_sandbox() {
         .send()
         .await
         .unwrap();
+    // SIGTERM before the shell has set its trap would end it at once: wait until it has.
+    for _ in 0..100 {
+        let (_, v) = api
+            .get(&format!("/sandboxes/{id}/processes/{stubborn}/logs"))
+            .await;
+        if v["data"].as_str().unwrap().contains("started") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let started = std::time::Instant::now();
     let (_, v) = api
         .delete(&format!("/sandboxes/{id}/processes/{stubborn}"))

@@ -6,5 +6,6 @@ mod basics;
 mod crash;
 mod exec;
 mod files;
+mod isolation;
 mod sandboxes;
 mod watch;

@@ -1,0 +1,241 @@
+//! Networking: each sandbox has its own network namespace (`ip netns`, so it survives a sandboxd
+//! restart), with its own loopback; a sandbox and its fork can both serve on port 3000. Outbound
+//! access, where the host has a default route and the sandbox's policy allows it, goes through a
+//! veth pair and NAT. Sandboxes can reach neither the host (any of its addresses, so not
+//! sandboxd's API, not NATS) nor each other nor private ranges; sandboxd reaches their ports
+//! from inside their namespace.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+/// Sandbox addresses: a /30 per sandbox in 10.233.0.0/16.
+pub const SUBNET: &str = "10.233.0.0/16";
+/// Destinations sandboxes never reach, even with outbound access: private, link-local (cloud
+/// metadata), shared and loopback ranges.
+pub const BLOCKED: &[&str] = &[
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "169.254.0.0/16",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+];
+/// The highest sandbox index (16384 /30 blocks in a /16, the first unused).
+pub const MAX_INDEX: u32 = 16_383;
+
+#[derive(Clone, Debug)]
+pub struct Net {
+    /// Whether NAT for outbound access is set up on this host.
+    pub outbound: bool,
+}
+
+fn run(args: &[&str]) -> std::io::Result<()> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "`{}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// `iptables [-t table] <rule>`, added once (checked with `-C` first).
+fn ensure_rule(table: &str, chain: &str, insert: bool, rule: &[&str]) -> std::io::Result<()> {
+    let mut check = vec!["iptables", "-w", "-t", table, "-C", chain];
+    check.extend_from_slice(rule);
+    if run(&check).is_ok() {
+        return Ok(());
+    }
+    let mut add = vec![
+        "iptables",
+        "-w",
+        "-t",
+        table,
+        if insert { "-I" } else { "-A" },
+        chain,
+    ];
+    if insert {
+        add.push("1");
+    }
+    add.extend_from_slice(rule);
+    run(&add)
+}
+
+impl Net {
+    /// Sets up the host side once: the firewall that keeps sandboxes off the host and each other
+    /// (always), and NAT for outbound access when `want_outbound` and the host has a default route.
+    pub fn init(want_outbound: bool) -> std::io::Result<Net> {
+        run(&["ip", "netns", "list"])?;
+        let firewall = (|| -> std::io::Result<()> {
+            ensure_rule("filter", "INPUT", true, &["-s", SUBNET, "-j", "DROP"])?;
+            for dst in BLOCKED {
+                ensure_rule(
+                    "filter",
+                    "FORWARD",
+                    true,
+                    &["-s", SUBNET, "-d", dst, "-j", "DROP"],
+                )?;
+            }
+            ensure_rule("filter", "FORWARD", false, &["-s", SUBNET, "-j", "ACCEPT"])?;
+            ensure_rule(
+                "filter",
+                "FORWARD",
+                false,
+                &[
+                    "-d",
+                    SUBNET,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "RELATED,ESTABLISHED",
+                    "-j",
+                    "ACCEPT",
+                ],
+            )?;
+            ensure_rule(
+                "nat",
+                "POSTROUTING",
+                false,
+                &["-s", SUBNET, "!", "-d", SUBNET, "-j", "MASQUERADE"],
+            )
+        })();
+        let has_default_route = Command::new("ip")
+            .args(["-4", "route", "show", "default"])
+            .output()
+            .map(|o| !o.stdout.is_empty())
+            .unwrap_or(false);
+        let outbound = match firewall {
+            Ok(()) if want_outbound && has_default_route => {
+                std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+                true
+            }
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "no firewall for sandbox networking (iptables): outbound access stays off");
+                false
+            }
+        };
+        Ok(Net { outbound })
+    }
+
+    pub fn ns_name(index: u32) -> String {
+        format!("slipway-{index}")
+    }
+
+    pub fn ns_path(index: u32) -> PathBuf {
+        PathBuf::from("/run/netns").join(Self::ns_name(index))
+    }
+
+    /// The host side and the sandbox side of sandbox `index`'s /30.
+    pub fn addresses(index: u32) -> (Ipv4Addr, Ipv4Addr) {
+        let base = index * 4;
+        let hi = u8::try_from((base >> 8) & 0xff).unwrap_or(0);
+        let lo = u8::try_from(base & 0xff).unwrap_or(0);
+        (
+            Ipv4Addr::new(10, 233, hi, lo + 1),
+            Ipv4Addr::new(10, 233, hi, lo + 2),
+        )
+    }
+
+    /// Takes a free namespace index. Creating the namespace is the claim, so several sandboxd
+    /// processes on one host (tests do that) never share one.
+    pub fn allocate(&self) -> std::io::Result<u32> {
+        for index in 1..=MAX_INDEX {
+            if Self::ns_path(index).exists() {
+                continue;
+            }
+            if run(&["ip", "netns", "add", &Self::ns_name(index)]).is_ok() {
+                return Ok(index);
+            }
+        }
+        Err(std::io::Error::other(
+            "every sandbox network index is taken",
+        ))
+    }
+
+    /// Sets up the namespace of sandbox `index`: loopback, and with outbound access a veth pair
+    /// to the host. Idempotent, so a restart completes what a crash left half done.
+    pub fn setup(&self, index: u32, outbound: bool) -> std::io::Result<()> {
+        let ns = Self::ns_name(index);
+        if !Self::ns_path(index).exists() {
+            run(&["ip", "netns", "add", &ns])?;
+        }
+        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
+        let host_if = format!("swh{index}");
+        let configured = run(&["ip", "-n", &ns, "link", "show", "eth0"]).is_ok();
+        if outbound && self.outbound && !configured {
+            let (host, sandbox) = Self::addresses(index);
+            let peer = format!("swc{index}");
+            let _ = run(&["ip", "link", "del", &host_if]);
+            run(&[
+                "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
+            ])?;
+            run(&["ip", "link", "set", &peer, "netns", &ns])?;
+            run(&["ip", "-n", &ns, "link", "set", &peer, "name", "eth0"])?;
+            run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &host_if])?;
+            run(&["ip", "link", "set", &host_if, "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{sandbox}/30"),
+                "dev",
+                "eth0",
+            ])?;
+            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &host.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Removes the namespace (its veth pair goes with it).
+    pub fn remove(index: u32) -> std::io::Result<()> {
+        if Self::ns_path(index).exists() {
+            run(&["ip", "netns", "del", &Self::ns_name(index)])?;
+        }
+        Ok(())
+    }
+
+    /// Opens a TCP connection to `port` on the sandbox's own loopback, from inside its network
+    /// namespace (a dedicated thread enters it, so no other work runs there).
+    pub async fn connect(index: u32, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+        let path = Self::ns_path(index);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // A fresh thread, never a pooled one: it changes namespace and then ends.
+        std::thread::spawn(move || {
+            let result = (|| -> std::io::Result<TcpStream> {
+                let ns = std::fs::File::open(&path)?;
+                rustix::thread::move_into_link_name_space(
+                    ns.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )?;
+                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_nonblocking(true)?;
+                Ok(s)
+            })();
+            let _ = tx.send(result);
+        });
+        let stream = rx
+            .await
+            .map_err(|_| std::io::Error::other("the namespace thread died"))??;
+        tokio::net::TcpStream::from_std(stream)
+    }
+}
