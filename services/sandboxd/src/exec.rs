@@ -405,3 +405,45 @@ pub async fn resources(
         "exec_count": entry.exec_count.load(Ordering::Relaxed),
     }})))
 }
+
+/// `GET /sandboxes/{id}/ports/{port}/probe`: whether something answers HTTP on the sandbox's own
+/// `localhost:<port>`, asked from inside its network namespace (how readiness probes and the
+/// edge reach sandbox ports: sandboxes are unreachable from the host's network).
+pub async fn probe_port(
+    State(s): State<AppState>,
+    UrlPath((id, port)): UrlPath<(String, u16)>,
+) -> Result<Json<Value>, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let entry = s.host.live(&id)?;
+    let Some(index) = entry.snapshot().net_index else {
+        return Err(ApiError::invalid(
+            "no_network",
+            "this sandbox has no network namespace (sandboxd runs without isolation)",
+        ));
+    };
+    let answer = async {
+        let mut stream = crate::isolation::net::Net::connect(index, port).await?;
+        stream
+            .write_all(
+                format!("GET / HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await?;
+        let mut head = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head))
+            .await
+            .map_err(|_| std::io::Error::other("no answer"))??;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&head[..n]).into_owned())
+    }
+    .await;
+    Ok(Json(match answer {
+        Ok(head) => {
+            let status = head
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse::<u16>().ok());
+            json!({ "data": { "port": port, "open": true, "http_status": status } })
+        }
+        Err(e) => json!({ "data": { "port": port, "open": false, "error": e.to_string() } }),
+    }))
+}

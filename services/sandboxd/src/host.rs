@@ -381,7 +381,8 @@ impl Host {
             ));
         }
         let id = id.unwrap_or_else(new_id);
-        let net_index = self.free_net_index()?;
+        let outbound = req.allow_internet_access.unwrap_or(true);
+        let net_index = self.take_net_index(outbound)?;
         if let Some(path) = &idem_path {
             store::write_json(
                 path,
@@ -416,7 +417,7 @@ impl Host {
             destroyed_at_ms: None,
             timeout_base_ms: now,
             net_index,
-            outbound: req.allow_internet_access.unwrap_or(true),
+            outbound,
         };
         confine(&self.iso, &record)?;
         let dir = self.data_dir.join("sandboxes").join(&id);
@@ -612,11 +613,11 @@ impl Host {
         }
     }
 
-    fn free_net_index(&self) -> Result<Option<u32>, ApiError> {
+    fn take_net_index(&self, outbound: bool) -> Result<Option<u32>, ApiError> {
         self.iso
             .net
             .as_ref()
-            .map(|n| n.allocate())
+            .map(|n| n.take(outbound))
             .transpose()
             .map_err(|e| {
                 ApiError::new(
@@ -665,6 +666,9 @@ impl Host {
     /// Removes every host resource of every sandbox (cgroups, network namespaces), leaving the
     /// records: `slipway-sandboxd --purge`, for uninstalling or after tests.
     pub async fn purge(&self) {
+        if let Some(net) = &self.iso.net {
+            net.drain_pool();
+        }
         for entry in self.all() {
             self.end_processes(&entry).await;
             if let Some(cg) = &self.iso.cgroups {

@@ -61,6 +61,9 @@ pub struct Args {
     /// How often idle and expired sandboxes are looked for, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub idle_check_ms: u64,
+    /// Network namespaces kept ready for new sandboxes.
+    #[arg(long, default_value_t = 4)]
+    pub net_pool: usize,
     /// Remove the host resources (cgroups, network namespaces) of every sandbox in the data
     /// directory, then exit; the records and files stay.
     #[arg(long)]
@@ -88,7 +91,8 @@ pub fn isolation(args: &Args) -> anyhow::Result<host::Isolation> {
     let jail = jail::Jail::detect()?;
     let cgroups = isolation::cgroup::Cgroups::detect(&args.cgroup_root)
         .map_err(|e| anyhow::anyhow!("cgroups: {e} (or pass --insecure-no-isolation)"))?;
-    let net = isolation::net::Net::init(!args.no_outbound).map_err(|e| {
+    std::fs::create_dir_all(&args.data_dir)?;
+    let net = isolation::net::Net::init(!args.no_outbound, &args.data_dir).map_err(|e| {
         anyhow::anyhow!("network namespaces: {e} (or pass --insecure-no-isolation)")
     })?;
     tracing::info!(cgroups = ?cgroups, outbound = net.outbound, "sandboxes isolated");
@@ -190,6 +194,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.purge {
         host.purge().await;
         return Ok(());
+    }
+    if host.iso.net.is_some() {
+        // Keep a few network namespaces ready, so a create does not wait for them.
+        let host = host.clone();
+        let size = args.net_pool;
+        tokio::spawn(async move {
+            loop {
+                let h = host.clone();
+                let refilled = tokio::task::spawn_blocking(move || {
+                    h.iso.net.as_ref().map(|n| n.refill(size)).transpose()
+                })
+                .await;
+                if let Ok(Err(e)) = refilled {
+                    tracing::warn!(error = %e, "refilling the network pool");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        });
     }
     {
         let host = host.clone();

@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/extend", post(sandboxes::extend))
         .route("/readiness", get(sandboxes::readiness))
         .route("/resources", get(exec::resources))
+        .route("/ports/{port}/probe", get(exec::probe_port))
         .route("/readiness/stream", get(sandboxes::readiness_stream))
         // Canonical file routes.
         .route("/fs/write", post(files::fs_write))

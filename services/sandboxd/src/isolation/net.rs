@@ -26,10 +26,42 @@ pub const BLOCKED: &[&str] = &[
 /// The highest sandbox index (16384 /30 blocks in a /16, the first unused).
 pub const MAX_INDEX: u32 = 16_383;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Net {
     /// Whether NAT for outbound access is set up on this host.
     pub outbound: bool,
+    /// Namespaces set up ahead of time (with outbound access), so creating a sandbox does not
+    /// wait for `ip`; recorded in `pool_file` so a restart reuses them.
+    pool: std::sync::Mutex<Vec<u32>>,
+    pool_file: PathBuf,
+}
+
+/// Runs `ip [-n ns] -batch -` with `commands`, one process for many changes.
+fn ip_batch(ns: Option<&str>, commands: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = ns {
+        cmd.args(["-n", ns]);
+    }
+    let mut child = cmd
+        .args(["-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("ip stdin"))?
+        .write_all(commands.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "`ip -batch` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
 }
 
 fn run(args: &[&str]) -> std::io::Result<()> {
@@ -70,7 +102,7 @@ fn ensure_rule(table: &str, chain: &str, insert: bool, rule: &[&str]) -> std::io
 impl Net {
     /// Sets up the host side once: the firewall that keeps sandboxes off the host and each other
     /// (always), and NAT for outbound access when `want_outbound` and the host has a default route.
-    pub fn init(want_outbound: bool) -> std::io::Result<Net> {
+    pub fn init(want_outbound: bool, data_dir: &std::path::Path) -> std::io::Result<Net> {
         run(&["ip", "netns", "list"])?;
         let firewall = (|| -> std::io::Result<()> {
             ensure_rule("filter", "INPUT", true, &["-s", SUBNET, "-j", "DROP"])?;
@@ -121,7 +153,62 @@ impl Net {
                 false
             }
         };
-        Ok(Net { outbound })
+        let pool_file = data_dir.join("netpool.json");
+        let pooled: Vec<u32> = crate::store::read_json(&pool_file)?.unwrap_or_default();
+        let pool = pooled
+            .into_iter()
+            .filter(|i| Self::ns_path(*i).exists())
+            .collect();
+        Ok(Net {
+            outbound,
+            pool: std::sync::Mutex::new(pool),
+            pool_file,
+        })
+    }
+
+    fn save_pool(&self, pool: &[u32]) {
+        if let Err(e) = crate::store::write_json(&self.pool_file, &pool) {
+            tracing::warn!(error = %e, "saving the network pool");
+        }
+    }
+
+    /// A namespace for a new sandbox: a pooled one when it wants outbound access, else a fresh
+    /// one. The index is the sandbox's for life.
+    pub fn take(&self, outbound: bool) -> std::io::Result<u32> {
+        if outbound && self.outbound {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(index) = pool.pop() {
+                self.save_pool(&pool);
+                return Ok(index);
+            }
+        }
+        self.allocate()
+    }
+
+    /// Tops the pool up to `size` ready namespaces (blocking: run it off the async runtime).
+    pub fn refill(&self, size: usize) -> std::io::Result<()> {
+        if !self.outbound {
+            return Ok(());
+        }
+        loop {
+            if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= size {
+                return Ok(());
+            }
+            let index = self.allocate()?;
+            self.setup(index, true)?;
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            pool.push(index);
+            self.save_pool(&pool);
+        }
+    }
+
+    /// Removes the pooled namespaces (`--purge`).
+    pub fn drain_pool(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        for index in pool.drain(..) {
+            let _ = Self::remove(index);
+        }
+        self.save_pool(&pool);
     }
 
     pub fn ns_name(index: u32) -> String {
@@ -166,41 +253,32 @@ impl Net {
         if !Self::ns_path(index).exists() {
             run(&["ip", "netns", "add", &ns])?;
         }
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        let host_if = format!("swh{index}");
-        let configured = run(&["ip", "-n", &ns, "link", "show", "eth0"]).is_ok();
-        if outbound && self.outbound && !configured {
+        let has_eth0 = run(&["ip", "-n", &ns, "link", "show", "eth0"]).is_ok();
+        let wants_eth0 = outbound && self.outbound;
+        if has_eth0 && !wants_eth0 {
+            // A pooled namespace given to a sandbox without outbound access.
+            run(&["ip", "-n", &ns, "link", "del", "eth0"])?;
+        }
+        if wants_eth0 && !has_eth0 {
             let (host, sandbox) = Self::addresses(index);
-            let peer = format!("swc{index}");
+            let host_if = format!("swh{index}");
             let _ = run(&["ip", "link", "del", &host_if]);
+            // The peer is born inside the namespace, already named eth0.
             run(&[
-                "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer,
+                "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ])?;
-            run(&["ip", "link", "set", &peer, "netns", &ns])?;
-            run(&["ip", "-n", &ns, "link", "set", &peer, "name", "eth0"])?;
-            run(&["ip", "addr", "add", &format!("{host}/30"), "dev", &host_if])?;
-            run(&["ip", "link", "set", &host_if, "up"])?;
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{sandbox}/30"),
-                "dev",
-                "eth0",
-            ])?;
-            run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-            run(&[
-                "ip",
-                "-n",
-                &ns,
-                "route",
-                "add",
-                "default",
-                "via",
-                &host.to_string(),
-            ])?;
+            ip_batch(
+                None,
+                &format!("addr add {host}/30 dev {host_if}\nlink set {host_if} up\n"),
+            )?;
+            ip_batch(
+                Some(&ns),
+                &format!(
+                    "link set lo up\naddr add {sandbox}/30 dev eth0\nlink set eth0 up\nroute add default via {host}\n"
+                ),
+            )?;
+        } else {
+            run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
         Ok(())
     }

@@ -160,6 +160,18 @@ async fn two_sandboxes_both_serve_on_port_3000() {
     serve(&api, &b, "from b").await;
     assert_eq!(fetch(&api, &a).await, "from a 1");
     assert_eq!(fetch(&api, &b).await, "from b 1");
+    // sandboxd reaches each one's port from inside its namespace; the host's network cannot.
+    let (_, v) = api.get(&format!("/sandboxes/{a}/ports/3000/probe")).await;
+    assert_eq!(
+        (
+            v["data"]["open"].as_bool(),
+            v["data"]["http_status"].as_u64()
+        ),
+        (Some(true), Some(200)),
+        "{v}"
+    );
+    let (_, v) = api.get(&format!("/sandboxes/{b}/ports/3001/probe")).await;
+    assert_eq!(v["data"]["open"], false, "{v}");
 }
 
 #[tokio::test]

@@ -1,0 +1,125 @@
+//! Create to first command: `POST /sandboxes` then `exec node -v`, through sandboxd's HTTP API,
+//! against the same `node -v` run under bubblewrap directly (the floor), measured in one run.
+//! `cargo bench -p slipway-sandboxd --bench create_to_first_command`; SLIPWAY_BENCH_ITERS sets
+//! the sample count (30). Target: median under 25 ms.
+#![allow(clippy::unwrap_used)] // A benchmark fails loudly on the first surprise.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use slipway_sandboxd::jail::{Confinement, Jail};
+use slipway_test_support::Sandboxd;
+
+const BIN: &str = env!("CARGO_BIN_EXE_slipway-sandboxd");
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn p90(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[(v.len() * 9 / 10).min(v.len() - 1)]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    let iters: usize = std::env::var("SLIPWAY_BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let http = reqwest::Client::new();
+    let auth = "Bearer msk_bench";
+
+    // Baseline: bubblewrap alone, with the same mounts, running the same command.
+    let jail = Jail::detect().unwrap();
+    let ws = tempfile::tempdir().unwrap();
+    let mut floor = Vec::with_capacity(iters);
+    for _ in 0..iters {
+        let t = Instant::now();
+        let out = jail
+            .command(
+                ws.path(),
+                &Confinement::default(),
+                "/workspace",
+                &BTreeMap::new(),
+                "node -v",
+            )
+            .output()
+            .await
+            .unwrap();
+        floor.push(t.elapsed());
+        assert!(out.status.success());
+    }
+
+    let mut samples = Vec::with_capacity(iters);
+    let mut creates = Vec::with_capacity(iters);
+    for _ in 0..iters + 3 {
+        let t = Instant::now();
+        let created: serde_json::Value = http
+            .post(format!("{}/sandboxes", sd.base_url()))
+            .header("Authorization", auth)
+            .json(&json!({ "template_id": "node" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["data"]["id"].as_str().unwrap().to_string();
+        creates.push(t.elapsed());
+        let ran: serde_json::Value = http
+            .post(format!("{}/sandboxes/{id}/exec", sd.base_url()))
+            .header("Authorization", auth)
+            .json(&json!({ "command": "node -v" }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let elapsed = t.elapsed();
+        assert_eq!(ran["data"]["exit_code"], 0, "{ran}");
+        assert!(ran["data"]["stdout"].as_str().unwrap().starts_with('v'));
+        samples.push(elapsed);
+        http.delete(format!("{}/sandboxes/{id}", sd.base_url()))
+            .header("Authorization", auth)
+            .send()
+            .await
+            .unwrap();
+    }
+    // The first few warm the page cache and the connection pool.
+    let samples: Vec<Duration> = samples.into_iter().skip(3).collect();
+    let creates: Vec<Duration> = creates.into_iter().skip(3).collect();
+
+    let (m, f) = (median(samples.clone()), median(floor.clone()));
+    println!("create to first command (`node -v`), sandboxd, {iters} samples");
+    println!(
+        "  sandboxd create + exec   median {:7.2} ms   p90 {:7.2} ms",
+        ms(m),
+        ms(p90(samples))
+    );
+    println!(
+        "    of which create        median {:7.2} ms",
+        ms(median(creates))
+    );
+    println!(
+        "  bwrap node -v (floor)    median {:7.2} ms   p90 {:7.2} ms",
+        ms(f),
+        ms(p90(floor))
+    );
+    println!(
+        "  ratio to the floor       {:.2}x",
+        m.as_secs_f64() / f.as_secs_f64()
+    );
+    println!(
+        "  target                   median under 25 ms: {}",
+        if ms(m) < 25.0 { "met" } else { "NOT met" }
+    );
+}
