@@ -26,13 +26,21 @@ pub const BLOCKED: &[&str] = &[
 /// The highest sandbox index (16384 /30 blocks in a /16, the first unused).
 pub const MAX_INDEX: u32 = 16_383;
 
+/// Pooled namespaces: `ready` ones, and `claimed` ones being set up. Written before a namespace
+/// is created, so a crash at any point leaves nothing that no file remembers.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Pool {
+    ready: Vec<u32>,
+    claimed: Vec<u32>,
+}
+
 #[derive(Debug)]
 pub struct Net {
     /// Whether NAT for outbound access is set up on this host.
     pub outbound: bool,
     /// Namespaces set up ahead of time (with outbound access), so creating a sandbox does not
     /// wait for `ip`; recorded in `pool_file` so a restart reuses them.
-    pool: std::sync::Mutex<Vec<u32>>,
+    pool: std::sync::Mutex<Pool>,
     pool_file: PathBuf,
 }
 
@@ -154,33 +162,47 @@ impl Net {
             }
         };
         let pool_file = data_dir.join("netpool.json");
-        let pooled: Vec<u32> = crate::store::read_json(&pool_file)?.unwrap_or_default();
-        let pool = pooled
-            .into_iter()
-            .filter(|i| Self::ns_path(*i).exists())
-            .collect();
-        Ok(Net {
+        let saved: Pool = crate::store::read_json(&pool_file)?.unwrap_or_default();
+        let net = Net {
             outbound,
-            pool: std::sync::Mutex::new(pool),
+            pool: std::sync::Mutex::new(Pool::default()),
             pool_file,
-        })
+        };
+        // Whatever a previous sandboxd claimed and that exists is finished and kept.
+        let mut ready = Vec::new();
+        for index in saved.ready.into_iter().chain(saved.claimed) {
+            if !Self::ns_path(index).exists() {
+                continue;
+            }
+            match net.setup(index, true) {
+                Ok(()) => ready.push(index),
+                Err(_) => {
+                    let _ = Self::remove(index);
+                }
+            }
+        }
+        net.with_pool(|p| p.ready = ready);
+        Ok(net)
     }
 
-    fn save_pool(&self, pool: &[u32]) {
-        if let Err(e) = crate::store::write_json(&self.pool_file, &pool) {
+    /// Changes the pool and saves it.
+    fn with_pool<T>(&self, change: impl FnOnce(&mut Pool) -> T) -> T {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let out = change(&mut pool);
+        if let Err(e) = crate::store::write_json(&self.pool_file, &*pool) {
             tracing::warn!(error = %e, "saving the network pool");
         }
+        out
     }
 
     /// A namespace for a new sandbox: a pooled one when it wants outbound access, else a fresh
     /// one. The index is the sandbox's for life.
     pub fn take(&self, outbound: bool) -> std::io::Result<u32> {
-        if outbound && self.outbound {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(index) = pool.pop() {
-                self.save_pool(&pool);
-                return Ok(index);
-            }
+        if outbound
+            && self.outbound
+            && let Some(index) = self.with_pool(|p| p.ready.pop())
+        {
+            return Ok(index);
         }
         self.allocate()
     }
@@ -190,25 +212,53 @@ impl Net {
         if !self.outbound {
             return Ok(());
         }
-        loop {
-            if self.pool.lock().unwrap_or_else(|p| p.into_inner()).len() >= size {
-                return Ok(());
+        let mut candidate = 1;
+        while self
+            .pool
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready
+            .len()
+            < size
+        {
+            while candidate <= MAX_INDEX && Self::ns_path(candidate).exists() {
+                candidate += 1;
             }
-            let index = self.allocate()?;
-            self.setup(index, true)?;
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            pool.push(index);
-            self.save_pool(&pool);
+            if candidate > MAX_INDEX {
+                return Err(std::io::Error::other(
+                    "every sandbox network index is taken",
+                ));
+            }
+            let index = candidate;
+            candidate += 1;
+            self.with_pool(|p| p.claimed.push(index));
+            if run(&["ip", "netns", "add", &Self::ns_name(index)]).is_err() {
+                // Another sandboxd took it first.
+                self.with_pool(|p| p.claimed.retain(|i| *i != index));
+                continue;
+            }
+            if let Err(e) = self.setup(index, true) {
+                let _ = Self::remove(index);
+                self.with_pool(|p| p.claimed.retain(|i| *i != index));
+                return Err(e);
+            }
+            self.with_pool(|p| {
+                p.claimed.retain(|i| *i != index);
+                p.ready.push(index);
+            });
         }
+        Ok(())
     }
 
     /// Removes the pooled namespaces (`--purge`).
     pub fn drain_pool(&self) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        for index in pool.drain(..) {
+        let all = self.with_pool(|p| {
+            let all: Vec<u32> = p.ready.drain(..).chain(p.claimed.drain(..)).collect();
+            all
+        });
+        for index in all {
             let _ = Self::remove(index);
         }
-        self.save_pool(&pool);
     }
 
     pub fn ns_name(index: u32) -> String {
