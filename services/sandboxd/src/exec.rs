@@ -52,6 +52,24 @@ struct Prepared {
     timeout: Duration,
 }
 
+impl Prepared {
+    /// Starts the command in its sandbox, counted as one exec.
+    fn spawn(&self, host: &crate::host::Host) -> Result<tokio::process::Child, ApiError> {
+        self.entry.exec_count.fetch_add(1, Ordering::Relaxed);
+        host.iso
+            .jail
+            .command(
+                &self.entry.workspace(),
+                &host.confinement(&self.entry),
+                &self.cwd,
+                &self.env,
+                &self.command,
+            )
+            .spawn()
+            .map_err(|e| ApiError::internal(format!("starting the command: {e}")))
+    }
+}
+
 fn prepare(s: &AppState, id: &str, b: ExecBody) -> Result<Prepared, ApiError> {
     let entry = s.host.live(id)?;
     if entry.state() != crate::model::State::Running {
@@ -127,21 +145,8 @@ pub async fn exec(
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Json<Value>, ApiError> {
     let p = prepare(&s, &id, b)?;
-    p.entry.exec_count.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
-    let mut child = s
-        .host
-        .iso
-        .jail
-        .command(
-            &p.entry.workspace(),
-            &s.host.confinement(&p.entry),
-            &p.cwd,
-            &p.env,
-            &p.command,
-        )
-        .spawn()
-        .map_err(|e| ApiError::internal(format!("starting the command: {e}")))?;
+    let mut child = p.spawn(&s.host)?;
     let os_pid = child.id();
     let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
     let read_out = tokio::spawn(async move { read_capped(out.as_mut()).await });
@@ -188,20 +193,7 @@ pub async fn exec_stream(
     JsonBody(b): JsonBody<ExecBody>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
     let p = prepare(&s, &id, b)?;
-    p.entry.exec_count.fetch_add(1, Ordering::Relaxed);
-    let mut child = s
-        .host
-        .iso
-        .jail
-        .command(
-            &p.entry.workspace(),
-            &s.host.confinement(&p.entry),
-            &p.cwd,
-            &p.env,
-            &p.command,
-        )
-        .spawn()
-        .map_err(|e| ApiError::internal(format!("starting the command: {e}")))?;
+    let mut child = p.spawn(&s.host)?;
     let timeout = p.timeout;
     let stream = async_stream(move |tx| async move {
         use tokio::io::AsyncBufReadExt;
