@@ -36,6 +36,9 @@ def sandboxd():
         finally:
             proc.kill()
             proc.wait()
+            # Remove the host resources sandboxes keep (cgroups, namespaces, the btrfs mount).
+            subprocess.run([sandboxd_binary(), "--data-dir", data, "--purge"], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @pytest.fixture()

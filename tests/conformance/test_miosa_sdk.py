@@ -126,3 +126,41 @@ def test_a_retried_create_with_the_same_key_is_one_sandbox(client):
     assert first.id == again.id
     assert len([s for s in client.sandboxes.list() if s.id == first.id]) == 1
     first.destroy()
+
+
+def test_snapshot_fork_restore_and_usage(client):
+    sb = client.sandboxes.create(template_id="node", external_user_id="brancher")
+    sb.files.write("/workspace/app.txt", "v1")
+    snap = sb.create_snapshot("baseline")
+    assert snap["comment"] == "baseline"
+    assert [s["id"] for s in sb.list_snapshots()] == [snap["id"]]
+
+    sb.files.write("/workspace/app.txt", "v2")
+    fork = sb.fork(name="branch-b")
+    assert fork.id != sb.id
+    assert fork.external_user_id == "brancher"
+    assert fork.files.read_text("/workspace/app.txt") == "v2"
+    fork.files.write("/workspace/app.txt", "fork")
+    sb.files.write("/workspace/parent-only.txt", "p")
+    assert sb.files.read_text("/workspace/app.txt") == "v2"
+    with pytest.raises(NotFoundError):
+        fork.files.read("/workspace/parent-only.txt")
+
+    from_snapshot = sb.fork(snapshot_id=snap["id"])
+    assert from_snapshot.files.read_text("/workspace/app.txt") == "v1"
+
+    restored = sb.restore_snapshot(snap["id"])
+    assert restored.id == sb.id
+    assert sb.files.read_text("/workspace/app.txt") == "v1"
+    assert fork.files.read_text("/workspace/app.txt") == "fork"
+
+    sb.exec.run("timeout 1 sh -c 'while :; do :; done'")
+    usage = sb.usage()
+    assert usage["sandbox_id"] == sb.id
+    assert usage["exec_count"] >= 1
+    assert usage["active_cpu_ms"] > 0
+    assert usage["provisioned_vcpu_ms"] > 0
+    for s in (from_snapshot, fork, sb):
+        s.destroy()
+    assert client.sandboxes.get(sb.id).state == "destroyed"
+    assert sb.usage()["runtime_sec"] >= 0

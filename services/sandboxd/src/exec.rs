@@ -439,3 +439,23 @@ pub async fn probe_port(
         Err(e) => json!({ "data": { "port": port, "open": false, "error": e.to_string() } }),
     }))
 }
+
+/// `GET /sandboxes/{id}/usage`: cumulative counters, also after the sandbox is destroyed.
+pub async fn usage(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    let entry = s.host.get(&id)?;
+    let host = s.host.clone();
+    let e = entry.clone();
+    let counters = tokio::task::spawn_blocking(move || {
+        if e.state() == crate::model::State::Destroyed {
+            e.usage.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        } else {
+            host.sample_usage(&e)
+        }
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    Ok(Json(json!({ "data": counters.view(&entry) })))
+}

@@ -135,7 +135,8 @@ async fn write_items(entry: Arc<Entry>, items: Vec<Item>) -> Result<Vec<String>,
         .iter()
         .map(|i| paths::sandbox_path(&i.parts))
         .collect();
-    let dir = entry.dir.clone();
+    let _files = entry.files_lock.lock().await;
+    let dir = entry.files.clone();
     let workspace = entry.workspace();
     tokio::task::spawn_blocking(move || journal::write_batch(&dir, &workspace, &items))
         .await

@@ -29,6 +29,8 @@ pub struct Host {
     /// Serialises creation, so a key or a name is checked and taken in one step.
     create_lock: tokio::sync::Mutex<()>,
     pub iso: Isolation,
+    pub storage: crate::storage::Storage,
+    pub events: crate::events::EventLog,
 }
 
 /// How sandboxes are confined on this host.
@@ -51,11 +53,18 @@ pub struct RestartSpec {
 /// One sandbox and what lives with it.
 pub struct Entry {
     pub id: String,
+    /// Its records: `meta.json`, process logs, restart specs.
     pub dir: PathBuf,
+    /// Its files (`workspace/`, `journal/`), where the storage backend keeps them.
+    pub files: PathBuf,
+    /// Held while the files change as a whole (a write batch) or are captured (a snapshot).
+    pub files_lock: tokio::sync::Mutex<()>,
     pub record: Mutex<Sandbox>,
     pub processes: Processes,
     pub watch: Hub,
     pub exec_count: AtomicU64,
+    /// Cumulative usage (see `usage`).
+    pub usage: Mutex<crate::usage::Counters>,
     /// Unix ms of the last call that counts as activity (idle timeouts).
     pub last_activity_ms: AtomicI64,
     /// Set when sandboxd restarted under it: flagged processes are relaunched on resume.
@@ -65,7 +74,7 @@ pub struct Entry {
 impl Entry {
     /// The host directory mounted at `/workspace`.
     pub fn workspace(&self) -> PathBuf {
-        self.dir.join("workspace")
+        self.files.join("workspace")
     }
 
     pub fn snapshot(&self) -> Sandbox {
@@ -154,6 +163,15 @@ struct IdempotencyRecord {
     created_at_ms: i64,
 }
 
+/// Where a new sandbox's files come from.
+pub(crate) enum FilesSource {
+    Empty,
+    /// A snapshot's directory.
+    Snapshot(PathBuf),
+    /// A live sandbox, captured at one point in time.
+    Live(Arc<Entry>),
+}
+
 /// Filters of `GET /sandboxes`; every one that is set must match.
 #[derive(Debug, Default, Deserialize)]
 pub struct ListFilter {
@@ -170,7 +188,11 @@ const MAX_ENV: usize = 256;
 
 impl Host {
     /// Loads every sandbox under `data_dir`, rolling interrupted file batches forward or back.
-    pub fn open(data_dir: &Path, iso: Isolation) -> anyhow::Result<Arc<Host>> {
+    pub fn open(
+        data_dir: &Path,
+        iso: Isolation,
+        storage: crate::storage::Storage,
+    ) -> anyhow::Result<Arc<Host>> {
         let sandboxes_dir = data_dir.join("sandboxes");
         std::fs::create_dir_all(&sandboxes_dir)?;
         std::fs::create_dir_all(data_dir.join("idempotency"))?;
@@ -185,7 +207,7 @@ impl Host {
             if record.state != State::Destroyed {
                 // A file batch cut short by a crash is completed or undone before anything
                 // reads the workspace.
-                crate::journal::recover(&dir)?;
+                crate::journal::recover(&storage.sandbox_dir(&record.id))?;
             }
             let restarted = matches!(record.state, State::Running | State::Paused);
             if record.state == State::Running {
@@ -194,7 +216,13 @@ impl Host {
                 record.state = State::Paused;
                 store::write_json(&dir.join("meta.json"), &record)?;
             }
-            let entry = Arc::new(Entry::new(record.id.clone(), dir, record));
+            let files = storage.sandbox_dir(&record.id);
+            let entry = Arc::new(Entry::new(record.id.clone(), dir, files, record));
+            let counters = Host::load_usage(&entry);
+            entry
+                .exec_count
+                .store(counters.exec_count, Ordering::Relaxed);
+            *entry.usage.lock().unwrap_or_else(|p| p.into_inner()) = counters;
             if restarted {
                 entry.relaunch_pending.store(true, Ordering::SeqCst);
                 let record = entry.snapshot();
@@ -208,9 +236,15 @@ impl Host {
             sandboxes: RwLock::new(sandboxes),
             create_lock: tokio::sync::Mutex::new(()),
             iso,
+            storage,
+            events: crate::events::EventLog::open(data_dir)?,
         });
         host.prune_idempotency();
         Ok(host)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
     }
 
     pub fn get(&self, id: &str) -> Result<Arc<Entry>, ApiError> {
@@ -302,6 +336,17 @@ impl Host {
         &self,
         req: CreateRequest,
         idempotency_key: Option<&str>,
+    ) -> Result<Sandbox, ApiError> {
+        self.create_from(req, idempotency_key, FilesSource::Empty)
+            .await
+    }
+
+    /// Creates a sandbox whose files come from `source`.
+    pub(crate) async fn create_from(
+        &self,
+        req: CreateRequest,
+        idempotency_key: Option<&str>,
+        source: FilesSource,
     ) -> Result<Sandbox, ApiError> {
         let template_id = req
             .template_id
@@ -421,15 +466,38 @@ impl Host {
         };
         confine(&self.iso, &record)?;
         let dir = self.data_dir.join("sandboxes").join(&id);
-        std::fs::create_dir_all(dir.join("workspace"))
-            .map_err(|e| ApiError::internal(format!("creating the workspace: {e}")))?;
-        let entry = Arc::new(Entry::new(id.clone(), dir, record.clone()));
+        let files = self.storage.sandbox_dir(&id);
+        match source {
+            FilesSource::Empty => self.storage.create(&files),
+            FilesSource::Snapshot(src) => {
+                let (storage, dst) = (self.storage.clone(), files.clone());
+                tokio::task::spawn_blocking(move || storage.snapshot(&src, &dst, true))
+                    .await
+                    .map_err(|e| ApiError::internal(e.to_string()))?
+            }
+            FilesSource::Live(parent) => {
+                self.capture(&parent, files.clone(), true).await?;
+                Ok(())
+            }
+        }
+        .and_then(|()| self.storage.create(&files))
+        .map_err(|e| ApiError::internal(format!("creating the workspace: {e}")))?;
+        let entry = Arc::new(Entry::new(id.clone(), dir, files, record.clone()));
         entry.touch();
         entry.persist(&record)?;
         self.sandboxes
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(id, entry);
+            .insert(id.clone(), entry);
+        let mut data = serde_json::Map::new();
+        data.insert("image".into(), record.template_id.clone().into());
+        if let Some(u) = &record.external_user_id {
+            data.insert("external_user_id".into(), u.clone().into());
+        }
+        self.events.emit("sandbox.created", &id, data);
+        let mut ready = serde_json::Map::new();
+        ready.insert("status".into(), "ready".into());
+        self.events.emit("sandbox.ready", &id, ready);
         Ok(record)
     }
 
@@ -437,7 +505,10 @@ impl Host {
         match entry.state() {
             State::Running => {
                 self.freeze(entry, true)?;
-                entry.update(|r| r.state = State::Paused)
+                let record = entry.update(|r| r.state = State::Paused)?;
+                self.events
+                    .emit("sandbox.paused", &entry.id, serde_json::Map::new());
+                Ok(record)
             }
             State::Paused => Ok(entry.snapshot()),
             s => Err(conflict(&entry.id, s, "pause")),
@@ -453,6 +524,8 @@ impl Host {
                     r.timeout_base_ms = now_ms();
                 })?;
                 entry.touch();
+                self.events
+                    .emit("sandbox.resumed", &entry.id, serde_json::Map::new());
                 if entry.relaunch_pending.swap(false, Ordering::SeqCst) {
                     for spec in entry.restart_specs() {
                         self.launch(entry, spec.command, spec.cwd, spec.env, spec.name, false)?;
@@ -470,7 +543,10 @@ impl Host {
         match entry.state() {
             State::Running | State::Paused => {
                 self.end_processes(entry).await;
-                entry.update(|r| r.state = State::Stopped)
+                let record = entry.update(|r| r.state = State::Stopped)?;
+                self.events
+                    .emit("sandbox.stopped", &entry.id, serde_json::Map::new());
+                Ok(record)
             }
             State::Stopped => Ok(entry.snapshot()),
             s => Err(conflict(&entry.id, s, "stop")),
@@ -492,6 +568,8 @@ impl Host {
             return Ok(entry.snapshot());
         }
         self.end_processes(entry).await;
+        // The last interval of usage is read before the sandbox's resources go.
+        self.sample_usage(entry);
         let record = entry.update(|r| {
             r.state = State::Destroyed;
             r.destroyed_at_ms = Some(now_ms());
@@ -507,12 +585,15 @@ impl Host {
                 .map_err(|e| ApiError::internal(format!("removing the network: {e}")))?;
         }
         let _ = std::fs::remove_file(entry.restart_file());
-        for sub in ["workspace", "journal", "processes"] {
-            let path = entry.dir.join(sub);
-            if path.exists() {
-                std::fs::remove_dir_all(&path)
-                    .map_err(|e| ApiError::internal(format!("removing {sub}: {e}")))?;
-            }
+        self.storage
+            .delete(&entry.files)
+            .map_err(|e| ApiError::internal(format!("removing the files: {e}")))?;
+        self.events
+            .emit("sandbox.destroyed", &entry.id, serde_json::Map::new());
+        let processes = entry.dir.join("processes");
+        if processes.exists() {
+            std::fs::remove_dir_all(&processes)
+                .map_err(|e| ApiError::internal(format!("removing process logs: {e}")))?;
         }
         Ok(record)
     }
@@ -598,7 +679,7 @@ impl Host {
     }
 
     /// Ends every process of the sandbox, those that left their process group included.
-    async fn end_processes(&self, entry: &Entry) {
+    pub(crate) async fn end_processes(&self, entry: &Entry) {
         if let Some(cg) = &self.iso.cgroups {
             let (cg, id) = (cg.clone(), entry.id.clone());
             let _ = tokio::task::spawn_blocking(move || kill_cgroup(&cg, &id)).await;
@@ -678,6 +759,7 @@ impl Host {
                 let _ = Net::remove(index);
             }
         }
+        self.storage.release();
     }
 
     /// Every sandbox, for shutdown.
@@ -692,15 +774,17 @@ impl Host {
 }
 
 impl Entry {
-    fn new(id: String, dir: PathBuf, record: Sandbox) -> Self {
-        let workspace = dir.join("workspace");
+    fn new(id: String, dir: PathBuf, files: PathBuf, record: Sandbox) -> Self {
         Entry {
             processes: Processes::new(dir.join("processes")),
-            watch: Hub::new(workspace),
+            watch: Hub::new(files.join("workspace")),
             id,
             dir,
+            files,
+            files_lock: tokio::sync::Mutex::new(()),
             record: Mutex::new(record),
             exec_count: AtomicU64::new(0),
+            usage: Mutex::new(crate::usage::Counters::default()),
             last_activity_ms: AtomicI64::new(now_ms()),
             relaunch_pending: AtomicBool::new(false),
         }
@@ -755,7 +839,7 @@ fn valid_env_key(k: &str) -> bool {
         && k.len() <= 128
 }
 
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rng();
     let suffix: String = (0..20)

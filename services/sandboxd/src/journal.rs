@@ -32,9 +32,10 @@ struct ManifestEntry {
 
 const MANIFEST: &str = "manifest.json";
 
-/// Writes every item into `workspace` or, on error, none of them.
-pub fn write_batch(sandbox_dir: &Path, workspace: &Path, items: &[Item]) -> std::io::Result<()> {
-    let tx = sandbox_dir.join("journal").join(format!(
+/// Writes every item into `workspace` or, on error, none of them. `files_dir` holds the
+/// workspace and the journal, on one filesystem.
+pub fn write_batch(files_dir: &Path, workspace: &Path, items: &[Item]) -> std::io::Result<()> {
+    let tx = files_dir.join("journal").join(format!(
         "{}-{}",
         crate::clock::now_ms(),
         rand::random::<u32>()
@@ -104,12 +105,12 @@ fn apply(tx: &Path, workspace: &Path) -> std::io::Result<()> {
 }
 
 /// Completes committed batches and discards uncommitted ones (at start, before serving).
-pub fn recover(sandbox_dir: &Path) -> std::io::Result<()> {
-    let journal = sandbox_dir.join("journal");
+pub fn recover(files_dir: &Path) -> std::io::Result<()> {
+    let journal = files_dir.join("journal");
     let Ok(txs) = std::fs::read_dir(&journal) else {
         return Ok(());
     };
-    let workspace = sandbox_dir.join("workspace");
+    let workspace = files_dir.join("workspace");
     for tx in txs.flatten().map(|e| e.path()) {
         if tx.join(MANIFEST).exists() {
             tracing::info!(tx = %tx.display(), "rolling an interrupted file batch forward");

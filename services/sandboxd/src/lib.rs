@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod clock;
+pub mod events;
 pub mod exec;
 pub mod files;
 pub mod host;
@@ -14,8 +15,11 @@ pub mod journal;
 pub mod model;
 pub mod paths;
 pub mod processes;
+pub mod snapshots;
+pub mod storage;
 pub mod store;
 pub mod templates;
+pub mod usage;
 pub mod watch;
 
 use std::net::SocketAddr;
@@ -61,6 +65,13 @@ pub struct Args {
     /// How often idle and expired sandboxes are looked for, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     pub idle_check_ms: u64,
+    /// Where sandbox files live: `btrfs` (snapshots and forks are subvolume snapshots), `copy`
+    /// (works anywhere, slow), or `auto` (btrfs when it can be had).
+    #[arg(long, value_enum, default_value_t = storage::Choice::Auto)]
+    pub storage: storage::Choice,
+    /// Size of the sparse btrfs image created under the data dir, in GiB.
+    #[arg(long, default_value_t = 20)]
+    pub btrfs_image_gb: u64,
     /// Network namespaces kept ready for new sandboxes.
     #[arg(long, default_value_t = 4)]
     pub net_pool: usize,
@@ -190,7 +201,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("slipway-sandboxd: no --api-keys-file: accepting any `msk_` key (loopback only)");
     }
     std::fs::create_dir_all(&args.data_dir)?;
-    let host = host::Host::open(&args.data_dir, isolation(&args)?)?;
+    let (storage, why) = storage::Storage::open(&args.data_dir, args.storage, args.btrfs_image_gb)?;
+    eprintln!("slipway-sandboxd: storage: {why}");
+    let host = host::Host::open(&args.data_dir, isolation(&args)?, storage)?;
     if args.purge {
         host.purge().await;
         return Ok(());
@@ -220,6 +233,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             loop {
                 tokio::time::sleep(every).await;
                 host.reap_idle().await;
+                let h = host.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    h.sample_all_usage();
+                    h.enforce_all_retention();
+                })
+                .await;
             }
         });
     }

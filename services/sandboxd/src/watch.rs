@@ -76,6 +76,21 @@ impl Hub {
         Ok(receiver)
     }
 
+    /// Watches the workspace afresh (its directory was replaced by a restore); subscribers stay
+    /// and are told to resync.
+    pub fn rewatch(&self) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(tx) = tx else { return };
+        if let Some(task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+        match spawn_watcher(self.workspace.clone(), tx.clone()) {
+            Ok(task) => *self.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task),
+            Err(e) => tracing::warn!(error = %e, "re-watching a restored workspace"),
+        }
+        let _ = tx.send(FileEvent::resync(crate::paths::WORKSPACE));
+    }
+
     /// Ends the watcher and every subscription (the sandbox is destroyed).
     pub fn close(&self) {
         self.tx.lock().unwrap_or_else(|p| p.into_inner()).take();

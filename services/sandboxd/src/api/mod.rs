@@ -3,6 +3,7 @@
 mod error;
 pub mod extract;
 mod sandboxes;
+mod snapshots;
 
 use std::sync::Arc;
 
@@ -50,6 +51,12 @@ pub fn router(state: AppState) -> Router {
         .route("/extend", post(sandboxes::extend))
         .route("/readiness", get(sandboxes::readiness))
         .route("/resources", get(exec::resources))
+        .route("/usage", get(exec::usage))
+        .route("/snapshots", post(snapshots::create).get(snapshots::list))
+        .route("/snapshots/{sid}", axum::routing::delete(snapshots::delete))
+        .route("/snapshot", post(snapshots::create_legacy))
+        .route("/restore/{sid}", post(snapshots::restore))
+        .route("/fork", post(snapshots::fork))
         .route("/ports/{port}/probe", get(exec::probe_port))
         .route("/readiness/stream", get(sandboxes::readiness_stream))
         // Canonical file routes.
@@ -88,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes", post(sandboxes::create).get(sandboxes::list))
         .route("/sandboxes/by-name/{name}", get(sandboxes::by_name))
         .nest("/sandboxes/{id}", sandbox)
+        .route("/events/stream", get(sandboxes::tenant_events))
         .route("/sandbox-templates", get(templates::list))
         .route("/sandbox-templates/{id}", get(templates::get))
         .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })

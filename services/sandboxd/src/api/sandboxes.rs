@@ -254,3 +254,99 @@ pub async fn readiness_stream(
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
+
+#[derive(Deserialize)]
+pub struct StreamQuery {
+    types: Option<String>,
+}
+
+/// `GET /events/stream[?types=sandbox.*]`: the tenant's lifecycle events; with `Last-Event-ID`
+/// it resumes after that event, otherwise it starts now.
+pub async fn tenant_events(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<StreamQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError> {
+    let after = match headers.get("last-event-id").and_then(|v| v.to_str().ok()) {
+        Some(raw) => raw
+            .trim()
+            .trim_start_matches("evt_")
+            .parse::<u64>()
+            .map_err(|_| {
+                ApiError::invalid(
+                    "invalid_last_event_id",
+                    format!("`{raw}` is not an event id"),
+                )
+            })?,
+        None => s.host.events.last_seq(),
+    };
+    let patterns: Vec<String> = q
+        .types
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect();
+    let wanted = move |kind: &str| {
+        patterns.is_empty()
+            || patterns.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => kind.starts_with(prefix),
+                None => kind == p,
+            })
+    };
+    let (backlog, mut live) = s
+        .host
+        .events
+        .replay_and_subscribe(after)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let host = s.host.clone();
+    let stream = crate::files::async_stream(move |tx| async move {
+        let frame = |e: &crate::events::TenantEvent| {
+            let mut data = serde_json::Map::new();
+            data.insert("type".into(), e.kind.clone().into());
+            data.insert("id".into(), e.id.clone().into());
+            data.insert("tenant_id".into(), "local".into());
+            data.insert("ts".into(), e.ts.clone().into());
+            data.extend(e.data.clone());
+            Event::default()
+                .id(e.event_id())
+                .event(e.kind.clone())
+                .data(Value::Object(data).to_string())
+        };
+        let mut sent = after;
+        for e in backlog.iter().filter(|e| wanted(&e.kind)) {
+            if tx.send(frame(e)).await.is_err() {
+                return;
+            }
+            sent = e.seq;
+        }
+        sent = sent.max(backlog.last().map(|e| e.seq).unwrap_or(0));
+        loop {
+            match live.recv().await {
+                Ok(e) if e.seq > sent => {
+                    sent = e.seq;
+                    if wanted(&e.kind) && tx.send(frame(&e)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    // Fell behind the live channel: catch up from the log.
+                    for e in host.events.replay(sent).unwrap_or_default() {
+                        sent = e.seq;
+                        if wanted(&e.kind) && tx.send(frame(&e)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(
+        KeepAlive::new()
+            .interval(Duration::from_secs(15))
+            .text("heartbeat"),
+    ))
+}

@@ -37,9 +37,14 @@ async fn crash_during_batch(failpoint: &str) -> (Vec<String>, usize) {
             present.push(format!("app/{i}.txt"));
         }
     }
-    let journal = std::fs::read_dir(data.join("sandboxes").join(&id).join("journal"))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let journal: usize = ["btrfs", "files"]
+        .iter()
+        .map(|b| {
+            std::fs::read_dir(data.join(b).join("sandboxes").join(&id).join("journal"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+        })
+        .sum();
     (present, journal)
 }
 

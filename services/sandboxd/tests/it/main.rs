@@ -4,8 +4,10 @@
 mod api;
 mod basics;
 mod crash;
+mod events;
 mod exec;
 mod files;
 mod isolation;
 mod sandboxes;
+mod storage;
 mod watch;

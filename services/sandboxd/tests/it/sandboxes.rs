@@ -98,14 +98,10 @@ async fn create_get_list_update_and_destroy() {
         (status, v["error"]["code"].as_str()),
         (410, Some("sandbox_destroyed"))
     );
-    assert!(
-        !sd.data_dir()
-            .join("sandboxes")
-            .join(id)
-            .join("workspace")
-            .exists(),
-        "its files are gone"
-    );
+    for backend in ["btrfs", "files"] {
+        let files = sd.data_dir().join(backend).join("sandboxes").join(id);
+        assert!(!files.exists(), "its files are gone");
+    }
 }
 
 #[tokio::test]

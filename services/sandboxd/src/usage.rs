@@ -1,0 +1,135 @@
+//! Per-sandbox usage as cumulative counters that never go backwards and outlive the sandbox:
+//! runtime, provisioned vCPU-ms, active CPU ms (from its cgroup), memory as MiB-ms and disk as
+//! GiB-ms (integrals over time, not gauges), and commands executed. Sampled by the reaper, on
+//! every read, and once more when the sandbox is destroyed; kept in `usage.json`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::now_ms;
+use crate::host::{Entry, Host};
+use crate::model::{CPU_COUNT, State};
+
+const MIB: f64 = 1024.0 * 1024.0;
+const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+/// How often the disk size is measured (a directory walk).
+const DISK_EVERY_MS: i64 = 10_000;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Counters {
+    pub runtime_ms: u64,
+    pub vcpu_ms: u64,
+    pub active_cpu_ms: u64,
+    pub memory_mib_ms: u64,
+    pub disk_gib_ms: f64,
+    pub exec_count: u64,
+    pub sampled_at_ms: i64,
+    /// The cgroup's CPU counter at the last sample (it restarts from 0 with a new cgroup).
+    pub last_cgroup_cpu_ns: u64,
+    pub disk_bytes: u64,
+    pub disk_measured_at_ms: i64,
+    /// Fractions carried between samples, so integer counters lose nothing.
+    #[serde(default)]
+    pub memory_carry: f64,
+    #[serde(default)]
+    pub cpu_carry_ns: u64,
+}
+
+impl Counters {
+    pub fn view(&self, entry: &Entry) -> serde_json::Value {
+        let r = entry.snapshot();
+        serde_json::json!({
+            "sandbox_id": entry.id,
+            "state": r.state.as_str(),
+            "runtime_sec": self.runtime_ms / 1000,
+            "runtime_ms": self.runtime_ms,
+            "provisioned_vcpu_ms": self.vcpu_ms,
+            "vcpu_ms": self.vcpu_ms,
+            "provisioned_memory_mb_ms": self.runtime_ms * crate::model::MEMORY_MB,
+            "active_cpu_ms": self.active_cpu_ms,
+            "memory_mib_ms": self.memory_mib_ms,
+            "disk_gib_ms": self.disk_gib_ms.floor() as u64,
+            "exec_count": self.exec_count,
+            "creation_count": 1,
+            "measurement_status": { "active_cpu_ms": "measured", "memory_mib_ms": "measured", "disk_gib_ms": "measured" },
+            "estimated_cost_cents": 0,
+            "timeout_sec": r.timeout_sec,
+            "read_at": crate::clock::rfc3339(self.sampled_at_ms),
+        })
+    }
+}
+
+impl Host {
+    fn usage_file(entry: &Entry) -> std::path::PathBuf {
+        entry.dir.join("usage.json")
+    }
+
+    /// The counters saved for `entry` (zero for a new sandbox).
+    pub fn load_usage(entry: &Entry) -> Counters {
+        crate::store::read_json(&Self::usage_file(entry))
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Adds the usage since the last sample and saves the counters.
+    pub fn sample_usage(&self, entry: &Entry) -> Counters {
+        let now = now_ms();
+        let state = entry.state();
+        let measure_disk = {
+            let c = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
+            state != State::Destroyed && now - c.disk_measured_at_ms >= DISK_EVERY_MS
+        };
+        let disk = measure_disk.then(|| crate::storage::Storage::size(&entry.workspace()));
+        let stats = match (&self.iso.cgroups, state) {
+            (Some(cg), State::Running | State::Paused) => cg.stats(&entry.id).ok(),
+            _ => None,
+        };
+        let mut c = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
+        if c.sampled_at_ms == 0 {
+            c.sampled_at_ms = entry.snapshot().created_at_ms;
+        }
+        let dt = u64::try_from(now - c.sampled_at_ms).unwrap_or(0);
+        if state == State::Running {
+            c.runtime_ms += dt;
+            c.vcpu_ms += CPU_COUNT * dt;
+        }
+        if let Some(s) = stats {
+            let delta = if s.cpu_usage_ns >= c.last_cgroup_cpu_ns {
+                s.cpu_usage_ns - c.last_cgroup_cpu_ns
+            } else {
+                s.cpu_usage_ns
+            };
+            c.last_cgroup_cpu_ns = s.cpu_usage_ns;
+            let ns = c.cpu_carry_ns + delta;
+            c.active_cpu_ms += ns / 1_000_000;
+            c.cpu_carry_ns = ns % 1_000_000;
+            let mem = c.memory_carry + (s.memory_bytes as f64 / MIB) * dt as f64;
+            c.memory_mib_ms += mem.floor() as u64;
+            c.memory_carry = mem - mem.floor();
+        }
+        if state != State::Destroyed {
+            c.disk_gib_ms += (c.disk_bytes as f64 / GIB) * dt as f64;
+        }
+        if let Some(bytes) = disk {
+            c.disk_bytes = bytes;
+            c.disk_measured_at_ms = now;
+        }
+        c.exec_count = c
+            .exec_count
+            .max(entry.exec_count.load(std::sync::atomic::Ordering::Relaxed));
+        c.sampled_at_ms = now;
+        if let Err(e) = crate::store::write_json(&Self::usage_file(entry), &*c) {
+            tracing::warn!(sandbox = %entry.id, error = %e, "saving usage counters");
+        }
+        c.clone()
+    }
+
+    /// Samples every sandbox that still uses resources.
+    pub fn sample_all_usage(&self) {
+        for e in self.all() {
+            if e.state() != State::Destroyed {
+                self.sample_usage(&e);
+            }
+        }
+    }
+}
