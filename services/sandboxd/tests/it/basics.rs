@@ -95,3 +95,61 @@ fn listed_keys_only_and_no_open_door_off_loopback() {
         assert_eq!(other.status(), 401);
     });
 }
+
+#[tokio::test]
+async fn without_bubblewrap_it_refuses_to_start_unless_told_it_may_run_insecurely() {
+    let dir = tempfile::tempdir().unwrap();
+    // A PATH without bwrap (nor anything else).
+    let empty = dir.path().join("empty-path");
+    std::fs::create_dir(&empty).unwrap();
+    let out = FailpointRun::new(BIN)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(dir.path().join("d1"))
+        .env("PATH", &empty)
+        .restart()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bubblewrap") && stderr.contains("--insecure-no-isolation"),
+        "{stderr}"
+    );
+
+    let path = format!("{}:/usr/bin:/bin", empty.display());
+    let sd = Sandboxd::start_in(
+        BIN,
+        &dir.path().join("d2"),
+        &["--insecure-no-isolation"],
+        &[("PATH", path.as_str())],
+    )
+    .unwrap();
+    let http = reqwest::Client::new();
+    let created: serde_json::Value = http
+        .post(format!("{}/sandboxes", sd.base_url()))
+        .header("Authorization", KEY)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["data"]["id"].as_str().unwrap();
+    let ran: serde_json::Value = http
+        .post(format!("{}/sandboxes/{id}/exec", sd.base_url()))
+        .header("Authorization", KEY)
+        .json(&serde_json::json!({ "command": "echo $HOME" }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let home = ran["data"]["stdout"].as_str().unwrap().trim().to_string();
+    assert!(
+        home.ends_with("/workspace") && home != "/workspace",
+        "no jail: the host path shows: {home}"
+    );
+}
