@@ -226,7 +226,7 @@ impl Host {
             if restarted {
                 entry.relaunch_pending.store(true, Ordering::SeqCst);
                 let record = entry.snapshot();
-                confine(&iso, &record)
+                confine(&iso, &record, false)
                     .map_err(|e| anyhow::anyhow!("sandbox {}: {}", record.id, e.message))?;
             }
             sandboxes.insert(entry.id.clone(), entry);
@@ -427,7 +427,9 @@ impl Host {
         }
         let id = id.unwrap_or_else(new_id);
         let outbound = req.allow_internet_access.unwrap_or(true);
-        let net_index = self.take_net_index(outbound)?;
+        let taken = self.take_net_index(outbound)?;
+        let net_index = taken.map(|(i, _)| i);
+        let net_ready = taken.is_some_and(|(_, ready)| ready);
         if let Some(path) = &idem_path {
             store::write_json(
                 path,
@@ -464,7 +466,7 @@ impl Host {
             net_index,
             outbound,
         };
-        confine(&self.iso, &record)?;
+        confine(&self.iso, &record, net_ready)?;
         let dir = self.data_dir.join("sandboxes").join(&id);
         let files = self.storage.sandbox_dir(&id);
         match source {
@@ -694,7 +696,7 @@ impl Host {
         }
     }
 
-    fn take_net_index(&self, outbound: bool) -> Result<Option<u32>, ApiError> {
+    fn take_net_index(&self, outbound: bool) -> Result<Option<(u32, bool)>, ApiError> {
         self.iso
             .net
             .as_ref()
@@ -810,12 +812,12 @@ fn kill_cgroup(cg: &Cgroups, id: &str) {
 }
 
 /// Creates the sandbox's cgroups and network namespace (both idempotent).
-fn confine(iso: &Isolation, record: &Sandbox) -> Result<(), ApiError> {
+fn confine(iso: &Isolation, record: &Sandbox, net_ready: bool) -> Result<(), ApiError> {
     if let Some(cg) = &iso.cgroups {
         cg.create(&record.id, iso.limits)
             .map_err(|e| ApiError::internal(format!("creating cgroups: {e}")))?;
     }
-    if let (Some(net), Some(index)) = (&iso.net, record.net_index) {
+    if let (Some(net), Some(index), false) = (&iso.net, record.net_index, net_ready) {
         net.setup(index, record.outbound)
             .map_err(|e| ApiError::internal(format!("creating the network: {e}")))?;
     }

@@ -197,14 +197,15 @@ impl Net {
 
     /// A namespace for a new sandbox: a pooled one when it wants outbound access, else a fresh
     /// one. The index is the sandbox's for life.
-    pub fn take(&self, outbound: bool) -> std::io::Result<u32> {
+    /// Also says whether the namespace is set up already (a pooled one is).
+    pub fn take(&self, outbound: bool) -> std::io::Result<(u32, bool)> {
         if outbound
             && self.outbound
             && let Some(index) = self.with_pool(|p| p.ready.pop())
         {
-            return Ok(index);
+            return Ok((index, true));
         }
-        self.allocate()
+        self.allocate().map(|i| (i, false))
     }
 
     /// Tops the pool up to `size` ready namespaces (blocking: run it off the async runtime).
