@@ -10,22 +10,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use slipway_sandboxd::jail::{Confinement, Jail};
 use slipway_test_support::Sandboxd;
+use stats::{median, ms};
+
+#[path = "support/stats.rs"]
+mod stats;
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway-sandboxd");
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn p90(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[(v.len() * 9 / 10).min(v.len() - 1)]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 #[tokio::main]
 async fn main() {
@@ -98,21 +88,21 @@ async fn main() {
     let samples: Vec<Duration> = samples.into_iter().skip(3).collect();
     let creates: Vec<Duration> = creates.into_iter().skip(3).collect();
 
-    let (m, f) = (median(samples.clone()), median(floor.clone()));
+    let (m, f) = (median(&samples), median(&floor));
     println!("create to first command (`node -v`), sandboxd, {iters} samples");
     println!(
         "  sandboxd create + exec   median {:7.2} ms   p90 {:7.2} ms",
         ms(m),
-        ms(p90(samples))
+        ms(stats::percentile(&samples, 90))
     );
     println!(
         "    of which create        median {:7.2} ms",
-        ms(median(creates))
+        ms(median(&creates))
     );
     println!(
         "  bwrap node -v (floor)    median {:7.2} ms   p90 {:7.2} ms",
         ms(f),
-        ms(p90(floor))
+        ms(stats::percentile(&floor, 90))
     );
     println!(
         "  ratio to the floor       {:.2}x",

@@ -8,19 +8,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use slipway_test_support::Sandboxd;
+use stats::{median, ms};
+
+#[path = "support/stats.rs"]
+mod stats;
 
 const BIN: &str = env!("CARGO_BIN_EXE_slipway-sandboxd");
 const FILES: usize = 20_000;
 const FILE_BYTES: usize = 10_240;
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 #[tokio::main]
 async fn main() {
@@ -114,7 +109,7 @@ async fn main() {
         assert!(ok.success());
     }
 
-    let (f, c) = (median(forks), median(copies));
+    let (f, c) = (median(&forks), median(&copies));
     println!(
         "fork of a sandbox with {FILES} files / {} MB, storage {storage}, {iters} samples",
         FILES * FILE_BYTES / 1_000_000

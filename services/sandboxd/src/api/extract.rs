@@ -38,3 +38,19 @@ where
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))
     }
 }
+
+/// The request's `Idempotency-Key`, if any (at most 255 characters).
+pub fn idempotency_key(headers: &axum::http::HeaderMap) -> Result<Option<&str>, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|k| !k.is_empty());
+    if key.is_some_and(|k| k.len() > 255) {
+        return Err(ApiError::invalid(
+            "invalid_idempotency_key",
+            "an Idempotency-Key is at most 255 characters",
+        ));
+    }
+    Ok(key)
+}

@@ -25,17 +25,7 @@ pub async fn create(
     headers: HeaderMap,
     JsonBody(req): JsonBody<CreateRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    if key.is_some_and(|k| k.len() > 255) {
-        return Err(ApiError::invalid(
-            "invalid_idempotency_key",
-            "an Idempotency-Key is at most 255 characters",
-        ));
-    }
+    let key = super::extract::idempotency_key(&headers)?;
     let sandbox = s.host.create(req, key).await?;
     Ok((StatusCode::CREATED, one(&sandbox)))
 }

@@ -10,21 +10,6 @@ use super::{ApiError, AppState};
 use crate::clock::now_ms;
 use crate::snapshots::{ForkRequest, SnapshotRequest};
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let key = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .filter(|k| !k.is_empty());
-    if key.is_some_and(|k| k.len() > 255) {
-        return Err(ApiError::invalid(
-            "invalid_idempotency_key",
-            "an Idempotency-Key is at most 255 characters",
-        ));
-    }
-    Ok(key)
-}
-
 pub async fn create(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -92,7 +77,7 @@ pub async fn fork(
     JsonBody(req): JsonBody<ForkRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let parent = s.host.live(&id)?;
-    let key = idempotency_key(&headers)?;
+    let key = super::extract::idempotency_key(&headers)?;
     let child = s.host.fork(&parent, req, key).await?;
     Ok((
         StatusCode::CREATED,
