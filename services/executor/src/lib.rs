@@ -6,6 +6,8 @@
 //! gracefully. Its operations (`slipway.executor.v1.<op>`) are added by the issues that build them.
 #![forbid(unsafe_code)]
 
+pub mod miosa;
+
 use slipway_common::App;
 
 /// Registers the service on NATS and runs it until shutdown.

@@ -11,6 +11,24 @@ pub use nats::NatsServer;
 pub use process::{FailpointRun, RunningProcess};
 pub use sandboxd::Sandboxd;
 
+/// A binary of another crate of the workspace, built next to the running test (nextest and
+/// `cargo test --workspace` build every binary before running tests).
+pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    let bin = dir.join(name);
+    if !bin.is_file() {
+        anyhow::bail!(
+            "{} is not built: run `cargo build --workspace` first",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// How many cases each randomized test runs: `SLIPWAY_TEST_CASES`, 256 by default.
 pub fn random_cases() -> usize {
     std::env::var("SLIPWAY_TEST_CASES")

@@ -1,0 +1,377 @@
+//! A typed client for MIOSA's REST API (and sandboxd, which speaks it): one shared reqwest client
+//! with rustls, `Authorization: Bearer` from configuration (never logged), an `Idempotency-Key`
+//! on every mutation derived from the caller's key, retries on 429, 5xx, connection errors and
+//! timeouts (three, exponential backoff with full jitter, `Retry-After` honoured), per-operation
+//! timeouts, lenient decoding, and the SDKs' route choices (canonical `/fs/*` with the legacy
+//! `/files/*` fallback on 404, each with its own body rules).
+
+pub mod decode;
+pub mod error;
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use rand::Rng;
+use reqwest::Method;
+use serde_json::{Value, json};
+use slipway_common::config::Secret;
+
+pub use error::MiosaError;
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `https://api.miosa.ai/api/v1` or a sandboxd's `http://127.0.0.1:7070/api/v1`.
+    pub base_url: String,
+    pub api_key: Secret,
+    /// Timeout of one attempt of an ordinary call.
+    pub timeout: Duration,
+    /// Timeout of one attempt of a command run to completion (exec) or a build.
+    pub long_timeout: Duration,
+    /// Retries after the first attempt.
+    pub max_retries: u32,
+    /// The first backoff; each retry doubles it (full jitter), at most 30 s.
+    pub backoff: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(base_url: impl Into<String>, api_key: Secret) -> Self {
+        Self {
+            base_url: base_url.into(),
+            api_key,
+            timeout: Duration::from_secs(60),
+            long_timeout: Duration::from_secs(600),
+            max_retries: 3,
+            backoff: Duration::from_millis(500),
+        }
+    }
+}
+
+/// One client per process: reuse it (HTTP/2 and keep-alive pools, as MIOSA asks).
+#[derive(Clone)]
+pub struct MiosaClient {
+    http: reqwest::Client,
+    config: ClientConfig,
+}
+
+impl std::fmt::Debug for MiosaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MiosaClient")
+            .field("base_url", &self.config.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request: what to send and how long an attempt may take.
+struct Call<'a> {
+    op: &'a str,
+    method: Method,
+    path: String,
+    query: Vec<(&'a str, String)>,
+    body: Option<Value>,
+    idempotency_key: Option<String>,
+    timeout: Duration,
+}
+
+impl MiosaClient {
+    pub fn new(config: ClientConfig) -> Result<Self, MiosaError> {
+        // The process-wide TLS provider; installing it twice is harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("slipway-executor/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| MiosaError::Unreachable {
+                url: config.base_url.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(Self { http, config })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    fn key(caller: &str, op: &str) -> String {
+        format!("{caller}:{op}")
+    }
+
+    /// Sends a call, retrying what may succeed when repeated; returns the successful body.
+    async fn send(&self, call: &Call<'_>) -> Result<bytes::Bytes, MiosaError> {
+        let url = format!(
+            "{}{}",
+            self.config.base_url.trim_end_matches('/'),
+            call.path
+        );
+        let mut attempt = 0;
+        loop {
+            match self.attempt(&url, call).await {
+                Err(e) if e.is_retryable() && attempt < self.config.max_retries => {
+                    attempt += 1;
+                    let wait = match &e {
+                        MiosaError::Api {
+                            retry_after: Some(after),
+                            ..
+                        } => *after,
+                        _ => self.backoff(attempt),
+                    };
+                    tracing::debug!(op = call.op, attempt, ?wait, error = %e, "retrying a MIOSA call");
+                    tokio::time::sleep(wait).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let cap = self
+            .config
+            .backoff
+            .saturating_mul(1 << attempt.min(16))
+            .min(Duration::from_secs(30));
+        Duration::from_secs_f64(rand::rng().random_range(0.0..=cap.as_secs_f64()))
+    }
+
+    async fn attempt(&self, url: &str, call: &Call<'_>) -> Result<bytes::Bytes, MiosaError> {
+        let mut req = self
+            .http
+            .request(call.method.clone(), url)
+            .bearer_auth(self.config.api_key.expose())
+            .header("Accept", "application/json")
+            .timeout(call.timeout);
+        if !call.query.is_empty() {
+            req = req.query(&call.query);
+        }
+        if let Some(body) = &call.body {
+            req = req.json(body);
+        }
+        if let Some(key) = &call.idempotency_key {
+            req = req.header("Idempotency-Key", key);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.transport_error(call, url, e))?;
+        let status = resp.status().as_u16();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let (retry_after, request_id) = (header("retry-after"), header("x-request-id"));
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.transport_error(call, url, e))?;
+        if status >= 400 {
+            return Err(decode::error_from(
+                status,
+                retry_after.as_deref(),
+                request_id.as_deref(),
+                &body,
+            ));
+        }
+        Ok(body)
+    }
+
+    fn transport_error(&self, call: &Call<'_>, url: &str, e: reqwest::Error) -> MiosaError {
+        if e.is_timeout() {
+            MiosaError::Timeout {
+                operation: call.op.to_string(),
+                timeout: call.timeout,
+            }
+        } else {
+            // reqwest's error text names the URL, never the headers: the key cannot leak here.
+            MiosaError::Unreachable {
+                url: url.to_string(),
+                message: e.to_string(),
+            }
+        }
+    }
+
+    /// Sends, retries, and decodes the JSON answer (without its `data` envelope).
+    async fn json(&self, call: Call<'_>) -> Result<Value, MiosaError> {
+        let body = self.send(&call).await?;
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Value::Null);
+        }
+        let value: Value = serde_json::from_slice(&body).map_err(|e| MiosaError::Malformed {
+            operation: call.op.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(decode::unwrap_envelope(value))
+    }
+
+    fn call<'a>(&self, op: &'a str, method: Method, path: String) -> Call<'a> {
+        Call {
+            op,
+            method,
+            path,
+            query: Vec::new(),
+            body: None,
+            idempotency_key: None,
+            timeout: self.config.timeout,
+        }
+    }
+
+    /// The sandbox object of an answer, checked to have an id.
+    fn sandbox(op: &str, v: Value) -> Result<Value, MiosaError> {
+        match v.get("id").and_then(decode::string_or_number) {
+            Some(_) => Ok(v),
+            None => Err(MiosaError::Malformed {
+                operation: op.to_string(),
+                message: "no sandbox id in the answer".into(),
+            }),
+        }
+    }
+
+    /// `POST /sandboxes`, with the caller's idempotency key.
+    pub async fn create_sandbox(
+        &self,
+        body: Value,
+        idempotency_key: &str,
+    ) -> Result<Value, MiosaError> {
+        let mut c = self.call("sandbox.create", Method::POST, "/sandboxes".into());
+        c.body = Some(body);
+        c.idempotency_key = Some(Self::key(idempotency_key, "sandbox.create"));
+        Self::sandbox("sandbox.create", self.json(c).await?)
+    }
+
+    pub async fn get_sandbox(&self, id: &str) -> Result<Value, MiosaError> {
+        Self::sandbox(
+            "sandbox.get",
+            self.json(self.call("sandbox.get", Method::GET, format!("/sandboxes/{id}")))
+                .await?,
+        )
+    }
+
+    /// `GET /sandboxes` with filters; accepts a bare list or `data`/`sandboxes`/`items`.
+    pub async fn list_sandboxes(
+        &self,
+        filters: &[(&'static str, String)],
+    ) -> Result<Vec<Value>, MiosaError> {
+        let mut c = self.call("sandbox.list", Method::GET, "/sandboxes".into());
+        c.query = filters.to_vec();
+        match self.json(c).await? {
+            Value::Array(items) => Ok(items),
+            Value::Object(map) => ["sandboxes", "items", "data"]
+                .iter()
+                .find_map(|k| map.get(*k).and_then(Value::as_array).cloned())
+                .ok_or_else(|| MiosaError::Malformed {
+                    operation: "sandbox.list".into(),
+                    message: "no list in the answer".into(),
+                }),
+            _ => Err(MiosaError::Malformed {
+                operation: "sandbox.list".into(),
+                message: "not a list".into(),
+            }),
+        }
+    }
+
+    pub async fn update_sandbox(
+        &self,
+        id: &str,
+        patch: Value,
+        idempotency_key: &str,
+    ) -> Result<Value, MiosaError> {
+        let mut c = self.call("sandbox.update", Method::PATCH, format!("/sandboxes/{id}"));
+        c.body = Some(patch);
+        c.idempotency_key = Some(Self::key(idempotency_key, "sandbox.update"));
+        Self::sandbox("sandbox.update", self.json(c).await?)
+    }
+
+    /// `pause`, `resume`, `stop` or `extend`.
+    pub async fn lifecycle(
+        &self,
+        id: &str,
+        action: &'static str,
+        idempotency_key: &str,
+    ) -> Result<Value, MiosaError> {
+        let mut c = self.call(action, Method::POST, format!("/sandboxes/{id}/{action}"));
+        c.body = Some(json!({}));
+        c.idempotency_key = Some(Self::key(idempotency_key, action));
+        self.json(c).await
+    }
+
+    /// `DELETE /sandboxes/{id}`; a sandbox already gone counts as destroyed.
+    pub async fn destroy_sandbox(&self, id: &str, idempotency_key: &str) -> Result<(), MiosaError> {
+        let mut c = self.call(
+            "sandbox.destroy",
+            Method::DELETE,
+            format!("/sandboxes/{id}"),
+        );
+        c.idempotency_key = Some(Self::key(idempotency_key, "sandbox.destroy"));
+        match self.json(c).await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.status(), Some(404 | 410)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes every file in one call: `/fs/write-many` (`content_base64`), and on 404 the legacy
+    /// `/files/write-many`, whose `content` is base64.
+    pub async fn write_many(
+        &self,
+        id: &str,
+        files: &[(String, Vec<u8>)],
+        idempotency_key: &str,
+    ) -> Result<Value, MiosaError> {
+        let canonical: Vec<Value> = files
+            .iter()
+            .map(|(p, c)| json!({ "path": p, "content_base64": B64.encode(c) }))
+            .collect();
+        let mut c = self.call(
+            "files.write_many",
+            Method::POST,
+            format!("/sandboxes/{id}/fs/write-many"),
+        );
+        c.body = Some(json!({ "files": canonical }));
+        c.idempotency_key = Some(Self::key(idempotency_key, "files.write_many"));
+        match self.json(c).await {
+            Err(e) if e.status() == Some(404) && !is_sandbox_missing(&e) => {
+                let legacy: Vec<Value> = files
+                    .iter()
+                    .map(|(p, c)| json!({ "path": p, "content": B64.encode(c) }))
+                    .collect();
+                let mut c = self.call(
+                    "files.write_many",
+                    Method::POST,
+                    format!("/sandboxes/{id}/files/write-many"),
+                );
+                c.body = Some(json!({ "files": legacy }));
+                c.idempotency_key = Some(Self::key(idempotency_key, "files.write_many"));
+                self.json(c).await
+            }
+            other => other,
+        }
+    }
+
+    /// Runs a command to completion (`POST /exec`), with the long timeout.
+    pub async fn exec(
+        &self,
+        id: &str,
+        command: &str,
+        cwd: Option<&str>,
+        timeout: Option<Duration>,
+    ) -> Result<Value, MiosaError> {
+        let mut body = json!({ "command": command });
+        if let Some(cwd) = cwd {
+            body["cwd"] = json!(cwd);
+        }
+        if let Some(t) = timeout {
+            body["timeout"] = json!(t.as_secs_f64());
+        }
+        let mut c = self.call("exec", Method::POST, format!("/sandboxes/{id}/exec"));
+        c.body = Some(body);
+        c.timeout = timeout
+            .map(|t| t + Duration::from_secs(10))
+            .unwrap_or(self.config.long_timeout);
+        self.json(c).await
+    }
+}
+
+/// A 404 about the sandbox itself (no fallback can help) rather than about the route.
+fn is_sandbox_missing(e: &MiosaError) -> bool {
+    matches!(e, MiosaError::Api { code, .. } if code == "sandbox_not_found")
+}

@@ -1,0 +1,329 @@
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use slipway_common::config::Secret;
+use slipway_executor::miosa::{ClientConfig, MiosaClient, MiosaError};
+use slipway_proto::v1::ErrorCode;
+
+use crate::fake::{Fake, reply};
+
+const KEY: &str = "msk_live_topsecret_123";
+
+async fn client(fake: &Fake, tweak: impl FnOnce(&mut ClientConfig)) -> MiosaClient {
+    let mut config = ClientConfig::new(fake.serve().await, Secret::new(KEY));
+    config.backoff = Duration::from_millis(5);
+    tweak(&mut config);
+    MiosaClient::new(config).unwrap()
+}
+
+const SANDBOX: &str = r#"{"data":{"id":"sbx_1","state":"running"}}"#;
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_waited_out_as_one_logical_call() {
+    let fake = Fake::default();
+    let mut limited = reply(
+        429,
+        r#"{"error":{"code":"rate_limited","message":"slow down"}}"#,
+    );
+    limited.headers.push(("retry-after", "1".into()));
+    fake.on("POST /sandboxes", vec![limited, reply(201, SANDBOX)]);
+    let c = client(&fake, |_| {}).await;
+    let started = Instant::now();
+    let sb = c
+        .create_sandbox(json!({"template_id": "node"}), "run_1:sandbox:1")
+        .await
+        .unwrap();
+    assert_eq!(sb["id"], "sbx_1");
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "Retry-After honoured: {:?}",
+        started.elapsed()
+    );
+    let sent = fake.requests("POST /sandboxes");
+    assert_eq!(sent.len(), 2);
+    let keys: Vec<&str> = sent
+        .iter()
+        .map(|r| r.headers["idempotency-key"].to_str().unwrap())
+        .collect();
+    assert_eq!(keys[0], keys[1], "a retry repeats the same Idempotency-Key");
+    assert!(keys[0].starts_with("run_1:sandbox:1"));
+    assert_eq!(
+        sent[0].headers["authorization"].to_str().unwrap(),
+        format!("Bearer {KEY}")
+    );
+}
+
+#[tokio::test]
+async fn server_errors_are_retried_three_times_then_reported_unavailable() {
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/sbx_1",
+        vec![reply(500, r#"{"error":"boom"}"#)],
+    );
+    let c = client(&fake, |_| {}).await;
+    let e = c.get_sandbox("sbx_1").await.unwrap_err();
+    assert_eq!(
+        fake.requests("GET /sandboxes/sbx_1").len(),
+        4,
+        "one attempt and three retries"
+    );
+    assert_eq!(e.code(), ErrorCode::Unavailable, "{e}");
+    assert!(e.to_string().contains("boom"));
+}
+
+#[tokio::test]
+async fn a_slow_answer_hits_its_timeout() {
+    let fake = Fake::default();
+    let mut slow = reply(200, SANDBOX);
+    slow.delay = Duration::from_secs(3);
+    fake.on("GET /sandboxes/sbx_1", vec![slow]);
+    let c = client(&fake, |c| {
+        c.timeout = Duration::from_millis(200);
+        c.max_retries = 0;
+    })
+    .await;
+    let started = Instant::now();
+    let e = c.get_sandbox("sbx_1").await.unwrap_err();
+    assert!(matches!(e, MiosaError::Timeout { .. }), "{e}");
+    assert_eq!(e.code(), ErrorCode::Timeout);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test]
+async fn both_envelopes_and_numeric_ids_decode() {
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/a",
+        vec![reply(200, r#"{"data":{"id":"a","state":"running"}}"#)],
+    );
+    fake.on(
+        "GET /sandboxes/b",
+        vec![reply(200, r#"{"id":"b","state":"paused"}"#)],
+    );
+    fake.on("GET /sandboxes/c", vec![reply(200, r#"{"id":42}"#)]);
+    fake.on(
+        "GET /sandboxes",
+        vec![reply(
+            200,
+            r#"{"data":[{"id":"a"},{"id":"b"}],"page":{"page":1,"page_size":2,"total":2}}"#,
+        )],
+    );
+    let c = client(&fake, |_| {}).await;
+    assert_eq!(c.get_sandbox("a").await.unwrap()["state"], "running");
+    assert_eq!(c.get_sandbox("b").await.unwrap()["state"], "paused");
+    assert_eq!(c.get_sandbox("c").await.unwrap()["id"], 42);
+    assert_eq!(c.list_sandboxes(&[]).await.unwrap().len(), 2);
+    let fake = Fake::default();
+    fake.on("GET /sandboxes", vec![reply(200, r#"[{"id":"x"}]"#)]);
+    assert_eq!(
+        client(&fake, |_| {})
+            .await
+            .list_sandboxes(&[])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn every_error_body_variant_decodes() {
+    let cases = [
+        (
+            404,
+            r#"{"error":{"code":"sandbox_not_found","message":"no such sandbox","request_id":"req_1"}}"#,
+            "sandbox_not_found",
+            "no such sandbox",
+            ErrorCode::NotFound,
+        ),
+        (
+            422,
+            r#"{"error":"template is required","code":"VALIDATION"}"#,
+            "VALIDATION",
+            "template is required",
+            ErrorCode::InvalidInput,
+        ),
+        (
+            403,
+            r#"{"error":"FORBIDDEN_PATH","detail":"outside /workspace"}"#,
+            "FORBIDDEN_PATH",
+            "outside /workspace",
+            ErrorCode::Forbidden,
+        ),
+        (
+            402,
+            r#"{"message":"out of credits","code":"INSUFFICIENT_CREDITS"}"#,
+            "INSUFFICIENT_CREDITS",
+            "out of credits",
+            ErrorCode::QuotaExceeded,
+        ),
+        (
+            409,
+            r#"{"errors":["name taken"]}"#,
+            "conflict",
+            "name taken",
+            ErrorCode::Conflict,
+        ),
+        (
+            401,
+            r#"{"reason":"bad key"}"#,
+            "unauthorized",
+            "bad key",
+            ErrorCode::Unauthorized,
+        ),
+        (
+            413,
+            "payload too large",
+            "error",
+            "payload too large",
+            ErrorCode::PayloadTooLarge,
+        ),
+    ];
+    for (status, body, code, message, mapped) in cases {
+        let fake = Fake::default();
+        fake.on("GET /sandboxes/x", vec![reply(status, body)]);
+        let e = client(&fake, |_| {})
+            .await
+            .get_sandbox("x")
+            .await
+            .unwrap_err();
+        match &e {
+            MiosaError::Api {
+                status: s,
+                code: c,
+                message: m,
+                ..
+            } => {
+                assert_eq!(
+                    (*s, c.as_str(), m.as_str()),
+                    (status, code, message),
+                    "{body}"
+                );
+            }
+            other => panic!("{body}: {other}"),
+        }
+        assert_eq!(e.code(), mapped, "{body}");
+    }
+    // `retry_after` in the body is read too.
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/x",
+        vec![reply(429, r#"{"message":"wait","retry_after":7}"#)],
+    );
+    let e = client(&fake, |c| c.max_retries = 0)
+        .await
+        .get_sandbox("x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, MiosaError::Api { retry_after: Some(d), .. } if d == Duration::from_secs(7)),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_malformed_body_is_an_error_not_a_panic() {
+    let fake = Fake::default();
+    fake.on("GET /sandboxes/x", vec![reply(200, "{not json")]);
+    fake.on(
+        "GET /sandboxes/y",
+        vec![reply(200, r#"{"data":{"state":"running"}}"#)],
+    );
+    let c = client(&fake, |_| {}).await;
+    assert!(matches!(
+        c.get_sandbox("x").await.unwrap_err(),
+        MiosaError::Malformed { .. }
+    ));
+    assert!(
+        matches!(
+            c.get_sandbox("y").await.unwrap_err(),
+            MiosaError::Malformed { .. }
+        ),
+        "no id"
+    );
+}
+
+#[tokio::test]
+async fn the_api_key_never_shows_in_errors_or_debug_output() {
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/x",
+        vec![reply(
+            401,
+            r#"{"error":{"code":"unauthorized","message":"invalid API key"}}"#,
+        )],
+    );
+    let c = client(&fake, |_| {}).await;
+    let e = c.get_sandbox("x").await.unwrap_err();
+    let unreachable = MiosaClient::new(ClientConfig::new(
+        "http://127.0.0.1:1/api/v1",
+        Secret::new(KEY),
+    ))
+    .unwrap()
+    .get_sandbox("x")
+    .await
+    .unwrap_err();
+    for text in [
+        e.to_string(),
+        format!("{e:?}"),
+        unreachable.to_string(),
+        format!("{unreachable:?}"),
+        format!("{c:?}"),
+        format!("{:?}", c.config()),
+    ] {
+        assert!(!text.contains("topsecret"), "the key leaked: {text}");
+    }
+    assert_eq!(unreachable.code(), ErrorCode::Unavailable);
+}
+
+#[tokio::test]
+async fn a_404_on_fs_write_many_falls_back_to_the_legacy_route_and_its_body_rules() {
+    let fake = Fake::default();
+    fake.on(
+        "POST /sandboxes/sbx_1/files/write-many",
+        vec![reply(
+            200,
+            r#"{"data":{"written":["/workspace/a.txt"],"failed":[]}}"#,
+        )],
+    );
+    let c = client(&fake, |_| {}).await;
+    let out = c
+        .write_many(
+            "sbx_1",
+            &[("/workspace/a.txt".into(), b"hi".to_vec())],
+            "run_1:files:1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["written"][0], "/workspace/a.txt");
+    let canonical = fake.requests("POST /sandboxes/sbx_1/fs/write-many");
+    assert_eq!(canonical.len(), 1);
+    let sent: serde_json::Value = serde_json::from_str(&canonical[0].body).unwrap();
+    assert_eq!(sent["files"][0]["content_base64"], "aGk=");
+    let legacy = fake.requests("POST /sandboxes/sbx_1/files/write-many");
+    let sent: serde_json::Value = serde_json::from_str(&legacy[0].body).unwrap();
+    assert_eq!(
+        sent["files"][0]["content"], "aGk=",
+        "legacy `content` is base64"
+    );
+    assert!(sent["files"][0].get("content_base64").is_none());
+    // A 404 about the sandbox itself is not retried on another route.
+    let fake = Fake::default();
+    fake.on(
+        "POST /sandboxes/gone/fs/write-many",
+        vec![reply(
+            404,
+            r#"{"error":{"code":"sandbox_not_found","message":"gone"}}"#,
+        )],
+    );
+    let e = client(&fake, |_| {})
+        .await
+        .write_many("gone", &[("a".into(), vec![])], "k")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NotFound);
+    assert!(
+        fake.requests("POST /sandboxes/gone/files/write-many")
+            .is_empty()
+    );
+}

@@ -1,0 +1,7 @@
+//! The executor's MIOSA client against a local server that plays MIOSA (its documented shapes
+//! and errors: MIOSA's cloud cannot be reached from here) and against a real sandboxd.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
+
+mod fake;
+mod faults;
+mod sandboxd;
