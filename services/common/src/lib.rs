@@ -1,6 +1,6 @@
 //! Shared glue for Slipway's services, and nothing else: configuration, telemetry, NATS
 //! connection, the subject map and topology, setup, NATS authorization, typed request/reply, the
-//! service kit (health, metrics, graceful shutdown), KV records and failpoints.
+//! service kit (health, metrics, graceful shutdown), KV records, failpoints and the TLS provider.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -18,6 +18,7 @@ pub mod setup;
 pub mod shutdown;
 pub mod subjects;
 pub mod telemetry;
+pub mod tls;
 pub mod topology;
 
 pub use app::App;

@@ -63,6 +63,7 @@ pub fn init(service: &str, settings: &TelemetrySettings) -> Result<TelemetryGuar
     );
     if let Some(endpoint) = settings.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
         use opentelemetry_otlp::WithExportConfig;
+        crate::tls::install_default_provider();
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))

@@ -24,7 +24,7 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
     let sd = Sandboxd::start(BIN, &[]).unwrap();
-    let http = reqwest::Client::new();
+    let http = slipway_test_support::http();
     let auth = "Bearer msk_bench";
 
     // Baseline: bubblewrap alone, with the same mounts, running the same command.

@@ -25,7 +25,7 @@ async fn main() {
         .unwrap_or(10);
     let storage = std::env::var("SLIPWAY_BENCH_STORAGE").unwrap_or_else(|_| "auto".into());
     let sd = Sandboxd::start(BIN, &["--storage", &storage]).unwrap();
-    let http = reqwest::Client::new();
+    let http = slipway_test_support::http();
     let auth = "Bearer msk_bench";
     let post = |path: String, body: serde_json::Value| {
         let req = http

@@ -225,6 +225,15 @@ impl Host {
             *entry.usage.lock().unwrap_or_else(|p| p.into_inner()) = counters;
             if restarted {
                 entry.relaunch_pending.store(true, Ordering::SeqCst);
+                if let (Some(net), Some(index)) = (&iso.net, entry.snapshot().net_index)
+                    && !net.owns(index)
+                {
+                    // Its namespace was lost (a reboot, another sandboxd): a fresh one, same policy.
+                    let fresh = net.allocate()?;
+                    let mut r = entry.record.lock().unwrap_or_else(|p| p.into_inner());
+                    r.net_index = Some(fresh);
+                    store::write_json(&entry.dir.join("meta.json"), &*r)?;
+                }
                 let record = entry.snapshot();
                 confine(&iso, &record, false)
                     .map_err(|e| anyhow::anyhow!("sandbox {}: {}", record.id, e.message))?;
@@ -583,7 +592,12 @@ impl Host {
                 .map_err(|e| ApiError::internal(format!("removing cgroups: {e}")))?;
         }
         if let Some(index) = record.net_index {
-            Net::remove(index)
+            self.iso
+                .net
+                .as_ref()
+                .map(|n| n.remove(index))
+                .transpose()
+                .map(|_| ())
                 .map_err(|e| ApiError::internal(format!("removing the network: {e}")))?;
         }
         let _ = std::fs::remove_file(entry.restart_file());
@@ -757,8 +771,8 @@ impl Host {
             if let Some(cg) = &self.iso.cgroups {
                 let _ = cg.remove(&entry.id);
             }
-            if let Some(index) = entry.snapshot().net_index {
-                let _ = Net::remove(index);
+            if let (Some(index), Some(net)) = (entry.snapshot().net_index, &self.iso.net) {
+                let _ = net.remove(index);
             }
         }
         self.storage.release();

@@ -29,6 +29,12 @@ pub fn workspace_bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(bin)
 }
 
+/// An HTTP client for tests (the process's TLS provider installed first).
+pub fn http() -> reqwest::Client {
+    slipway_common::tls::install_default_provider();
+    reqwest::Client::new()
+}
+
 /// How many cases each randomized test runs: `SLIPWAY_TEST_CASES`, 256 by default.
 pub fn random_cases() -> usize {
     std::env::var("SLIPWAY_TEST_CASES")

@@ -66,7 +66,9 @@ where
 }
 
 pub async fn readyz(addr: SocketAddr) -> (u16, serde_json::Value) {
-    let resp = reqwest::get(format!("http://{addr}/readyz"))
+    let resp = slipway_test_support::http()
+        .get(format!("http://{addr}/readyz"))
+        .send()
         .await
         .expect("readyz");
     let status = resp.status().as_u16();

@@ -75,8 +75,7 @@ struct Call<'a> {
 
 impl MiosaClient {
     pub fn new(config: ClientConfig) -> Result<Self, MiosaError> {
-        // The process-wide TLS provider; installing it twice is harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        slipway_common::tls::install_default_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("slipway-executor/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))

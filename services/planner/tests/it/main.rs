@@ -6,7 +6,9 @@ use std::time::Duration;
 use slipway_test_support::{FailpointRun, NatsServer};
 
 async fn readyz(port: u16) -> Option<u16> {
-    reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+    slipway_test_support::http()
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
         .await
         .ok()
         .map(|r| r.status().as_u16())
@@ -39,7 +41,9 @@ async fn sigterm_turns_it_unready_and_it_exits_cleanly_within_the_grace_period()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(status, Some(503), "up, and not ready without its streams");
-    let livez = reqwest::get(format!("http://127.0.0.1:{port}/livez"))
+    let livez = slipway_test_support::http()
+        .get(format!("http://127.0.0.1:{port}/livez"))
+        .send()
         .await
         .unwrap();
     assert_eq!(livez.status(), 200);

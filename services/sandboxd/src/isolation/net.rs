@@ -42,7 +42,14 @@ pub struct Net {
     /// wait for `ip`; recorded in `pool_file` so a restart reuses them.
     pool: std::sync::Mutex<Pool>,
     pool_file: PathBuf,
+    /// Who this sandboxd is (its data dir), written in the claim of every index it takes.
+    owner: String,
 }
+
+/// Claims of namespace indices, host-wide: a file per index naming the sandboxd that owns it,
+/// created exclusively. A sandboxd only reuses or removes namespaces it owns, so several of them
+/// on one host (tests run many) never touch each other's.
+const CLAIMS: &str = "/run/slipway-netns";
 
 /// Runs `ip [-n ns] -batch -` with `commands`, one process for many changes.
 fn ip_batch(ns: Option<&str>, commands: &str) -> std::io::Result<()> {
@@ -163,21 +170,24 @@ impl Net {
         };
         let pool_file = data_dir.join("netpool.json");
         let saved: Pool = crate::store::read_json(&pool_file)?.unwrap_or_default();
+        std::fs::create_dir_all(CLAIMS)?;
+        let owner = std::fs::canonicalize(data_dir)?.display().to_string();
         let net = Net {
             outbound,
             pool: std::sync::Mutex::new(Pool::default()),
             pool_file,
+            owner,
         };
         // Whatever a previous sandboxd claimed and that exists is finished and kept.
         let mut ready = Vec::new();
         for index in saved.ready.into_iter().chain(saved.claimed) {
-            if !Self::ns_path(index).exists() {
+            if !Self::ns_path(index).exists() || !net.owns(index) {
                 continue;
             }
             match net.setup(index, true) {
                 Ok(()) => ready.push(index),
                 Err(_) => {
-                    let _ = Self::remove(index);
+                    let _ = net.remove(index);
                 }
             }
         }
@@ -232,14 +242,13 @@ impl Net {
             }
             let index = candidate;
             candidate += 1;
-            self.with_pool(|p| p.claimed.push(index));
-            if run(&["ip", "netns", "add", &Self::ns_name(index)]).is_err() {
+            if !self.claim(index) {
                 // Another sandboxd took it first.
-                self.with_pool(|p| p.claimed.retain(|i| *i != index));
                 continue;
             }
+            self.with_pool(|p| p.claimed.push(index));
             if let Err(e) = self.setup(index, true) {
-                let _ = Self::remove(index);
+                let _ = self.remove(index);
                 self.with_pool(|p| p.claimed.retain(|i| *i != index));
                 return Err(e);
             }
@@ -258,7 +267,7 @@ impl Net {
             all
         });
         for index in all {
-            let _ = Self::remove(index);
+            let _ = self.remove(index);
         }
     }
 
@@ -285,12 +294,13 @@ impl Net {
     /// processes on one host (tests do that) never share one.
     pub fn allocate(&self) -> std::io::Result<u32> {
         for index in 1..=MAX_INDEX {
-            if Self::ns_path(index).exists() {
+            if Self::ns_path(index).exists() || !self.claim(index) {
                 continue;
             }
             if run(&["ip", "netns", "add", &Self::ns_name(index)]).is_ok() {
                 return Ok(index);
             }
+            self.release(index);
         }
         Err(std::io::Error::other(
             "every sandbox network index is taken",
@@ -334,12 +344,42 @@ impl Net {
         Ok(())
     }
 
-    /// Removes the namespace (its veth pair goes with it).
-    pub fn remove(index: u32) -> std::io::Result<()> {
+    /// Removes the namespace (its veth pair goes with it), if this sandboxd owns it.
+    pub fn remove(&self, index: u32) -> std::io::Result<()> {
+        if !self.owns(index) {
+            return Ok(());
+        }
         if Self::ns_path(index).exists() {
             run(&["ip", "netns", "del", &Self::ns_name(index)])?;
         }
+        self.release(index);
         Ok(())
+    }
+
+    fn claim_path(index: u32) -> PathBuf {
+        PathBuf::from(CLAIMS).join(index.to_string())
+    }
+
+    /// Takes index `index` for this sandboxd, if nobody holds it.
+    fn claim(&self, index: u32) -> bool {
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(Self::claim_path(index))
+            .and_then(|mut f| f.write_all(self.owner.as_bytes()))
+            .is_ok()
+    }
+
+    /// Whether this sandboxd holds index `index`.
+    pub fn owns(&self, index: u32) -> bool {
+        std::fs::read_to_string(Self::claim_path(index)).is_ok_and(|o| o == self.owner)
+    }
+
+    fn release(&self, index: u32) {
+        if self.owns(index) {
+            let _ = std::fs::remove_file(Self::claim_path(index));
+        }
     }
 
     /// Opens a TCP connection to `port` on the sandbox's own loopback, from inside its network

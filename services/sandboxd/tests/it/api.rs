@@ -14,7 +14,7 @@ impl Api {
     pub fn new(sd: &Sandboxd) -> Self {
         Self {
             base: sd.base_url().to_string(),
-            http: reqwest::Client::new(),
+            http: slipway_test_support::http(),
         }
     }
 

@@ -6,7 +6,7 @@ const KEY: &str = "Bearer msk_test_key";
 #[tokio::test]
 async fn templates_need_a_key_and_list_the_catalogue() {
     let sd = Sandboxd::start(BIN, &[]).unwrap();
-    let http = reqwest::Client::new();
+    let http = slipway_test_support::http();
     let url = format!("{}/sandbox-templates", sd.base_url());
 
     let r = http.get(&url).send().await.unwrap();
@@ -77,7 +77,7 @@ fn listed_keys_only_and_no_open_door_off_loopback() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sd = Sandboxd::start(BIN, &["--api-keys-file", keys.to_str().unwrap()]).unwrap();
     rt.block_on(async {
-        let http = reqwest::Client::new();
+        let http = slipway_test_support::http();
         let url = format!("{}/sandbox-templates", sd.base_url());
         let ok = http
             .get(&url)
@@ -125,7 +125,7 @@ async fn without_bubblewrap_it_refuses_to_start_unless_told_it_may_run_insecurel
         &[("PATH", path.as_str())],
     )
     .unwrap();
-    let http = reqwest::Client::new();
+    let http = slipway_test_support::http();
     let created: serde_json::Value = http
         .post(format!("{}/sandboxes", sd.base_url()))
         .header("Authorization", KEY)

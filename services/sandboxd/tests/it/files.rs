@@ -344,7 +344,7 @@ async fn oversized_bodies_and_files_are_refused() {
     let body = vec![b' '; 65 * 1024 * 1024];
     // Its own client: the server answers 413 and closes the connection before the body is sent,
     // which must not poison the pooled connections of the calls after it.
-    let resp = reqwest::Client::new()
+    let resp = slipway_test_support::http()
         .post(api.url(&format!("/sandboxes/{id}/fs/write-many")))
         .header("Authorization", "Bearer msk_k")
         .body(body)
