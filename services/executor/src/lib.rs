@@ -1,22 +1,34 @@
 //! slipway-executor: the only door to the sandbox platform (MIOSA REST API or sandboxd).
 //!
-//! Today this is the service shell every Slipway service shares: it connects to NATS as its own
-//! user, verifies the streams and buckets it depends on (`/readyz` fails on drift), registers
-//! `slipway-executor` with the NATS service API (`$SRV.PING`, `INFO`, `STATS`) and shuts down
-//! gracefully. Its operations (`slipway.executor.v1.<op>`) are added by the issues that build them.
+//! It serves `slipway.executor.v1.<op>` over NATS (so far: sandbox create, get, list, destroy,
+//! files.write_many, exec) through its typed MIOSA client, keeping a sandbox registry in KV.
 #![forbid(unsafe_code)]
 
+pub mod convert;
 pub mod miosa;
+pub mod service;
+
+use std::sync::Arc;
 
 use slipway_common::App;
 
 /// Registers the service on NATS and runs it until shutdown.
 pub async fn serve(app: App) -> anyhow::Result<()> {
-    let _host = app
+    let platform = &app.settings.platform;
+    let key = platform.api_key.clone().ok_or_else(|| {
+        anyhow::anyhow!("platform.api_key_file (or MIOSA_API_KEY) is required: the executor calls the sandbox platform")
+    })?;
+    let client = miosa::MiosaClient::new(miosa::ClientConfig::new(platform.base_url.clone(), key))?;
+    let executor = Arc::new(service::Executor {
+        client,
+        jetstream: app.jetstream.clone(),
+    });
+    let host = app
         .service_host(
             "Slipway executor: the only door to the sandbox platform (MIOSA REST API or sandboxd)",
         )
         .await?;
+    service::register(&host, executor).await?;
     tracing::info!(health = %app.health_addr, "slipway-executor running");
     app.run().await
 }

@@ -138,13 +138,13 @@ fn spawn_watcher(
             } else {
                 "modified"
             };
+            // A send fails only when nobody listens; the watch goes on for the next subscriber.
+            let _ = tx.send(FileEvent::new(kind, path, is_dir));
             if is_dir && kind == "created" {
-                // Watch the new directory, and report what was created in it before the watch.
+                // Watch the new directory, and report what was created in it before the watch
+                // (after the directory itself, so readers see parents first).
                 let watches = stream.watches();
                 let _ = add_tree(&watches, &root, &host, &mut dirs, Some(&tx));
-            }
-            if tx.send(FileEvent::new(kind, path, is_dir)).is_err() && tx.receiver_count() == 0 {
-                // Nobody listens; keep watching for the next subscriber.
             }
         }
     }))

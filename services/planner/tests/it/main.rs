@@ -14,12 +14,18 @@ async fn readyz(port: u16) -> Option<u16> {
         .map(|r| r.status().as_u16())
 }
 
+/// A free port outside the ephemeral range, so no other test's `127.0.0.1:0` lands on it between
+/// this check and the planner's bind.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    let seed = std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+    (0..1000)
+        .map(|i| 20_000 + ((seed + i * 104_729) % 10_000) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test]

@@ -1,0 +1,317 @@
+//! The NATS service `slipway.executor.v1.<op>`: each operation checks its request, calls the
+//! platform through the MIOSA client, keeps the sandbox registry (KV) in step, and replies with
+//! the contract's message or a typed error that keeps MIOSA's meaning.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use slipway_common::ServiceError;
+use slipway_common::records::Records;
+use slipway_common::service::ServiceHost;
+use slipway_common::topology::buckets;
+use slipway_proto::v1::{
+    CreateSandboxRequest, ExecReply, ExecRequest, GetSandboxRequest, ListSandboxesReply,
+    ListSandboxesRequest, SandboxRecord, SandboxRef, SandboxReply, WriteFilesReply,
+    WriteFilesRequest,
+};
+
+use crate::convert::{self, BRANCH_KEY, RUN_KEY};
+use crate::miosa::{MiosaClient, MiosaError};
+
+/// What every handler shares.
+pub struct Executor {
+    pub client: MiosaClient,
+    pub jetstream: async_nats::jetstream::Context,
+}
+
+fn platform_error(e: MiosaError) -> ServiceError {
+    let mut err = ServiceError::new(e.code(), e.to_string());
+    if let MiosaError::Api {
+        code,
+        retry_after,
+        request_id,
+        ..
+    } = &e
+    {
+        err = err.with_detail("platform_code", code.clone());
+        if let Some(id) = request_id {
+            err = err.with_detail("platform_request_id", id.clone());
+        }
+        if let Some(after) = retry_after {
+            err = err.with_retry_after(*after);
+        }
+    }
+    err
+}
+
+fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
+    slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
+}
+
+impl Executor {
+    async fn registry(&self) -> Result<Records<SandboxRecord>, ServiceError> {
+        let store = self
+            .jetstream
+            .get_key_value(buckets::SANDBOXES)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("sandbox registry: {e}")))?;
+        Ok(Records::new(store))
+    }
+
+    /// Records (or refreshes) a sandbox in the registry.
+    async fn remember(
+        &self,
+        sandbox: &slipway_proto::v1::Sandbox,
+        created_by: &str,
+    ) -> Result<(), ServiceError> {
+        let records = self.registry().await?;
+        let record = SandboxRecord {
+            sandbox: Some(sandbox.clone()),
+            created_by: created_by.to_string(),
+            updated_at: Some(now()),
+        };
+        let store_err = |e: slipway_common::records::RecordError| {
+            ServiceError::unavailable(format!("sandbox registry: {e}"))
+        };
+        match records.get(&sandbox.id).await.map_err(store_err)? {
+            None => match records.create(&sandbox.id, &record).await {
+                Ok(_) | Err(slipway_common::records::RecordError::Exists { .. }) => Ok(()),
+                Err(e) => Err(store_err(e)),
+            },
+            Some((old, revision)) => {
+                let record = SandboxRecord {
+                    created_by: old.created_by,
+                    ..record
+                };
+                records
+                    .update(&sandbox.id, &record, revision)
+                    .await
+                    .map(|_| ())
+                    .map_err(store_err)
+            }
+        }
+    }
+
+    pub async fn create(&self, req: CreateSandboxRequest) -> Result<SandboxReply, ServiceError> {
+        required("idempotency_key", &req.idempotency_key)?;
+        let attribution = req.attribution.clone().unwrap_or_default();
+        required("attribution.user_id", &attribution.user_id)?;
+        let mut metadata: serde_json::Map<String, Value> = req
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        if !req.run_id.is_empty() {
+            metadata.insert(RUN_KEY.into(), json!(req.run_id));
+        }
+        if !req.branch.is_empty() {
+            metadata.insert(BRANCH_KEY.into(), json!(req.branch));
+        }
+        let mut body = json!({
+            "external_user_id": attribution.user_id,
+            "env": req.env,
+            "metadata": metadata,
+            "persistent": req.persistent,
+            "always_on": req.always_on,
+        });
+        for (key, value) in [
+            ("template_id", req.template_id.as_str()),
+            ("name", req.name.as_str()),
+            ("external_project_id", attribution.project_id.as_str()),
+            ("external_workspace_id", attribution.workspace_id.as_str()),
+        ] {
+            if !value.is_empty() {
+                body[key] = json!(value);
+            }
+        }
+        if req.timeout_sec > 0 {
+            body["timeout_sec"] = json!(req.timeout_sec);
+        }
+        if req.idle_timeout_sec > 0 {
+            body["idle_timeout_sec"] = json!(req.idle_timeout_sec);
+        }
+        let created = self
+            .client
+            .create_sandbox(body, &req.idempotency_key)
+            .await
+            .map_err(platform_error)?;
+        let sandbox = convert::sandbox(&created);
+        self.remember(&sandbox, &req.idempotency_key).await?;
+        Ok(SandboxReply {
+            sandbox: Some(sandbox),
+        })
+    }
+
+    pub async fn get(&self, req: GetSandboxRequest) -> Result<SandboxReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        let got = self
+            .client
+            .get_sandbox(&req.sandbox_id)
+            .await
+            .map_err(platform_error)?;
+        Ok(SandboxReply {
+            sandbox: Some(convert::sandbox(&got)),
+        })
+    }
+
+    pub async fn list(
+        &self,
+        req: ListSandboxesRequest,
+    ) -> Result<ListSandboxesReply, ServiceError> {
+        let mut filters = Vec::new();
+        for (key, value) in [
+            ("external_user_id", &req.user_id),
+            ("external_project_id", &req.project_id),
+            ("external_workspace_id", &req.workspace_id),
+        ] {
+            if !value.is_empty() {
+                filters.push((key, value.clone()));
+            }
+        }
+        let all = self
+            .client
+            .list_sandboxes(&filters)
+            .await
+            .map_err(platform_error)?;
+        let sandboxes = all
+            .iter()
+            .map(convert::sandbox)
+            .filter(|s| req.run_id.is_empty() || s.run_id == req.run_id)
+            .filter(|s| req.state == 0 || s.state == req.state)
+            .collect();
+        Ok(ListSandboxesReply { sandboxes })
+    }
+
+    pub async fn destroy(&self, req: SandboxRef) -> Result<SandboxReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        self.client
+            .destroy_sandbox(&req.sandbox_id, &req.idempotency_key)
+            .await
+            .map_err(platform_error)?;
+        let sandbox = match self.client.get_sandbox(&req.sandbox_id).await {
+            Ok(v) => convert::sandbox(&v),
+            Err(e) if matches!(e.status(), Some(404 | 410)) => slipway_proto::v1::Sandbox {
+                id: req.sandbox_id.clone(),
+                state: slipway_proto::v1::SandboxState::Destroyed.into(),
+                ..Default::default()
+            },
+            Err(e) => return Err(platform_error(e)),
+        };
+        self.remember(&sandbox, &req.idempotency_key).await?;
+        Ok(SandboxReply {
+            sandbox: Some(sandbox),
+        })
+    }
+
+    pub async fn write_files(
+        &self,
+        req: WriteFilesRequest,
+    ) -> Result<WriteFilesReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        if req.files.is_empty() {
+            return Err(ServiceError::invalid_input("files: at least one file"));
+        }
+        let bytes = req.files.iter().map(|f| f.content.len() as u64).sum();
+        let files: Vec<(String, Vec<u8>)> =
+            req.files.into_iter().map(|f| (f.path, f.content)).collect();
+        let count = u32::try_from(files.len()).unwrap_or(u32::MAX);
+        self.client
+            .write_many(&req.sandbox_id, &files, &req.idempotency_key)
+            .await
+            .map_err(platform_error)?;
+        Ok(WriteFilesReply {
+            files: count,
+            bytes,
+        })
+    }
+
+    pub async fn exec(&self, req: ExecRequest) -> Result<ExecReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        if req.command.trim().is_empty() {
+            return Err(ServiceError::invalid_input("command: is required"));
+        }
+        let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
+        let cwd = Some(req.cwd.as_str()).filter(|c| !c.is_empty());
+        let ran = self
+            .client
+            .exec(&req.sandbox_id, &req.command, cwd, timeout)
+            .await
+            .map_err(platform_error)?;
+        let text = |k: &str| {
+            ran.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .as_bytes()
+                .to_vec()
+        };
+        Ok(ExecReply {
+            exit_code: ran
+                .get("exit_code")
+                .and_then(Value::as_i64)
+                .and_then(|c| i32::try_from(c).ok())
+                .unwrap_or(-1),
+            stdout: text("stdout"),
+            stderr: text("stderr"),
+            duration_ms: ran.get("duration_ms").and_then(Value::as_u64).unwrap_or(0),
+            timed_out: ran
+                .get("timed_out")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
+        })
+    }
+}
+
+fn now() -> pbjson_types::Timestamp {
+    let t = time::OffsetDateTime::now_utc();
+    pbjson_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+/// Adds every operation of the slice built so far to the service host.
+pub async fn register(
+    host: &ServiceHost,
+    executor: Arc<Executor>,
+) -> Result<(), slipway_common::service::HostError> {
+    let e = executor.clone();
+    host.endpoint("sandbox.create", move |req, _| {
+        let e = e.clone();
+        async move { e.create(req).await }
+    })
+    .await?;
+    let e = executor.clone();
+    host.endpoint("sandbox.get", move |req, _| {
+        let e = e.clone();
+        async move { e.get(req).await }
+    })
+    .await?;
+    let e = executor.clone();
+    host.endpoint("sandbox.list", move |req, _| {
+        let e = e.clone();
+        async move { e.list(req).await }
+    })
+    .await?;
+    let e = executor.clone();
+    host.endpoint("sandbox.destroy", move |req, _| {
+        let e = e.clone();
+        async move { e.destroy(req).await }
+    })
+    .await?;
+    let e = executor.clone();
+    host.endpoint("files.write_many", move |req, _| {
+        let e = e.clone();
+        async move { e.write_files(req).await }
+    })
+    .await?;
+    let e = executor;
+    host.endpoint("exec", move |req, _| {
+        let e = e.clone();
+        async move { e.exec(req).await }
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! The executor over NATS against a real sandboxd: a real nats-server, the real service kit,
+//! sandboxes counted at sandboxd.
+
+use std::time::Duration;
+
+use slipway_common::config::{Settings, Sources};
+use slipway_common::{RpcClient, Service, Shutdown};
+use slipway_proto::v1::{
+    Attribution, CreateSandboxRequest, ErrorCode, ExecReply, ExecRequest, FileContent,
+    GetSandboxRequest, ListSandboxesReply, ListSandboxesRequest, SandboxRecord, SandboxRef,
+    SandboxReply, SandboxState, WriteFilesReply, WriteFilesRequest,
+};
+use slipway_test_support::{NatsServer, Sandboxd, workspace_bin};
+
+async fn executor(
+    nats: &NatsServer,
+    sd: &Sandboxd,
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "msk_test_executor").unwrap();
+    let env = [
+        ("SLIPWAY__NATS__URL", nats.url()),
+        ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
+        ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
+        ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
+    ];
+    let settings = Settings::load(&Sources {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        ..Default::default()
+    })
+    .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let topo = slipway_common::topology::Topology::new(&settings.setup);
+    slipway_common::setup::apply(
+        &async_nats::jetstream::new(client),
+        &topo,
+        slipway_common::setup::Mode::CreateMissing,
+    )
+    .await
+    .unwrap();
+    let shutdown = Shutdown::new();
+    let app = slipway_common::App::start(Service::Executor, settings, shutdown.clone())
+        .await
+        .unwrap();
+    let nats_client = app.nats.clone();
+    let task = tokio::spawn(slipway_executor::serve(app));
+    // The endpoints are up once a ping has gone round after registration.
+    for _ in 0..100 {
+        nats_client.flush().await.unwrap();
+        let probe: Result<SandboxReply, _> =
+            RpcClient::new(nats_client.clone(), Duration::from_millis(200))
+                .call(
+                    "slipway.executor.v1.sandbox.get",
+                    &GetSandboxRequest {
+                        sandbox_id: "sbx_probe".into(),
+                        name: String::new(),
+                    },
+                )
+                .await;
+        if !matches!(probe, Err(slipway_common::RpcError::NoResponders { .. })) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (shutdown, task, dir)
+}
+
+fn create(key: &str) -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        idempotency_key: key.into(),
+        run_id: slipway_proto::run_id_for("req-1"),
+        branch: "main".into(),
+        attribution: Some(Attribution {
+            user_id: "a.b@c d".into(),
+            project_id: "p1".into(),
+            workspace_id: String::new(),
+        }),
+        template_id: "node".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn sandbox_operations_over_nats_against_sandboxd() {
+    let nats = NatsServer::start().unwrap();
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let (shutdown, task, _key_dir) = executor(&nats, &sd).await;
+    let rpc = RpcClient::new(
+        async_nats::connect(nats.url()).await.unwrap(),
+        Duration::from_secs(30),
+    );
+    let op = |name: &str| format!("slipway.executor.v1.{name}");
+
+    let run_key = format!("{}:sandbox:1", slipway_proto::run_id_for("req-1"));
+    let first: SandboxReply = rpc
+        .call(&op("sandbox.create"), &create(&run_key))
+        .await
+        .unwrap();
+    let again: SandboxReply = rpc
+        .call(&op("sandbox.create"), &create(&run_key))
+        .await
+        .unwrap();
+    let sb = first.sandbox.unwrap();
+    assert_eq!(
+        sb.id,
+        again.sandbox.unwrap().id,
+        "the same request delivered twice leaves one sandbox"
+    );
+    assert_eq!(sb.state, SandboxState::Running as i32);
+    assert_eq!(sb.attribution.clone().unwrap().user_id, "a.b@c d");
+    assert_eq!(sb.run_id, slipway_proto::run_id_for("req-1"));
+    assert_eq!(sb.branch, "main");
+    let at_sandboxd: serde_json::Value = slipway_test_support::http()
+        .get(format!("{}/sandboxes", sd.base_url()))
+        .bearer_auth("msk_test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        at_sandboxd["data"].as_array().unwrap().len(),
+        1,
+        "counted at sandboxd"
+    );
+
+    // The registry holds it, with the key that created it.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let records = slipway_common::records::Records::<SandboxRecord>::new(
+        js.get_key_value("slipway_sandboxes").await.unwrap(),
+    );
+    let (record, _) = records
+        .get(&sb.id)
+        .await
+        .unwrap()
+        .expect("a registry record");
+    assert_eq!(record.created_by, run_key);
+
+    let listed: ListSandboxesReply = rpc
+        .call(
+            &op("sandbox.list"),
+            &ListSandboxesRequest {
+                user_id: "a.b@c d".into(),
+                run_id: sb.run_id.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.sandboxes.len(), 1);
+
+    let wrote: WriteFilesReply = rpc
+        .call(
+            &op("files.write_many"),
+            &WriteFilesRequest {
+                sandbox_id: sb.id.clone(),
+                idempotency_key: "k:files:1".into(),
+                files: vec![FileContent {
+                    path: "index.html".into(),
+                    content: b"<h1>hi</h1>".to_vec(),
+                    mode: 0,
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!((wrote.files, wrote.bytes), (1, 11));
+    let ran: ExecReply = rpc
+        .call(
+            &op("exec"),
+            &ExecRequest {
+                sandbox_id: sb.id.clone(),
+                command: "cat index.html; exit 3".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (ran.exit_code, ran.stdout.as_slice()),
+        (3, b"<h1>hi</h1>".as_slice())
+    );
+
+    // Refusals keep their meaning.
+    let e = rpc
+        .call::<_, SandboxReply>(
+            &op("sandbox.get"),
+            &GetSandboxRequest {
+                sandbox_id: "sbx_nope".into(),
+                name: String::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.service_error().unwrap().code, ErrorCode::NotFound, "{e}");
+    assert_eq!(
+        e.service_error()
+            .unwrap()
+            .details
+            .get("platform_code")
+            .map(String::as_str),
+        Some("sandbox_not_found")
+    );
+    let mut no_key = create("");
+    no_key.idempotency_key.clear();
+    let e = rpc
+        .call::<_, SandboxReply>(&op("sandbox.create"), &no_key)
+        .await
+        .unwrap_err();
+    assert_eq!(e.service_error().unwrap().code, ErrorCode::InvalidInput);
+    let mut bad_template = create("k:sandbox:bad");
+    bad_template.template_id = "cobol".into();
+    let e = rpc
+        .call::<_, SandboxReply>(&op("sandbox.create"), &bad_template)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.service_error().unwrap().code,
+        ErrorCode::InvalidInput,
+        "{e}"
+    );
+
+    let gone: SandboxReply = rpc
+        .call(
+            &op("sandbox.destroy"),
+            &SandboxRef {
+                sandbox_id: sb.id.clone(),
+                idempotency_key: "k:destroy:1".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(gone.sandbox.unwrap().state, SandboxState::Destroyed as i32);
+    let (record, _) = records.get(&sb.id).await.unwrap().unwrap();
+    assert_eq!(
+        record.sandbox.unwrap().state,
+        SandboxState::Destroyed as i32,
+        "the registry follows"
+    );
+
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
