@@ -48,32 +48,32 @@ async fn main() {
         assert!(out.status.success());
     }
 
+    let post = |path: String, body: serde_json::Value| {
+        let req = http
+            .post(format!("{}{path}", sd.base_url()))
+            .header("Authorization", auth)
+            .json(&body);
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
     let mut samples = Vec::with_capacity(iters);
     let mut creates = Vec::with_capacity(iters);
     for _ in 0..iters + 3 {
         let t = Instant::now();
-        let created: serde_json::Value = http
-            .post(format!("{}/sandboxes", sd.base_url()))
-            .header("Authorization", auth)
-            .json(&json!({ "template_id": "node" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let created = post("/sandboxes".to_string(), json!({ "template_id": "node" })).await;
         let id = created["data"]["id"].as_str().unwrap().to_string();
         creates.push(t.elapsed());
-        let ran: serde_json::Value = http
-            .post(format!("{}/sandboxes/{id}/exec", sd.base_url()))
-            .header("Authorization", auth)
-            .json(&json!({ "command": "node -v" }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ran = post(
+            format!("/sandboxes/{id}/exec"),
+            json!({ "command": "node -v" }),
+        )
+        .await;
         let elapsed = t.elapsed();
         assert_eq!(ran["data"]["exit_code"], 0, "{ran}");
         assert!(ran["data"]["stdout"].as_str().unwrap().starts_with('v'));

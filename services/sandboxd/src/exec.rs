@@ -101,13 +101,7 @@ fn prepare(s: &AppState, id: &str, b: ExecBody) -> Result<Prepared, ApiError> {
         ));
     }
     for (k, v) in &b.env {
-        let ok = k
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !v.contains('\0');
-        if !ok {
+        if !crate::host::valid_env_key(k) || v.contains('\0') {
             return Err(ApiError::invalid(
                 "invalid_env",
                 format!("bad environment variable `{k}`"),

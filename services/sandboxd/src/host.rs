@@ -188,10 +188,13 @@ const MAX_ENV: usize = 256;
 
 impl Host {
     /// Loads every sandbox under `data_dir`, rolling interrupted file batches forward or back.
+    /// With `for_purge`, nothing is brought back (no namespaces or cgroups re-created, no
+    /// records changed): the host is opened only to find what to remove.
     pub fn open(
         data_dir: &Path,
         iso: Isolation,
         storage: crate::storage::Storage,
+        for_purge: bool,
     ) -> anyhow::Result<Arc<Host>> {
         let sandboxes_dir = data_dir.join("sandboxes");
         std::fs::create_dir_all(&sandboxes_dir)?;
@@ -204,13 +207,13 @@ impl Host {
                 std::fs::remove_dir_all(&dir)?;
                 continue;
             };
-            if record.state != State::Destroyed {
+            if !for_purge && record.state != State::Destroyed {
                 // A file batch cut short by a crash is completed or undone before anything
                 // reads the workspace.
                 crate::journal::recover(&storage.sandbox_dir(&record.id))?;
             }
-            let restarted = matches!(record.state, State::Running | State::Paused);
-            if record.state == State::Running {
+            let restarted = !for_purge && matches!(record.state, State::Running | State::Paused);
+            if restarted && record.state == State::Running {
                 // Its processes died with the previous sandboxd: it comes back paused, and
                 // resuming it relaunches the processes started with the restart flag.
                 record.state = State::Paused;
@@ -775,6 +778,9 @@ impl Host {
                 let _ = net.remove(index);
             }
         }
+        if let Some(net) = &self.iso.net {
+            net.remove_all_owned();
+        }
         self.storage.release();
     }
 
@@ -846,7 +852,8 @@ fn conflict(id: &str, state: State, op: &str) -> ApiError {
     )
 }
 
-fn valid_env_key(k: &str) -> bool {
+/// The environment variable names sandboxes accept (exec and create use the same rule).
+pub(crate) fn valid_env_key(k: &str) -> bool {
     let mut chars = k.chars();
     chars
         .next()

@@ -203,7 +203,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let (storage, why) = storage::Storage::open(&args.data_dir, args.storage, args.btrfs_image_gb)?;
     eprintln!("slipway-sandboxd: storage: {why}");
-    let host = host::Host::open(&args.data_dir, isolation(&args)?, storage)?;
+    let host = host::Host::open(&args.data_dir, isolation(&args)?, storage, args.purge)?;
     if args.purge {
         host.purge().await;
         return Ok(());

@@ -360,15 +360,34 @@ impl Net {
         PathBuf::from(CLAIMS).join(index.to_string())
     }
 
-    /// Takes index `index` for this sandboxd, if nobody holds it.
+    /// Takes index `index` for this sandboxd, if nobody holds it. The claim appears with its
+    /// owner already in it (a hard link of a written file), so a crash never leaves an empty one.
     fn claim(&self, index: u32) -> bool {
-        use std::io::Write;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(Self::claim_path(index))
-            .and_then(|mut f| f.write_all(self.owner.as_bytes()))
-            .is_ok()
+        let tmp = PathBuf::from(CLAIMS).join(format!(
+            ".{index}.{}.{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        if std::fs::write(&tmp, self.owner.as_bytes()).is_err() {
+            return false;
+        }
+        let claimed = std::fs::hard_link(&tmp, Self::claim_path(index)).is_ok();
+        let _ = std::fs::remove_file(&tmp);
+        claimed
+    }
+
+    /// Removes every namespace this sandboxd holds, its sandboxes', its pool's and any it
+    /// claimed but was stopped before recording (`--purge`).
+    pub fn remove_all_owned(&self) {
+        let Ok(dir) = std::fs::read_dir(CLAIMS) else {
+            return;
+        };
+        for index in dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        {
+            let _ = self.remove(index);
+        }
     }
 
     /// Whether this sandboxd holds index `index`.
