@@ -1,6 +1,6 @@
 //! Shared glue for Slipway's services, and nothing else: configuration, telemetry, NATS
 //! connection, the subject map and topology, setup, NATS authorization, typed request/reply, the
-//! service kit (health, metrics, graceful shutdown), KV records, failpoints and the TLS provider.
+//! service kit (health, metrics, graceful shutdown), KV records, failpoints, the TLS provider and HTTP client set-up.
 #![forbid(unsafe_code)]
 
 pub mod app;
@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod failpoint;
 pub mod health;
+pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod records;

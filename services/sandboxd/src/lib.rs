@@ -5,9 +5,11 @@
 
 pub mod api;
 pub mod clock;
+pub mod edge;
 pub mod events;
 pub mod exec;
 pub mod files;
+pub mod grants;
 pub mod host;
 pub mod isolation;
 pub mod jail;
@@ -39,6 +41,17 @@ pub struct Args {
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:7070", env = "SANDBOXD_LISTEN")]
     pub listen: SocketAddr,
+    /// Where the edge (previews and shares, by host name) listens.
+    #[arg(long, default_value = "127.0.0.1:7071", env = "SANDBOXD_EDGE_LISTEN")]
+    pub edge_listen: SocketAddr,
+    /// The base domain of preview host names: `<port>-<sandbox>-<secret>.preview.<domain>`.
+    /// Browsers resolve `*.localhost` to loopback by themselves.
+    #[arg(long, default_value = "localhost", env = "SANDBOXD_EDGE_DOMAIN")]
+    pub edge_domain: String,
+    /// The edge's base URL as browsers reach it, when something fronts it (an Ingress on 443
+    /// with a wildcard name): `https://sandboxes.example.com`. Its host becomes the base domain.
+    #[arg(long, env = "SANDBOXD_EDGE_PUBLIC_URL")]
+    pub edge_public_url: Option<String>,
     /// Where sandboxes and their state live.
     #[arg(long, default_value = "./sandboxd-data", env = "SANDBOXD_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -256,11 +269,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let state = api::AppState::new(host.clone(), policy);
+    let edge_listener = tokio::net::TcpListener::bind(args.edge_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("--edge-listen {}: {e}", args.edge_listen))?;
+    let edge_addr = edge_listener.local_addr()?;
+    let links = std::sync::Arc::new(edge::Links::new(
+        args.edge_public_url.as_deref(),
+        &args.edge_domain,
+        edge_addr,
+    )?);
+    let grants = std::sync::Arc::new(
+        grants::Grants::open(&args.data_dir)
+            .map_err(|e| anyhow::anyhow!("the edge's grants: {e}"))?,
+    );
+    let state = api::AppState::new(host.clone(), policy, grants.clone(), links.clone());
+    let edge_task = tokio::spawn(edge::serve(
+        edge_listener,
+        edge::EdgeState {
+            host: host.clone(),
+            grants,
+            links,
+            pool: std::sync::Arc::new(edge::Pool::default()),
+        },
+        stop.clone(),
+    ));
+    // Two lines callers read: the API's base URL, then the edge's address.
     println!("http://{addr}/api/v1");
+    println!("edge http://{edge_addr}");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
+    let _ = edge_task.await;
     // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first,
     // frozen ones included.
     host.shutdown().await;

@@ -12,6 +12,7 @@ pub struct Sandboxd {
     bin: PathBuf,
     child: Child,
     base_url: String,
+    edge_addr: std::net::SocketAddr,
     data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -38,6 +39,9 @@ impl Sandboxd {
         if !extra_args.contains(&"--listen") {
             cmd.arg("--listen").arg("127.0.0.1:0");
         }
+        if !extra_args.contains(&"--edge-listen") {
+            cmd.arg("--edge-listen").arg("127.0.0.1:0");
+        }
         let mut child = cmd
             .arg("--data-dir")
             .arg(data_dir)
@@ -51,25 +55,33 @@ impl Sandboxd {
         let stdout = child.stdout.take().context("stdout")?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Two lines: the API's base URL, then `edge http://<addr>`.
             let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(first)) = lines.next() {
-                let _ = tx.send(first);
+            for line in lines.by_ref().take(2).map_while(Result::ok) {
+                let _ = tx.send(line);
             }
             for _ in lines {}
         });
-        let base_url = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(url) if url.starts_with("http://") => url.trim().to_string(),
-            Ok(other) => bail!("sandboxd printed `{other}` instead of its base URL"),
-            Err(_) => {
+        let next = || rx.recv_timeout(Duration::from_secs(20));
+        let (base_url, edge) = match (next(), next()) {
+            (Ok(url), Ok(edge)) if url.starts_with("http://") => (url.trim().to_string(), edge),
+            (Ok(other), _) => bail!("sandboxd printed `{other}` instead of its base URL"),
+            _ => {
                 let _ = child.kill();
                 let status = child.wait()?;
-                bail!("sandboxd did not print its base URL ({status})")
+                bail!("sandboxd did not print its base URL and edge address ({status})")
             }
         };
+        let edge_addr = edge
+            .trim()
+            .strip_prefix("edge http://")
+            .and_then(|a| a.parse().ok())
+            .with_context(|| format!("sandboxd printed `{edge}` instead of its edge address"))?;
         Ok(Self {
             bin: bin.to_path_buf(),
             child,
             base_url,
+            edge_addr,
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
         })
@@ -78,6 +90,24 @@ impl Sandboxd {
     /// `http://127.0.0.1:<port>/api/v1`
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+
+    /// Where the edge listens.
+    pub fn edge_addr(&self) -> std::net::SocketAddr {
+        self.edge_addr
+    }
+
+    /// An HTTP client that reaches every `*.localhost` preview host name through this edge,
+    /// as a browser would (this machine's resolver does not map them to loopback).
+    pub fn edge_http(&self) -> reqwest::Client {
+        let edge = slipway_common::config::EdgeSettings {
+            domain: "localhost".into(),
+            resolve: Some(self.edge_addr),
+        };
+        slipway_common::http::client_builder(&edge)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new())
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -2,6 +2,7 @@
 
 mod error;
 pub mod extract;
+mod previews;
 mod sandboxes;
 mod snapshots;
 
@@ -15,6 +16,8 @@ use axum::routing::{get, post};
 
 pub use error::ApiError;
 
+use crate::edge::Links;
+use crate::grants::Grants;
 use crate::host::Host;
 use crate::{KeyPolicy, exec, files, templates};
 
@@ -26,13 +29,17 @@ pub const MAX_BODY: usize = 64 * 1024 * 1024;
 pub struct AppState {
     pub host: Arc<Host>,
     keys: Arc<KeyPolicy>,
+    pub grants: Arc<Grants>,
+    pub edge: Arc<Links>,
 }
 
 impl AppState {
-    pub fn new(host: Arc<Host>, keys: KeyPolicy) -> Self {
+    pub fn new(host: Arc<Host>, keys: KeyPolicy, grants: Arc<Grants>, edge: Arc<Links>) -> Self {
         Self {
             host,
             keys: Arc::new(keys),
+            grants,
+            edge,
         }
     }
 }
@@ -58,6 +65,27 @@ pub fn router(state: AppState) -> Router {
         .route("/restore/{sid}", post(snapshots::restore))
         .route("/fork", post(snapshots::fork))
         .route("/ports/{port}/probe", get(exec::probe_port))
+        .route("/preview-token", post(previews::preview_token))
+        .route(
+            "/previews",
+            post(previews::create_preview).get(previews::list_previews),
+        )
+        .route(
+            "/previews/{pid}",
+            get(previews::get_preview).delete(previews::delete_preview),
+        )
+        .route(
+            "/previews/{pid}/share",
+            post(previews::share_preview).delete(previews::revoke_preview_shares),
+        )
+        .route(
+            "/shares",
+            post(previews::create_share).get(previews::list_shares),
+        )
+        .route(
+            "/shares/{share_id}",
+            axum::routing::delete(previews::revoke_share),
+        )
         .route("/readiness/stream", get(sandboxes::readiness_stream))
         // Canonical file routes.
         .route("/fs/write", post(files::fs_write))

@@ -4,6 +4,7 @@
 mod api;
 mod basics;
 mod crash;
+mod edge;
 mod events;
 mod exec;
 mod files;

@@ -1,0 +1,226 @@
+//! The edge: the listener browsers reach previews and shares through. It routes by host name
+//! (`<port>-<sandbox>-<secret>.preview.<domain>`), so apps that use absolute paths work, checks
+//! the grant behind the name on every request, and forwards to the port on the sandbox's own
+//! loopback, WebSockets included. HTML pages get a small live-refresh script.
+
+mod live;
+mod page;
+mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::grants::{Grant, Grants, Refusal, Scope};
+use crate::host::Host;
+use crate::model::State as SbState;
+
+pub use proxy::Pool;
+
+/// The path the live-refresh script listens on; never forwarded to the app.
+pub const LIVE_PATH: &str = "/__slipway/live";
+
+/// How the edge's URLs look from the outside.
+#[derive(Clone, Debug)]
+pub struct Links {
+    scheme: String,
+    /// The base domain: preview hosts are `<label>.preview.<domain>`.
+    domain: String,
+    /// `:<port>` when the public URL names one.
+    port: String,
+}
+
+impl Links {
+    /// From `--edge-public-url` (scheme, host, port of the base domain, as an Ingress serves it)
+    /// or else `http://<domain>:<the bound port>`.
+    pub fn new(public_url: Option<&str>, domain: &str, bound: SocketAddr) -> anyhow::Result<Self> {
+        let Some(url) = public_url else {
+            return Ok(Self {
+                scheme: "http".into(),
+                domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+                port: format!(":{}", bound.port()),
+            });
+        };
+        let uri: axum::http::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--edge-public-url {url}: {e}"))?;
+        let scheme = uri.scheme_str().unwrap_or_default();
+        if !matches!(scheme, "http" | "https") || uri.host().is_none() {
+            anyhow::bail!("--edge-public-url {url}: expected http(s)://<domain>[:port]");
+        }
+        if uri.path() != "/" && !uri.path().is_empty() {
+            anyhow::bail!("--edge-public-url {url}: previews live at the root of their host");
+        }
+        Ok(Self {
+            scheme: scheme.into(),
+            domain: uri.host().unwrap_or_default().to_ascii_lowercase(),
+            port: uri.port_u16().map(|p| format!(":{p}")).unwrap_or_default(),
+        })
+    }
+
+    /// The URL for a grant's host label; `key=token` is added when a key is given.
+    pub fn url(&self, label: &str, key: &str, token: &str) -> String {
+        let base = format!(
+            "{}://{label}.preview.{}{}/",
+            self.scheme, self.domain, self.port
+        );
+        if key.is_empty() {
+            base
+        } else {
+            format!("{base}?{key}={token}")
+        }
+    }
+
+    /// The host label of a preview host name, if it is one of ours.
+    fn label<'a>(&self, host: &'a str) -> Option<&'a str> {
+        let name = host.rsplit_once(':').map_or(host, |(n, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                n
+            } else {
+                host
+            }
+        });
+        let label = name
+            .strip_suffix(self.domain.as_str())?
+            .strip_suffix(".preview.")?;
+        (!label.is_empty() && !label.contains('.')).then_some(label)
+    }
+}
+
+#[derive(Clone)]
+pub struct EdgeState {
+    pub host: Arc<Host>,
+    pub grants: Arc<Grants>,
+    pub links: Arc<Links>,
+    pub pool: Arc<Pool>,
+}
+
+pub fn router(state: EdgeState) -> Router {
+    Router::new().fallback(handle).with_state(state)
+}
+
+/// Query parameters and the header MIOSA clients carry tokens in; checked, then never forwarded.
+const TOKEN_PARAMS: [&str; 3] = ["mt", "ms", "preview_token"];
+const TOKEN_HEADER: &str = "x-miosa-preview-token";
+
+async fn handle(State(s): State<EdgeState>, req: Request) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let Some(label) = s.links.label(&host) else {
+        return page::error(
+            StatusCode::NOT_FOUND,
+            "No such preview",
+            "This address is not a Slipway preview.",
+        );
+    };
+    let grant = match s.grants.check_host_label(label) {
+        Ok(g) => g,
+        Err(r) => return page::refusal(&r),
+    };
+    if let Err(r) = presented_tokens_match(&s.grants, &req, &grant) {
+        return page::refusal(&r);
+    }
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if grant.scope == Scope::Read && !safe {
+        return page::error(
+            StatusCode::FORBIDDEN,
+            "Read-only link",
+            "This link lets you look at the app, not change it.",
+        );
+    }
+    // Preview traffic is activity: it resumes a paused sandbox and resets its idle clock.
+    let entry = match s.host.live(&grant.sandbox_id) {
+        Ok(e) => e,
+        Err(e) if e.status == StatusCode::GONE => {
+            return page::error(
+                StatusCode::GONE,
+                "Sandbox gone",
+                "The sandbox behind this preview was destroyed.",
+            );
+        }
+        Err(e) => {
+            return page::error(e.status, "Sandbox unavailable", &e.message);
+        }
+    };
+    if entry.state() == SbState::Destroyed {
+        return page::error(StatusCode::GONE, "Sandbox gone", "");
+    }
+    if req.uri().path() == LIVE_PATH {
+        return live::events(&entry).into_response();
+    }
+    let net = entry.snapshot().net_index;
+    s.pool.forward(net, grant.port, req).await
+}
+
+/// Any token the request carries must stand for the same grant as its host name: a changed,
+/// foreign or stale token is refused rather than ignored.
+fn presented_tokens_match(grants: &Grants, req: &Request, grant: &Grant) -> Result<(), Refusal> {
+    let from_query = req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| kv.split_once('='))
+        .filter(|(k, _)| TOKEN_PARAMS.contains(k))
+        .map(|(_, v)| v);
+    let from_header = req
+        .headers()
+        .get_all(TOKEN_HEADER)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    for token in from_query.chain(from_header) {
+        let presented = grants.check_token(token)?;
+        if presented.id != grant.id {
+            return Err(Refusal::Mismatch);
+        }
+    }
+    Ok(())
+}
+
+/// Serves the edge until `stop`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: EdgeState,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn links_and_labels() {
+        let bound: SocketAddr = "127.0.0.1:7071".parse().unwrap();
+        let l = Links::new(None, "localhost", bound).unwrap();
+        assert_eq!(
+            l.url("3000-a-b", "mt", "mp_x"),
+            "http://3000-a-b.preview.localhost:7071/?mt=mp_x"
+        );
+        assert_eq!(l.label("3000-a-b.preview.localhost:7071"), Some("3000-a-b"));
+        assert_eq!(l.label("3000-a-b.preview.localhost"), Some("3000-a-b"));
+        assert_eq!(l.label("x.3000-a-b.preview.localhost"), None);
+        assert_eq!(l.label("3000-a-b.preview.localhost.evil.com"), None);
+        assert_eq!(l.label("preview.localhost"), None);
+        let l = Links::new(Some("https://sandboxes.example.com"), "ignored", bound).unwrap();
+        assert_eq!(
+            l.url("3000-a-b", "", ""),
+            "https://3000-a-b.preview.sandboxes.example.com/"
+        );
+        assert!(Links::new(Some("ftp://x"), "", bound).is_err());
+        assert!(Links::new(Some("https://x.com/path"), "", bound).is_err());
+    }
+}
