@@ -4,45 +4,17 @@ The calls are the ones the app lifecycle makes, in the order MIOSA's "agent buil
 tutorial makes them.
 """
 
-import queue
-import threading
 import time
 
 import pytest
 from miosa.errors import MiosaError, NotFoundError, PermissionError as MiosaPermissionError
 
+from sdk_helpers import wait_for, watch_in_background
+
 SERVER_JS = (
     "require('http').createServer((q, s) => s.end('hello from the dev server'))"
     ".listen(3000, () => console.log('ready on 3000'))"
 )
-
-
-def watch_in_background(sb, path="/workspace"):
-    events: "queue.Queue" = queue.Queue()
-
-    def run():
-        try:
-            for event in sb.files.watch(path):
-                events.put(event)
-        except Exception as exc:  # the stream ends when the sandbox is destroyed
-            events.put(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return events
-
-
-def wait_for(events, predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        try:
-            event = events.get(timeout=0.2)
-        except queue.Empty:
-            continue
-        seen.append(event)
-        if not isinstance(event, Exception) and predicate(event):
-            return event
-    raise AssertionError(f"no matching watch event; saw {seen}")
 
 
 def test_the_app_lifecycle_with_the_official_sdk(client):
