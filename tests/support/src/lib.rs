@@ -1,8 +1,9 @@
 //! Test support for Slipway (not published): a real `nats-server` per test on a random port,
-//! killed and cleaned on drop; runs of real binaries to a named failpoint and back; real sandboxd processes; the size
-//! of randomized suites.
+//! killed and cleaned on drop; runs of real binaries to a named failpoint and back; real sandboxd processes; a headless
+//! browser; the size of randomized suites.
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod nats;
 pub mod process;
 pub mod sandboxd;

@@ -3,6 +3,7 @@
 
 mod api;
 mod basics;
+mod browser;
 mod crash;
 mod edge;
 mod events;
