@@ -100,6 +100,14 @@ impl Entry {
         Ok(next)
     }
 
+    /// The sandbox's network namespace index, without copying the record.
+    pub fn net_index(&self) -> Option<u32> {
+        self.record
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .net_index
+    }
+
     pub fn state(&self) -> State {
         self.record.lock().unwrap_or_else(|p| p.into_inner()).state
     }

@@ -269,8 +269,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
-    let edge_listener = tokio::net::TcpListener::bind(args.edge_listen)
-        .await
+    let edge_listener = std::net::TcpListener::bind(args.edge_listen)
         .map_err(|e| anyhow::anyhow!("--edge-listen {}: {e}", args.edge_listen))?;
     let edge_addr = edge_listener.local_addr()?;
     let links = std::sync::Arc::new(edge::Links::new(
@@ -283,7 +282,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("the edge's grants: {e}"))?,
     );
     let state = api::AppState::new(host.clone(), policy, grants.clone(), links.clone());
-    let edge_task = tokio::spawn(edge::serve(
+    let edge_thread = edge::spawn(
         edge_listener,
         edge::EdgeState {
             host: host.clone(),
@@ -292,14 +291,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             pool: std::sync::Arc::new(edge::Pool::default()),
         },
         stop.clone(),
-    ));
+    )?;
     // Two lines callers read: the API's base URL, then the edge's address.
     println!("http://{addr}/api/v1");
     println!("edge http://{edge_addr}");
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await?;
-    let _ = edge_task.await;
+    let _ = tokio::task::spawn_blocking(move || edge_thread.join()).await;
     // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first,
     // frozen ones included.
     host.shutdown().await;
