@@ -133,14 +133,34 @@ fn prepare(s: &AppState, id: &str, b: ExecBody) -> Result<Prepared, ApiError> {
     })
 }
 
-pub async fn exec(
-    State(s): State<AppState>,
-    UrlPath(id): UrlPath<String>,
-    JsonBody(b): JsonBody<ExecBody>,
-) -> Result<Json<Value>, ApiError> {
-    let p = prepare(&s, &id, b)?;
+/// What a command run to completion left.
+pub struct Captured {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_code: i32,
+    pub timed_out: bool,
+    pub duration: Duration,
+}
+
+/// Runs `command` in the sandbox to completion (or `timeout`: killed, exit code 124), counted as
+/// one exec; output capped at `MAX_OUTPUT` per stream.
+pub async fn run_captured(
+    host: &crate::host::Host,
+    entry: &Arc<Entry>,
+    command: &str,
+    cwd: &str,
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<Captured, ApiError> {
+    let p = Prepared {
+        entry: entry.clone(),
+        command: command.to_string(),
+        cwd: cwd.to_string(),
+        env: env.clone(),
+        timeout,
+    };
     let started = Instant::now();
-    let mut child = p.spawn(&s.host)?;
+    let mut child = p.spawn(host)?;
     let os_pid = child.id();
     let (mut out, mut err) = (child.stdout.take(), child.stderr.take());
     let read_out = tokio::spawn(async move { read_capped(out.as_mut()).await });
@@ -155,14 +175,28 @@ pub async fn exec(
             (124, true)
         }
     };
-    let stdout = read_out.await.unwrap_or_default();
-    let stderr = read_err.await.unwrap_or_default();
+    Ok(Captured {
+        stdout: read_out.await.unwrap_or_default(),
+        stderr: read_err.await.unwrap_or_default(),
+        exit_code,
+        timed_out,
+        duration: started.elapsed(),
+    })
+}
+
+pub async fn exec(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    JsonBody(b): JsonBody<ExecBody>,
+) -> Result<Json<Value>, ApiError> {
+    let p = prepare(&s, &id, b)?;
+    let c = run_captured(&s.host, &p.entry, &p.command, &p.cwd, &p.env, p.timeout).await?;
     Ok(Json(json!({ "data": {
-        "stdout": String::from_utf8_lossy(&stdout),
-        "stderr": String::from_utf8_lossy(&stderr),
-        "exit_code": exit_code,
-        "duration_ms": u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "timed_out": timed_out,
+        "stdout": String::from_utf8_lossy(&c.stdout),
+        "stderr": String::from_utf8_lossy(&c.stderr),
+        "exit_code": c.exit_code,
+        "duration_ms": u64::try_from(c.duration.as_millis()).unwrap_or(u64::MAX),
+        "timed_out": c.timed_out,
     }})))
 }
 

@@ -31,6 +31,8 @@ pub struct Host {
     pub iso: Isolation,
     pub storage: crate::storage::Storage,
     pub events: crate::events::EventLog,
+    pub quotas: crate::quotas::Quotas,
+    pub prices: crate::rollup::Prices,
 }
 
 /// How sandboxes are confined on this host.
@@ -69,6 +71,8 @@ pub struct Entry {
     pub last_activity_ms: AtomicI64,
     /// Set when sandboxd restarted under it: flagged processes are relaunched on resume.
     pub relaunch_pending: AtomicBool,
+    /// Held (shared) by deploy builds; destroy takes it alone, so it waits for them.
+    pub builds: Arc<tokio::sync::RwLock<()>>,
 }
 
 impl Entry {
@@ -202,6 +206,7 @@ impl Host {
         data_dir: &Path,
         iso: Isolation,
         storage: crate::storage::Storage,
+        prices: crate::rollup::Prices,
         for_purge: bool,
     ) -> anyhow::Result<Arc<Host>> {
         let sandboxes_dir = data_dir.join("sandboxes");
@@ -258,6 +263,8 @@ impl Host {
             iso,
             storage,
             events: crate::events::EventLog::open(data_dir)?,
+            quotas: crate::quotas::Quotas::open(data_dir)?,
+            prices,
         });
         host.prune_idempotency();
         Ok(host)
@@ -445,6 +452,10 @@ impl Host {
                 format!("a sandbox named `{n}` exists"),
             ));
         }
+        self.check_quota(
+            req.external_user_id.as_deref(),
+            crate::quotas::Action::Create,
+        )?;
         let id = id.unwrap_or_else(new_id);
         let outbound = req.allow_internet_access.unwrap_or(true);
         let taken = self.take_net_index(outbound)?;
@@ -540,6 +551,8 @@ impl Host {
     pub fn resume(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
         match entry.state() {
             State::Paused | State::Stopped => {
+                let user = entry.snapshot().external_user_id;
+                self.check_quota(user.as_deref(), crate::quotas::Action::Resume)?;
                 self.freeze(entry, false)?;
                 let record = entry.update(|r| {
                     r.state = State::Running;
@@ -586,6 +599,11 @@ impl Host {
 
     /// Ends the processes and removes the files; the record stays, destroyed.
     pub async fn destroy(&self, entry: &Entry) -> Result<Sandbox, ApiError> {
+        if entry.state() == State::Destroyed {
+            return Ok(entry.snapshot());
+        }
+        // A deploy build in progress finishes first (its version would fail otherwise).
+        let _no_builds = entry.builds.write().await;
         if entry.state() == State::Destroyed {
             return Ok(entry.snapshot());
         }
@@ -817,6 +835,7 @@ impl Entry {
             usage: Mutex::new(crate::usage::Counters::default()),
             last_activity_ms: AtomicI64::new(now_ms()),
             relaunch_pending: AtomicBool::new(false),
+            builds: Arc::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod clock;
+pub mod deployments;
 pub mod edge;
 pub mod events;
 pub mod exec;
@@ -17,6 +18,8 @@ pub mod journal;
 pub mod model;
 pub mod paths;
 pub mod processes;
+pub mod quotas;
+pub mod rollup;
 pub mod snapshots;
 pub mod storage;
 pub mod store;
@@ -52,6 +55,10 @@ pub struct Args {
     /// with a wildcard name): `https://sandboxes.example.com`. Its host becomes the base domain.
     #[arg(long, env = "SANDBOXD_EDGE_PUBLIC_URL")]
     pub edge_public_url: Option<String>,
+    /// A JSON price table for `/usage` and credit quotas: `{"vcpu_second_cents": …,
+    /// "storage_gb_hour_cents": …}` (defaults: 0.0014 and 0.014).
+    #[arg(long, env = "SANDBOXD_PRICE_TABLE")]
+    pub price_table: Option<PathBuf>,
     /// Where sandboxes and their state live.
     #[arg(long, default_value = "./sandboxd-data", env = "SANDBOXD_DATA_DIR")]
     pub data_dir: PathBuf,
@@ -216,7 +223,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)?;
     let (storage, why) = storage::Storage::open(&args.data_dir, args.storage, args.btrfs_image_gb)?;
     eprintln!("slipway-sandboxd: storage: {why}");
-    let host = host::Host::open(&args.data_dir, isolation(&args)?, storage, args.purge)?;
+    let prices = match &args.price_table {
+        Some(path) => rollup::Prices::load(path)?,
+        None => rollup::Prices::default(),
+    };
+    let host = host::Host::open(
+        &args.data_dir,
+        isolation(&args)?,
+        storage,
+        prices,
+        args.purge,
+    )?;
     if args.purge {
         host.purge().await;
         return Ok(());
@@ -281,13 +298,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         grants::Grants::open(&args.data_dir)
             .map_err(|e| anyhow::anyhow!("the edge's grants: {e}"))?,
     );
-    let state = api::AppState::new(host.clone(), policy, grants.clone(), links.clone());
+    let deployments = std::sync::Arc::new(
+        deployments::Deployments::open(&args.data_dir)
+            .map_err(|e| anyhow::anyhow!("deployments: {e}"))?,
+    );
+    let state = api::AppState::new(
+        host.clone(),
+        policy,
+        grants.clone(),
+        links.clone(),
+        deployments.clone(),
+    );
     let edge_thread = edge::spawn(
         edge_listener,
         edge::EdgeState {
             host: host.clone(),
             grants,
             links,
+            deployments,
             pool: std::sync::Arc::new(edge::Pool::default()),
         },
         stop.clone(),

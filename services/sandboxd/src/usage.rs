@@ -3,6 +3,8 @@
 //! GiB-ms (integrals over time, not gauges), and commands executed. Sampled by the reaper, on
 //! every read, and once more when the sandbox is destroyed; kept in `usage.json`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
@@ -32,6 +34,53 @@ pub struct Counters {
     pub memory_carry: f64,
     #[serde(default)]
     pub cpu_carry_ns: u64,
+    /// Billable usage by UTC hour (start, Unix ms), for rollups over any window.
+    #[serde(default)]
+    pub hours: BTreeMap<i64, Hour>,
+}
+
+/// What one sandbox used in one hour.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hour {
+    pub vcpu_ms: f64,
+    pub disk_gib_ms: f64,
+}
+
+pub const HOUR_MS: i64 = 3_600_000;
+/// Hours kept per sandbox: a little over a year of always-on use.
+const KEEP_HOURS: usize = 24 * 400;
+
+impl Counters {
+    /// Spreads usage accrued over `[from, to)` across the hours it covers, in proportion.
+    fn spread(&mut self, from: i64, to: i64, vcpu_ms: f64, disk_gib_ms: f64) {
+        if to <= from || (vcpu_ms == 0.0 && disk_gib_ms == 0.0) {
+            return;
+        }
+        let span = (to - from) as f64;
+        let mut at = from;
+        while at < to {
+            let hour = at - at.rem_euclid(HOUR_MS);
+            let end = (hour + HOUR_MS).min(to);
+            let share = (end - at) as f64 / span;
+            let h = self.hours.entry(hour).or_default();
+            h.vcpu_ms += vcpu_ms * share;
+            h.disk_gib_ms += disk_gib_ms * share;
+            at = end;
+        }
+        while self.hours.len() > KEEP_HOURS {
+            self.hours.pop_first();
+        }
+    }
+
+    /// The usage of the hours starting in `[from, to)`.
+    pub fn between(&self, from: i64, to: i64) -> Hour {
+        self.hours
+            .range(from..to)
+            .fold(Hour::default(), |acc, (_, h)| Hour {
+                vcpu_ms: acc.vcpu_ms + h.vcpu_ms,
+                disk_gib_ms: acc.disk_gib_ms + h.disk_gib_ms,
+            })
+    }
 }
 
 impl Counters {
@@ -88,7 +137,10 @@ impl Host {
         if c.sampled_at_ms == 0 {
             c.sampled_at_ms = entry.snapshot().created_at_ms;
         }
+        let from = c.sampled_at_ms;
         let dt = u64::try_from(now - c.sampled_at_ms).unwrap_or(0);
+        let vcpu_before = c.vcpu_ms;
+        let disk_before = c.disk_gib_ms;
         if state == State::Running {
             c.runtime_ms += dt;
             c.vcpu_ms += CPU_COUNT * dt;
@@ -110,6 +162,11 @@ impl Host {
         if state != State::Destroyed {
             c.disk_gib_ms += (c.disk_bytes as f64 / GIB) * dt as f64;
         }
+        let (dv, dd) = (
+            (c.vcpu_ms - vcpu_before) as f64,
+            c.disk_gib_ms - disk_before,
+        );
+        c.spread(from, now, dv, dd);
         if let Some(bytes) = disk {
             c.disk_bytes = bytes;
             c.disk_measured_at_ms = now;
@@ -131,5 +188,22 @@ impl Host {
                 self.sample_usage(&e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_spreads_over_the_hours_it_covers() {
+        let mut c = Counters::default();
+        // 30 minutes before an hour boundary to 90 minutes after: a quarter, then three quarters.
+        let start = 10 * HOUR_MS - HOUR_MS / 2;
+        c.spread(start, start + 2 * HOUR_MS, 8000.0, 4.0);
+        assert_eq!(c.hours.len(), 3);
+        assert_eq!(c.between(9 * HOUR_MS, 10 * HOUR_MS).vcpu_ms, 2000.0);
+        assert_eq!(c.between(10 * HOUR_MS, 11 * HOUR_MS).vcpu_ms, 4000.0);
+        assert_eq!(c.between(0, i64::MAX).disk_gib_ms, 4.0);
     }
 }

@@ -1,10 +1,12 @@
 //! The HTTP API: MIOSA's routes under `/api/v1`, bearer-key authentication, MIOSA-style errors.
 
+mod deployments;
 mod error;
 pub mod extract;
 mod previews;
 mod sandboxes;
 mod snapshots;
+mod usage;
 
 use std::sync::Arc;
 
@@ -16,6 +18,7 @@ use axum::routing::{get, post};
 
 pub use error::ApiError;
 
+use crate::deployments::Deployments;
 use crate::edge::Links;
 use crate::grants::Grants;
 use crate::host::Host;
@@ -31,15 +34,23 @@ pub struct AppState {
     keys: Arc<KeyPolicy>,
     pub grants: Arc<Grants>,
     pub edge: Arc<Links>,
+    pub deployments: Arc<Deployments>,
 }
 
 impl AppState {
-    pub fn new(host: Arc<Host>, keys: KeyPolicy, grants: Arc<Grants>, edge: Arc<Links>) -> Self {
+    pub fn new(
+        host: Arc<Host>,
+        keys: KeyPolicy,
+        grants: Arc<Grants>,
+        edge: Arc<Links>,
+        deployments: Arc<Deployments>,
+    ) -> Self {
         Self {
             host,
             keys: Arc::new(keys),
             grants,
             edge,
+            deployments,
         }
     }
 }
@@ -66,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fork", post(snapshots::fork))
         .route("/ports/{port}/probe", get(exec::probe_port))
         .route("/preview-token", post(previews::preview_token))
+        .route("/deploy", post(deployments::deploy))
         .route(
             "/previews",
             post(previews::create_preview).get(previews::list_previews),
@@ -124,6 +136,31 @@ pub fn router(state: AppState) -> Router {
         .route("/sandboxes/by-name/{name}", get(sandboxes::by_name))
         .nest("/sandboxes/{id}", sandbox)
         .route("/events/stream", get(sandboxes::tenant_events))
+        .route("/deployments", get(deployments::list))
+        .route("/deployments/{id}", get(deployments::get))
+        .route("/deployments/{id}/versions", get(deployments::versions))
+        .route(
+            "/deployments/{id}/versions/{vid}",
+            get(deployments::version),
+        )
+        .route(
+            "/deployments/{id}/versions/{vid}/logs",
+            get(deployments::version_logs),
+        )
+        .route(
+            "/deployments/{id}/versions/{vid}/promote",
+            post(deployments::promote_version),
+        )
+        .route("/deployments/{id}/rollback", post(deployments::rollback))
+        .route("/deployments/{id}/promote", post(deployments::promote))
+        .route("/usage", get(usage::rollup))
+        .route("/usage/summary", get(usage::summary))
+        .route(
+            "/quotas/external/{user}",
+            get(usage::get_quota)
+                .put(usage::put_quota)
+                .delete(usage::delete_quota),
+        )
         .route("/sandbox-templates", get(templates::list))
         .route("/sandbox-templates/{id}", get(templates::get))
         .fallback(|| async { ApiError::not_found("route_not_found", "no such route") })

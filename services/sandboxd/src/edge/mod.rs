@@ -3,6 +3,7 @@
 //! the grant behind the name on every request, and forwards to the port on the sandbox's own
 //! loopback, WebSockets included. HTML pages get a small live-refresh script.
 
+mod apps;
 mod live;
 mod page;
 mod proxy;
@@ -75,8 +76,16 @@ impl Links {
         }
     }
 
-    /// The host label of a preview host name, if it is one of ours.
-    fn label<'a>(&self, host: &'a str) -> Option<&'a str> {
+    /// A deployment's URL: `<slug>.apps.<domain>`.
+    pub fn app_url(&self, slug: &str) -> String {
+        format!(
+            "{}://{slug}.apps.{}{}/",
+            self.scheme, self.domain, self.port
+        )
+    }
+
+    /// Which of our sites a host name is, if any.
+    fn site<'a>(&self, host: &'a str) -> Option<Site<'a>> {
         let name = host.rsplit_once(':').map_or(host, |(n, p)| {
             if p.chars().all(|c| c.is_ascii_digit()) {
                 n
@@ -84,11 +93,26 @@ impl Links {
                 host
             }
         });
-        let label = name
-            .strip_suffix(self.domain.as_str())?
-            .strip_suffix(".preview.")?;
-        (!label.is_empty() && !label.contains('.')).then_some(label)
+        let rest = name.strip_suffix(self.domain.as_str())?;
+        let (label, site) = if let Some(l) = rest.strip_suffix(".preview.") {
+            (l, Site::Preview as fn(&'a str) -> Site<'a>)
+        } else {
+            (
+                rest.strip_suffix(".apps.")?,
+                Site::App as fn(&'a str) -> Site<'a>,
+            )
+        };
+        (!label.is_empty() && !label.contains('.')).then(|| site(label))
     }
+}
+
+/// A host name the edge serves.
+#[derive(Debug, PartialEq, Eq)]
+enum Site<'a> {
+    /// A preview or share: the grant's host label.
+    Preview(&'a str),
+    /// A deployment: its slug.
+    App(&'a str),
 }
 
 #[derive(Clone)]
@@ -96,6 +120,7 @@ pub struct EdgeState {
     pub host: Arc<Host>,
     pub grants: Arc<Grants>,
     pub links: Arc<Links>,
+    pub deployments: Arc<crate::deployments::Deployments>,
     pub pool: Arc<Pool>,
 }
 
@@ -115,12 +140,16 @@ async fn handle(State(s): State<EdgeState>, req: Request) -> Response {
         .or_else(|| req.uri().host())
         .unwrap_or_default()
         .to_ascii_lowercase();
-    let Some(label) = s.links.label(&host) else {
-        return page::error(
-            StatusCode::NOT_FOUND,
-            "No such preview",
-            "This address is not a Slipway preview.",
-        );
+    let label = match s.links.site(&host) {
+        Some(Site::Preview(label)) => label,
+        Some(Site::App(slug)) => return apps::serve(&s.deployments, slug, req).await,
+        None => {
+            return page::error(
+                StatusCode::NOT_FOUND,
+                "No such preview",
+                "This address is not a Slipway preview or deployment.",
+            );
+        }
     };
     let grant = match s.grants.check_host_label(label) {
         Ok(g) => g,
@@ -238,11 +267,23 @@ mod tests {
             l.url("3000-a-b", "mt", "mp_x"),
             "http://3000-a-b.preview.localhost:7071/?mt=mp_x"
         );
-        assert_eq!(l.label("3000-a-b.preview.localhost:7071"), Some("3000-a-b"));
-        assert_eq!(l.label("3000-a-b.preview.localhost"), Some("3000-a-b"));
-        assert_eq!(l.label("x.3000-a-b.preview.localhost"), None);
-        assert_eq!(l.label("3000-a-b.preview.localhost.evil.com"), None);
-        assert_eq!(l.label("preview.localhost"), None);
+        assert_eq!(
+            l.site("3000-a-b.preview.localhost:7071"),
+            Some(Site::Preview("3000-a-b"))
+        );
+        assert_eq!(
+            l.site("3000-a-b.preview.localhost"),
+            Some(Site::Preview("3000-a-b"))
+        );
+        assert_eq!(
+            l.site("shop-1f2e3d.apps.localhost:7071"),
+            Some(Site::App("shop-1f2e3d"))
+        );
+        assert_eq!(l.app_url("shop"), "http://shop.apps.localhost:7071/");
+        assert_eq!(l.site("x.3000-a-b.preview.localhost"), None);
+        assert_eq!(l.site("3000-a-b.preview.localhost.evil.com"), None);
+        assert_eq!(l.site("preview.localhost"), None);
+        assert_eq!(l.site("apps.localhost"), None);
         let l = Links::new(Some("https://sandboxes.example.com"), "ignored", bound).unwrap();
         assert_eq!(
             l.url("3000-a-b", "", ""),

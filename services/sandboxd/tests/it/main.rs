@@ -5,6 +5,7 @@ mod api;
 mod basics;
 mod browser;
 mod crash;
+mod deploy;
 mod edge;
 mod events;
 mod exec;
