@@ -12,3 +12,7 @@ pub trait Record: WireMessage {
 impl Record for crate::v1::SandboxRecord {
     const SCHEMA_VERSION: u32 = 1;
 }
+
+impl Record for crate::v1::MeterWatermark {
+    const SCHEMA_VERSION: u32 = 1;
+}

@@ -90,6 +90,8 @@ pub struct PlatformSettings {
     pub api_key: Option<Secret>,
     /// Requests per minute allowed by the key.
     pub rate_limit_rpm: u32,
+    /// How often the executor reads sandboxes' cumulative usage counters and bills the growth.
+    pub usage_sample_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -309,6 +311,9 @@ impl Settings {
                 "a MIOSA API key starts with `msk_`",
             ));
         }
+        if self.platform.usage_sample_ms < 100 {
+            return Err(invalid("platform.usage_sample_ms", "must be at least 100"));
+        }
         if self.platform.rate_limit_rpm == 0 {
             return Err(invalid("platform.rate_limit_rpm", "must be at least 1"));
         }
@@ -361,6 +366,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("telemetry.log_filter", "info"),
     ("platform.base_url", "http://127.0.0.1:7070/api/v1"),
     ("platform.rate_limit_rpm", "600"),
+    ("platform.usage_sample_ms", "30000"),
     ("edge.domain", "localhost"),
     ("setup.replicas", "1"),
     ("setup.storage", "file"),

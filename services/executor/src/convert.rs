@@ -83,3 +83,150 @@ pub fn sandbox(v: &Value) -> Sandbox {
         metadata,
     }
 }
+
+fn num(v: &Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(|x| {
+            x.as_u64()
+                .or_else(|| x.as_f64().map(|f| f.max(0.0) as u64))
+                .or_else(|| x.as_str().and_then(|s| s.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// The first of `keys` that is present, as text.
+fn first(v: &Value, keys: &[&str]) -> String {
+    keys.iter()
+        .map(|k| text(v, k))
+        .find(|t| !t.is_empty())
+        .unwrap_or_default()
+}
+
+pub fn process(v: &Value) -> slipway_proto::v1::Process {
+    use slipway_proto::v1::ProcessState;
+    let state = match first(v, &["state", "status"]).as_str() {
+        "running" | "starting" => ProcessState::Running,
+        "exited" | "completed" | "stopped" => ProcessState::Exited,
+        "killed" | "failed" => ProcessState::Killed,
+        _ => ProcessState::Unspecified,
+    };
+    slipway_proto::v1::Process {
+        id: first(v, &["id", "pid", "process_id"]),
+        name: text(v, "name"),
+        command: text(v, "command"),
+        state: state.into(),
+        exit_code: v
+            .get("exit_code")
+            .and_then(Value::as_i64)
+            .and_then(|c| i32::try_from(c).ok())
+            .unwrap_or(0),
+        started_at: timestamp(v.get("started_at")),
+        restart_on_resume: v.get("restart").and_then(Value::as_bool).unwrap_or(false),
+    }
+}
+
+pub fn snapshot(v: &Value) -> slipway_proto::v1::Snapshot {
+    slipway_proto::v1::Snapshot {
+        id: first(v, &["id", "snapshot_id"]),
+        sandbox_id: text(v, "sandbox_id"),
+        comment: text(v, "comment"),
+        created_at: timestamp(v.get("created_at")),
+        size_bytes: num(v, "size_bytes"),
+    }
+}
+
+pub fn preview(v: &Value) -> slipway_proto::v1::Preview {
+    slipway_proto::v1::Preview {
+        id: text(v, "id"),
+        sandbox_id: text(v, "sandbox_id"),
+        port: u32::try_from(num(v, "port")).unwrap_or(0),
+        url: first(v, &["url", "preview_url"]),
+    }
+}
+
+pub fn share(v: &Value) -> slipway_proto::v1::Share {
+    slipway_proto::v1::Share {
+        id: first(v, &["share_id", "id"]),
+        sandbox_id: text(v, "sandbox_id"),
+        url: first(v, &["share_url", "url"]),
+        created_at: timestamp(v.get("created_at")),
+        expires_at: timestamp(v.get("expires_at")),
+    }
+}
+
+pub fn deployment(v: &Value) -> slipway_proto::v1::Deployment {
+    slipway_proto::v1::Deployment {
+        id: text(v, "id"),
+        name: text(v, "name"),
+        url: first(v, &["public_url", "url"]),
+        current_version_id: text(v, "active_version_id"),
+        attribution: Some(Attribution {
+            user_id: text(v, "external_user_id"),
+            project_id: text(v, "external_project_id"),
+            workspace_id: text(v, "external_workspace_id"),
+        }),
+        created_at: timestamp(v.get("created_at")),
+    }
+}
+
+pub fn version(v: &Value, url: &str) -> slipway_proto::v1::DeploymentVersion {
+    use slipway_proto::v1::VersionState;
+    let state = match text(v, "state").as_str() {
+        "created" | "building" | "pending" => VersionState::Building,
+        "ready" | "active" | "archived" => VersionState::Ready,
+        "failed" | "error" => VersionState::Failed,
+        _ => VersionState::Unspecified,
+    };
+    slipway_proto::v1::DeploymentVersion {
+        id: text(v, "id"),
+        deployment_id: text(v, "deployment_id"),
+        number: u32::try_from(num(v, "version_number")).unwrap_or(0),
+        state: state.into(),
+        digest: text(v, "artifact_sha256"),
+        url: url.to_string(),
+        source_sandbox_id: text(v, "source_sandbox_id"),
+        snapshot_id: text(v, "source_snapshot_id"),
+        created_at: timestamp(v.get("created_at")),
+        error: text(v, "error"),
+    }
+}
+
+pub fn counters(v: &Value) -> slipway_proto::v1::SandboxCounters {
+    slipway_proto::v1::SandboxCounters {
+        runtime_sec: num(v, "runtime_sec"),
+        vcpu_ms: [num(v, "provisioned_vcpu_ms"), num(v, "vcpu_ms")]
+            .into_iter()
+            .max()
+            .unwrap_or(0),
+        active_cpu_ms: num(v, "active_cpu_ms"),
+        memory_mib_ms: num(v, "memory_mib_ms"),
+        disk_gib_ms: num(v, "disk_gib_ms"),
+        exec_count: num(v, "exec_count"),
+        read_at: timestamp(v.get("read_at")),
+    }
+}
+
+/// Both quota shapes: `{limits:{…}, usage:{…}}` and flat `max_*` / `current_sandboxes`.
+pub fn quota(user: &str, v: &Value) -> slipway_proto::v1::Quota {
+    let limits = v.get("limits").unwrap_or(v);
+    let limit = |k: &str| limits.get(k).and_then(Value::as_u64);
+    let usage = v.get("usage").unwrap_or(v);
+    slipway_proto::v1::Quota {
+        user_id: user.to_string(),
+        limits: Some(slipway_proto::v1::QuotaLimits {
+            max_sandboxes: limit("max_sandboxes"),
+            max_concurrent: limit("max_concurrent"),
+            max_storage_gb: limit("max_storage_gb"),
+            max_credit_cents: limit("max_credit_cents"),
+        }),
+        total_sandboxes: num(usage, "total_sandboxes").max(num(v, "current_sandboxes")),
+        concurrent: num(usage, "concurrent"),
+    }
+}
+
+/// A timestamp as RFC 3339 (for query parameters).
+pub fn rfc3339(t: &pbjson_types::Timestamp) -> Option<String> {
+    let t = time::OffsetDateTime::from_unix_timestamp(t.seconds).ok()?;
+    t.format(&time::format_description::well_known::Rfc3339)
+        .ok()
+}

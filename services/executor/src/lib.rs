@@ -1,11 +1,12 @@
 //! slipway-executor: the only door to the sandbox platform (MIOSA REST API or sandboxd).
 //!
-//! It serves `slipway.executor.v1.<op>` over NATS (so far: sandbox create, get, list, destroy,
-//! files.write_many, exec) through its typed MIOSA client, keeping a sandbox registry in KV.
+//! It serves `slipway.executor.v1.<op>` over NATS through its typed MIOSA client, keeps a sandbox
+//! registry in KV, and turns the platform's cumulative usage counters into usage events.
 #![forbid(unsafe_code)]
 
 pub mod convert;
 pub mod miosa;
+pub mod sampler;
 pub mod service;
 
 use std::sync::Arc;
@@ -28,7 +29,13 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
             "Slipway executor: the only door to the sandbox platform (MIOSA REST API or sandboxd)",
         )
         .await?;
-    service::register(&host, executor).await?;
+    service::register(&host, executor.clone()).await?;
+    let every = std::time::Duration::from_millis(platform.usage_sample_ms);
+    let sampler = sampler::Sampler::new(executor);
+    let shutdown = app.shutdown.clone();
+    app.shutdown
+        .tracker()
+        .spawn(async move { sampler.run(every, shutdown).await });
     tracing::info!(health = %app.health_addr, "slipway-executor running");
     app.run().await
 }

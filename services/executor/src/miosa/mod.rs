@@ -225,6 +225,69 @@ impl MiosaClient {
         }
     }
 
+    /// Any JSON operation of the contract: `op` names it in errors, logs and metrics, and a
+    /// mutation's `idempotency_key` becomes the platform's `Idempotency-Key` (`<key>:<op>`).
+    pub async fn request(
+        &self,
+        op: &'static str,
+        method: Method,
+        path: String,
+        query: Vec<(&'static str, String)>,
+        body: Option<Value>,
+        idempotency_key: Option<&str>,
+    ) -> Result<Value, MiosaError> {
+        let mut c = self.call(op, method, path);
+        c.query = query;
+        c.body = body;
+        c.idempotency_key = idempotency_key.map(|k| Self::key(k, op));
+        self.json(c).await
+    }
+
+    /// `GET /sandboxes/{id}/usage`: cumulative counters, also after destroy.
+    pub async fn sandbox_usage(&self, id: &str) -> Result<Value, MiosaError> {
+        self.json(self.call(
+            "usage.sandbox",
+            Method::GET,
+            format!("/sandboxes/{id}/usage"),
+        ))
+        .await
+    }
+
+    /// A raw answer (file downloads).
+    pub async fn bytes(
+        &self,
+        op: &'static str,
+        path: String,
+        query: Vec<(&'static str, String)>,
+    ) -> Result<bytes::Bytes, MiosaError> {
+        let mut c = self.call(op, Method::GET, path);
+        c.query = query;
+        self.send(&c).await
+    }
+
+    /// A plain-text answer (build logs), or the JSON string / `lines` it may come wrapped in.
+    pub async fn text(&self, op: &'static str, path: String) -> Result<String, MiosaError> {
+        let body = self.send(&self.call(op, Method::GET, path)).await?;
+        match serde_json::from_slice::<Value>(&body).map(decode::unwrap_envelope) {
+            Ok(Value::String(s)) => Ok(s),
+            Ok(Value::Object(m)) => Ok(m
+                .get("logs")
+                .or(m.get("log"))
+                .or(m.get("lines"))
+                .map(|v| match v {
+                    Value::String(s) => s.clone(),
+                    Value::Array(lines) => lines
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    other => other.to_string(),
+                })
+                .unwrap_or_default()),
+            _ => Ok(String::from_utf8_lossy(&body).into_owned()),
+        }
+    }
+
     /// `POST /sandboxes`, with the caller's idempotency key.
     pub async fn create_sandbox(
         &self,

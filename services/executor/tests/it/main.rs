@@ -5,5 +5,6 @@
 
 mod fake;
 mod faults;
+mod operations;
 mod sandboxd;
 mod service;

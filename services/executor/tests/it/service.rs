@@ -12,7 +12,7 @@ use slipway_proto::v1::{
 };
 use slipway_test_support::{NatsServer, Sandboxd, workspace_bin};
 
-async fn executor(
+pub(crate) async fn executor(
     nats: &NatsServer,
     sd: &Sandboxd,
 ) -> (
@@ -73,7 +73,7 @@ async fn executor(
     (shutdown, task, dir)
 }
 
-fn create(key: &str) -> CreateSandboxRequest {
+pub(crate) fn create(key: &str) -> CreateSandboxRequest {
     CreateSandboxRequest {
         idempotency_key: key.into(),
         run_id: slipway_proto::run_id_for("req-1"),

@@ -1,6 +1,7 @@
 //! The NATS service `slipway.executor.v1.<op>`: each operation checks its request, calls the
 //! platform through the MIOSA client, keeps the sandbox registry (KV) in step, and replies with
-//! the contract's message or a typed error that keeps MIOSA's meaning.
+//! the contract's message or a typed error that keeps MIOSA's meaning. Here: the shared parts
+//! and sandbox create/get/list/destroy, files.write_many and exec; the rest by topic below.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,13 @@ use slipway_proto::v1::{
 
 use crate::convert::{self, BRANCH_KEY, RUN_KEY};
 use crate::miosa::{MiosaClient, MiosaError};
+
+mod deploy;
+mod sandboxes;
+mod sharing;
+mod snapshots;
+mod usage;
+mod workspace;
 
 /// What every handler shares.
 pub struct Executor {
@@ -272,46 +280,69 @@ fn now() -> pbjson_types::Timestamp {
     }
 }
 
-/// Adds every operation of the slice built so far to the service host.
+/// Adds an endpoint per `"op" => method` to the service host.
+macro_rules! endpoints {
+    ($host:expr, $executor:expr, { $($op:literal => $method:ident),* $(,)? }) => {
+        $(
+            let e = $executor.clone();
+            $host
+                .endpoint($op, move |req, _| {
+                    let e = e.clone();
+                    async move { e.$method(req).await }
+                })
+                .await?;
+        )*
+    };
+}
+
+/// Adds every operation to the service host (`slipway.executor.v1.<op>`).
 pub async fn register(
     host: &ServiceHost,
     executor: Arc<Executor>,
 ) -> Result<(), slipway_common::service::HostError> {
-    let e = executor.clone();
-    host.endpoint("sandbox.create", move |req, _| {
-        let e = e.clone();
-        async move { e.create(req).await }
-    })
-    .await?;
-    let e = executor.clone();
-    host.endpoint("sandbox.get", move |req, _| {
-        let e = e.clone();
-        async move { e.get(req).await }
-    })
-    .await?;
-    let e = executor.clone();
-    host.endpoint("sandbox.list", move |req, _| {
-        let e = e.clone();
-        async move { e.list(req).await }
-    })
-    .await?;
-    let e = executor.clone();
-    host.endpoint("sandbox.destroy", move |req, _| {
-        let e = e.clone();
-        async move { e.destroy(req).await }
-    })
-    .await?;
-    let e = executor.clone();
-    host.endpoint("files.write_many", move |req, _| {
-        let e = e.clone();
-        async move { e.write_files(req).await }
-    })
-    .await?;
-    let e = executor;
-    host.endpoint("exec", move |req, _| {
-        let e = e.clone();
-        async move { e.exec(req).await }
-    })
-    .await?;
+    endpoints!(host, executor, {
+        "sandbox.create" => create,
+        "sandbox.get" => get,
+        "sandbox.list" => list,
+        "sandbox.update" => update,
+        "sandbox.pause" => pause,
+        "sandbox.resume" => resume,
+        "sandbox.readiness" => readiness,
+        "sandbox.destroy" => destroy,
+        "sandbox.fork" => fork,
+        "templates.list" => templates,
+        "files.write_many" => write_files,
+        "files.read" => read_file,
+        "files.list" => list_files,
+        "files.delete" => delete_file,
+        "exec" => exec,
+        "process.start" => start_process,
+        "process.list" => list_processes,
+        "process.get" => get_process,
+        "process.stop" => stop_process,
+        "process.logs" => process_logs,
+        "snapshot.create" => create_snapshot,
+        "snapshot.list" => list_snapshots,
+        "snapshot.restore" => restore_snapshot,
+        "preview.create" => create_preview,
+        "preview.token" => preview_token,
+        "preview.share" => share_preview,
+        "preview.revoke" => revoke_preview_shares,
+        "share.create" => create_share,
+        "share.list" => list_shares,
+        "share.revoke" => revoke_share,
+        "deploy" => deploy,
+        "deployment.get" => get_deployment,
+        "deployment.rollback" => rollback,
+        "deployment.promote" => promote,
+        "version.get" => get_version,
+        "version.list" => list_versions,
+        "version.logs" => version_logs,
+        "usage.sandbox" => sandbox_usage,
+        "usage.rollup" => usage_rollup,
+        "quota.get" => get_quota,
+        "quota.set" => set_quota,
+        "reap" => reap,
+    });
     Ok(())
 }

@@ -1,0 +1,361 @@
+//! Usage from the platform's cumulative counters (`sandbox_vcpu_ms`, `active_cpu_ms`,
+//! `memory_mib_ms`, `disk_gib_ms`), billed as the growth since the last billed value.
+//!
+//! For each sandbox and meter a watermark in the `meter` bucket says up to which counter value
+//! events are published. Billing an interval is three steps, each safe to cut short:
+//! 1. the interval (`<sandbox>:<meter>:<from>-<to>`) is written to the watermark as pending;
+//! 2. its event is published (JetStream, `Nats-Msg-Id` = the event id);
+//! 3. the watermark moves to `to` and the pending interval is cleared.
+//!
+//! A restart finds a pending interval and publishes it again under the same id (billing dedupes
+//! on it), before reading anything new; so the published deltas of a sandbox sum to its counter,
+//! exactly. A destroyed sandbox's final counters are billed, then its watermarks are closed.
+//! One sampler runs at a time across replicas: it holds a lease in the `leases` bucket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use slipway_common::failpoint;
+use slipway_common::records::{RecordError, Records};
+use slipway_common::topology::buckets;
+use slipway_common::{Service, Shutdown};
+use slipway_proto::codec::ContentType;
+use slipway_proto::meters;
+use slipway_proto::v1::{MeterInterval, MeterWatermark, SandboxRecord, SandboxState, UsageEvent};
+
+use crate::convert;
+use crate::service::Executor;
+
+/// The cumulative meters, with where each comes from in the platform's counters.
+type Reading = fn(&slipway_proto::v1::SandboxCounters) -> u64;
+
+const METERS: [(&str, Reading); 4] = [
+    (meters::SANDBOX_VCPU_MS, |c| c.vcpu_ms),
+    (meters::ACTIVE_CPU_MS, |c| c.active_cpu_ms),
+    (meters::MEMORY_MIB_MS, |c| c.memory_mib_ms),
+    (meters::DISK_GIB_MS, |c| c.disk_gib_ms),
+];
+
+const LEASE_KEY: &str = "executor.sampler";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SampleError {
+    #[error("KV: {0}")]
+    Store(String),
+    #[error("publishing a usage event: {0}")]
+    Publish(String),
+    #[error("the platform: {0}")]
+    Platform(String),
+}
+
+impl From<RecordError> for SampleError {
+    fn from(e: RecordError) -> Self {
+        SampleError::Store(e.to_string())
+    }
+}
+
+pub struct Sampler {
+    executor: Arc<Executor>,
+    holder: String,
+}
+
+fn now() -> pbjson_types::Timestamp {
+    let t = time::OffsetDateTime::now_utc();
+    pbjson_types::Timestamp {
+        seconds: t.unix_timestamp(),
+        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+    }
+}
+
+impl Sampler {
+    pub fn new(executor: Arc<Executor>) -> Self {
+        let holder = format!(
+            "executor-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Self { executor, holder }
+    }
+
+    /// Samples every `every` until shutdown, while holding the sampler lease.
+    pub async fn run(self, every: Duration, shutdown: Shutdown) {
+        loop {
+            match self.lease(every * 3).await {
+                Ok(true) => {
+                    if let Err(e) = self.sample_once().await {
+                        tracing::warn!(error = %e, "usage sampling");
+                    }
+                }
+                Ok(false) => tracing::debug!("another replica samples usage"),
+                Err(e) => tracing::warn!(error = %e, "the sampler lease"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = shutdown.triggered() => return,
+            }
+        }
+    }
+
+    /// Takes or renews the lease; false when another live replica holds it.
+    async fn lease(&self, ttl: Duration) -> Result<bool, SampleError> {
+        let store = self
+            .executor
+            .jetstream
+            .get_key_value(buckets::LEASES)
+            .await
+            .map_err(|e| SampleError::Store(e.to_string()))?;
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let value = serde_json::json!({
+            "holder": self.holder,
+            "expires_at_ms": now_ms + ttl.as_millis() as i128,
+        })
+        .to_string();
+        match store
+            .entry(LEASE_KEY)
+            .await
+            .map_err(|e| SampleError::Store(e.to_string()))?
+        {
+            None => Ok(store.create(LEASE_KEY, value.into()).await.is_ok()),
+            Some(entry) => {
+                let held: serde_json::Value =
+                    serde_json::from_slice(&entry.value).unwrap_or_default();
+                let mine = held["holder"] == self.holder.as_str();
+                let expired = held["expires_at_ms"]
+                    .as_i64()
+                    .is_none_or(|t| i128::from(t) <= now_ms);
+                let deleted = !matches!(entry.operation, kv::Operation::Put);
+                if !(mine || expired || deleted) {
+                    return Ok(false);
+                }
+                Ok(store
+                    .update(LEASE_KEY, value.into(), entry.revision)
+                    .await
+                    .is_ok())
+            }
+        }
+    }
+
+    async fn watermarks(&self) -> Result<Records<MeterWatermark>, SampleError> {
+        let store = self
+            .executor
+            .jetstream
+            .get_key_value(buckets::METER)
+            .await
+            .map_err(|e| SampleError::Store(e.to_string()))?;
+        Ok(Records::new(store))
+    }
+
+    /// One pass over every sandbox in the registry.
+    pub async fn sample_once(&self) -> Result<(), SampleError> {
+        let registry = self
+            .executor
+            .jetstream
+            .get_key_value(buckets::SANDBOXES)
+            .await
+            .map_err(|e| SampleError::Store(e.to_string()))?;
+        let mut keys = registry
+            .keys()
+            .await
+            .map_err(|e| SampleError::Store(e.to_string()))?;
+        let records = Records::<SandboxRecord>::new(registry.clone());
+        let marks = self.watermarks().await?;
+        use futures::StreamExt;
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            let Some((record, _)) = records.get(&key).await? else {
+                continue;
+            };
+            let Some(sandbox) = record.sandbox else {
+                continue;
+            };
+            if let Err(e) = self.sample_sandbox(&marks, &sandbox).await {
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "sampling a sandbox");
+            }
+        }
+        Ok(())
+    }
+
+    async fn sample_sandbox(
+        &self,
+        marks: &Records<MeterWatermark>,
+        sandbox: &slipway_proto::v1::Sandbox,
+    ) -> Result<(), SampleError> {
+        // Closed on every meter: this sandbox is done.
+        let mut open = false;
+        for (meter, _) in METERS {
+            let closed = marks
+                .get(&mark_key(&sandbox.id, meter))
+                .await?
+                .is_some_and(|(m, _)| m.closed);
+            open |= !closed;
+        }
+        if !open {
+            return Ok(());
+        }
+        // Pending intervals first: they were decided before anything new is read.
+        for (meter, _) in METERS {
+            self.settle_pending(marks, sandbox, meter).await?;
+        }
+        let counters = self
+            .executor
+            .client
+            .sandbox_usage(&sandbox.id)
+            .await
+            .map_err(|e| SampleError::Platform(e.to_string()))?;
+        let state = self
+            .executor
+            .client
+            .get_sandbox(&sandbox.id)
+            .await
+            .map(|v| convert::sandbox(&v).state)
+            .unwrap_or(SandboxState::Unspecified as i32);
+        let gone = state == SandboxState::Destroyed as i32;
+        let counters = convert::counters(&counters);
+        failpoint::hit("executor.usage.after_read");
+        for (meter, read) in METERS {
+            self.bill(marks, sandbox, meter, read(&counters), gone)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_pending(
+        &self,
+        marks: &Records<MeterWatermark>,
+        sandbox: &slipway_proto::v1::Sandbox,
+        meter: &str,
+    ) -> Result<(), SampleError> {
+        let key = mark_key(&sandbox.id, meter);
+        let Some((mark, revision)) = marks.get(&key).await? else {
+            return Ok(());
+        };
+        let Some(pending) = mark.pending.clone() else {
+            return Ok(());
+        };
+        self.publish(sandbox, meter, &pending).await?;
+        failpoint::hit("executor.usage.after_publish");
+        let moved = MeterWatermark {
+            billed: pending.to,
+            pending: None,
+            ..mark
+        };
+        marks.update(&key, &moved, revision).await?;
+        Ok(())
+    }
+
+    /// Bills the growth of one counter: pending interval, event, watermark.
+    async fn bill(
+        &self,
+        marks: &Records<MeterWatermark>,
+        sandbox: &slipway_proto::v1::Sandbox,
+        meter: &str,
+        value: u64,
+        gone: bool,
+    ) -> Result<(), SampleError> {
+        let key = mark_key(&sandbox.id, meter);
+        let (mark, revision) = match marks.get(&key).await? {
+            Some(found) => found,
+            None => {
+                let fresh = MeterWatermark {
+                    sandbox_id: sandbox.id.clone(),
+                    meter: meter.to_string(),
+                    ..Default::default()
+                };
+                let revision = match marks.create(&key, &fresh).await {
+                    Ok(r) => r,
+                    Err(RecordError::Exists { .. }) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
+                (fresh, revision)
+            }
+        };
+        if mark.closed || mark.pending.is_some() {
+            return Ok(());
+        }
+        if value <= mark.billed {
+            if gone {
+                let closed = MeterWatermark {
+                    closed: true,
+                    ..mark
+                };
+                marks.update(&key, &closed, revision).await?;
+            }
+            return Ok(());
+        }
+        let interval = MeterInterval {
+            id: format!("{}:{meter}:{}-{value}", sandbox.id, mark.billed),
+            from: mark.billed,
+            to: value,
+            read_at: Some(now()),
+        };
+        let pending = MeterWatermark {
+            pending: Some(interval.clone()),
+            ..mark.clone()
+        };
+        let revision = marks.update(&key, &pending, revision).await?;
+        failpoint::hit("executor.usage.after_pending");
+        self.publish(sandbox, meter, &interval).await?;
+        failpoint::hit("executor.usage.after_publish");
+        let moved = MeterWatermark {
+            billed: interval.to,
+            pending: None,
+            closed: false,
+            ..mark
+        };
+        marks.update(&key, &moved, revision).await?;
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        sandbox: &slipway_proto::v1::Sandbox,
+        meter: &str,
+        interval: &MeterInterval,
+    ) -> Result<(), SampleError> {
+        let attribution = sandbox.attribution.clone().unwrap_or_default();
+        let unit = meters::CATALOGUE
+            .iter()
+            .find(|m| m.name == meter)
+            .map_or("", |m| m.unit);
+        let event = UsageEvent {
+            id: interval.id.clone(),
+            source: "slipway/executor".into(),
+            r#type: "slipway.usage.v1".into(),
+            subject: attribution.user_id.clone(),
+            time: interval.read_at,
+            spec_version: "1.0".into(),
+            meter: meter.to_string(),
+            quantity: (interval.to - interval.from).to_string(),
+            unit: unit.to_string(),
+            run_id: sandbox.run_id.clone(),
+            sandbox_id: sandbox.id.clone(),
+            project_id: attribution.project_id,
+            workspace_id: attribution.workspace_id,
+            counter_from: interval.from,
+            counter_to: interval.to,
+        };
+        let subject =
+            slipway_common::subjects::usage(Service::Executor, meter, &attribution.user_id)
+                .map_err(|e| SampleError::Publish(e.to_string()))?;
+        let mut headers = slipway_common::rpc::message_headers::<UsageEvent>(ContentType::Protobuf);
+        headers.insert("Nats-Msg-Id", event.id.as_str());
+        let ack = self
+            .executor
+            .jetstream
+            .publish_with_headers(
+                subject,
+                headers,
+                slipway_proto::codec::encode(&event, ContentType::Protobuf).into(),
+            )
+            .await
+            .map_err(|e| SampleError::Publish(e.to_string()))?;
+        ack.await.map_err(|e| SampleError::Publish(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// `<sandbox>.<meter>`: KV keys allow `.`, and sandbox ids and meter names have no dots.
+fn mark_key(sandbox: &str, meter: &str) -> String {
+    format!("{sandbox}.{meter}")
+}

@@ -1,0 +1,236 @@
+//! Previews, preview tokens, preview shares and sandbox shares at the platform. (The preview
+//! service owns their records and policy; this is only the platform call.)
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use slipway_common::ServiceError;
+use slipway_proto::v1::{
+    CreatePreviewRequest, CreatePreviewShareRequest, CreateShareRequest, ListSharesReply,
+    ListSharesRequest, PreviewReply, PreviewShareReply, PreviewTokenReply, PreviewTokenRequest,
+    RevokePreviewSharesRequest, RevokeReply, RevokeShareRequest, ShareReply, TokenScope,
+};
+
+use super::{Executor, platform_error, required};
+use crate::convert;
+
+/// Longest preview token the platform mints.
+const MAX_TOKEN_SEC: u64 = 86_400;
+
+impl Executor {
+    pub async fn create_preview(
+        &self,
+        req: CreatePreviewRequest,
+    ) -> Result<PreviewReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        if req.port == 0 || req.port > 65_535 {
+            return Err(ServiceError::invalid_input("port: 1 to 65535"));
+        }
+        let got = self
+            .client
+            .request(
+                "preview.create",
+                Method::POST,
+                format!("/sandboxes/{}/previews", req.sandbox_id),
+                vec![],
+                Some(json!({ "port": req.port })),
+                Some(&req.idempotency_key),
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(PreviewReply {
+            preview: Some(convert::preview(&got)),
+        })
+    }
+
+    pub async fn preview_token(
+        &self,
+        req: PreviewTokenRequest,
+    ) -> Result<PreviewTokenReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        if req.expires_in_sec > MAX_TOKEN_SEC {
+            return Err(ServiceError::invalid_input(format!(
+                "expires_in_sec: at most {MAX_TOKEN_SEC}"
+            )));
+        }
+        let scope = match TokenScope::try_from(req.scope).unwrap_or_default() {
+            TokenScope::Interact => "interact",
+            _ => "read",
+        };
+        let mut body = json!({ "scope": scope, "expires_in": if req.expires_in_sec == 0 { 3600 } else { req.expires_in_sec } });
+        if req.port != 0 {
+            body["port"] = json!(req.port);
+        }
+        let got = self
+            .client
+            .request(
+                "preview.token",
+                Method::POST,
+                format!("/sandboxes/{}/preview-token", req.sandbox_id),
+                vec![],
+                Some(body),
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        let got = got
+            .get("preview_token")
+            .filter(|v| v.is_object())
+            .unwrap_or(&got);
+        let token = got.get("token").and_then(Value::as_str).unwrap_or_default();
+        if token.is_empty() {
+            return Err(ServiceError::unavailable(
+                "the platform's answer has no token",
+            ));
+        }
+        Ok(PreviewTokenReply {
+            token: token.to_string(),
+            url: got
+                .get("url")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            expires_at: convert::timestamp(got.get("expires_at")),
+        })
+    }
+
+    pub async fn share_preview(
+        &self,
+        req: CreatePreviewShareRequest,
+    ) -> Result<PreviewShareReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("preview_id", &req.preview_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        let ttl = if req.ttl_sec == 0 { 3600 } else { req.ttl_sec };
+        // Both spellings: TS/PY send `ttl_seconds`, GO/EX `expires_in_sec`.
+        let got = self
+            .client
+            .request(
+                "preview.share",
+                Method::POST,
+                format!(
+                    "/sandboxes/{}/previews/{}/share",
+                    req.sandbox_id, req.preview_id
+                ),
+                vec![],
+                Some(json!({ "ttl_seconds": ttl, "expires_in_sec": ttl })),
+                Some(&req.idempotency_key),
+            )
+            .await
+            .map_err(platform_error)?;
+        // `share_url` sits beside `data` in MIOSA's answer, which the envelope unwrap drops.
+        let url = got
+            .get("share_url")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let expires = got.get("share_token_expires_at").or(got.get("expires_at"));
+        Ok(PreviewShareReply {
+            url,
+            expires_at: convert::timestamp(expires),
+        })
+    }
+
+    pub async fn revoke_preview_shares(
+        &self,
+        req: RevokePreviewSharesRequest,
+    ) -> Result<RevokeReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("preview_id", &req.preview_id)?;
+        let got = self
+            .client
+            .request(
+                "preview.revoke",
+                Method::DELETE,
+                format!(
+                    "/sandboxes/{}/previews/{}/share",
+                    req.sandbox_id, req.preview_id
+                ),
+                vec![],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(RevokeReply {
+            revoked: got
+                .get("revoked")
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(0),
+        })
+    }
+
+    pub async fn create_share(&self, req: CreateShareRequest) -> Result<ShareReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        let expires = if req.expires_in_sec == 0 {
+            3600
+        } else {
+            req.expires_in_sec
+        };
+        let got = self
+            .client
+            .request(
+                "share.create",
+                Method::POST,
+                format!("/sandboxes/{}/shares", req.sandbox_id),
+                vec![],
+                Some(json!({ "expires_in": expires, "scope": "read" })),
+                Some(&req.idempotency_key),
+            )
+            .await
+            .map_err(platform_error)?;
+        let share = convert::share(&got);
+        if share.url.is_empty() {
+            return Err(ServiceError::unavailable(
+                "the platform's answer has no share_url",
+            ));
+        }
+        Ok(ShareReply { share: Some(share) })
+    }
+
+    pub async fn list_shares(
+        &self,
+        req: ListSharesRequest,
+    ) -> Result<ListSharesReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        let got = self
+            .client
+            .request(
+                "share.list",
+                Method::GET,
+                format!("/sandboxes/{}/shares", req.sandbox_id),
+                vec![],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        let items = got
+            .as_array()
+            .cloned()
+            .or_else(|| got.get("shares").and_then(Value::as_array).cloned())
+            .unwrap_or_default();
+        Ok(ListSharesReply {
+            shares: items.iter().map(convert::share).collect(),
+        })
+    }
+
+    pub async fn revoke_share(&self, req: RevokeShareRequest) -> Result<RevokeReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("share_id", &req.share_id)?;
+        self.client
+            .request(
+                "share.revoke",
+                Method::DELETE,
+                format!("/sandboxes/{}/shares/{}", req.sandbox_id, req.share_id),
+                vec![],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(RevokeReply { revoked: 1 })
+    }
+}

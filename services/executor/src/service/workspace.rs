@@ -1,0 +1,264 @@
+//! Inside a sandbox: reading, listing and deleting files, and background processes.
+
+use reqwest::Method;
+use serde_json::{Value, json};
+use slipway_common::ServiceError;
+use slipway_proto::v1::{
+    DeleteFileReply, DeleteFileRequest, FileEntry, FileKind, ListFilesReply, ListFilesRequest,
+    ListProcessesReply, ListProcessesRequest, ProcessLogsReply, ProcessLogsRequest, ProcessRef,
+    ProcessReply, ReadFileReply, ReadFileRequest, StartProcessRequest,
+};
+
+use super::{Executor, platform_error, required};
+use crate::convert;
+
+/// Largest file `files.read` returns over NATS (the default max payload is 1 MiB; leave room).
+const MAX_READ: usize = 900 * 1024;
+
+fn path_of(path: &str) -> Result<String, ServiceError> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(ServiceError::invalid_input(
+            "path: is required, without NUL",
+        ));
+    }
+    Ok(path.to_string())
+}
+
+fn entry(v: &Value) -> FileEntry {
+    let kind = match v.get("type").and_then(Value::as_str) {
+        Some("dir" | "directory") => FileKind::Dir,
+        Some("symlink" | "link") => FileKind::Symlink,
+        Some(_) => FileKind::File,
+        None if v.get("is_dir").and_then(Value::as_bool) == Some(true) => FileKind::Dir,
+        None => FileKind::File,
+    };
+    FileEntry {
+        path: v
+            .get("path")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        kind: kind.into(),
+        size: v.get("size").and_then(Value::as_u64).unwrap_or(0),
+        modified_at: convert::timestamp(v.get("modified_at")),
+    }
+}
+
+impl Executor {
+    pub async fn read_file(&self, req: ReadFileRequest) -> Result<ReadFileReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        let path = path_of(&req.path)?;
+        let content = self
+            .client
+            .bytes(
+                "files.read",
+                format!("/sandboxes/{}/fs/download", req.sandbox_id),
+                vec![("path", path)],
+            )
+            .await
+            .map_err(platform_error)?;
+        if content.len() > MAX_READ {
+            return Err(ServiceError::invalid_input(format!(
+                "the file is {} bytes; files.read returns at most {MAX_READ}",
+                content.len()
+            )));
+        }
+        Ok(ReadFileReply {
+            content: content.to_vec(),
+        })
+    }
+
+    pub async fn list_files(&self, req: ListFilesRequest) -> Result<ListFilesReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        let path = if req.path.is_empty() {
+            "/workspace".to_string()
+        } else {
+            path_of(&req.path)?
+        };
+        let depth = if req.recursive { "20" } else { "1" };
+        let got = self
+            .client
+            .request(
+                "files.list",
+                Method::GET,
+                format!("/sandboxes/{}/files", req.sandbox_id),
+                vec![("path", path), ("depth", depth.to_string())],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        let items = got
+            .as_array()
+            .cloned()
+            .or_else(|| {
+                ["entries", "files", "items"]
+                    .iter()
+                    .find_map(|k| got.get(*k).and_then(Value::as_array).cloned())
+            })
+            .unwrap_or_default();
+        Ok(ListFilesReply {
+            entries: items.iter().map(entry).collect(),
+        })
+    }
+
+    pub async fn delete_file(
+        &self,
+        req: DeleteFileRequest,
+    ) -> Result<DeleteFileReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        let path = path_of(&req.path)?;
+        self.client
+            .request(
+                "files.delete",
+                Method::POST,
+                format!("/sandboxes/{}/fs/delete", req.sandbox_id),
+                vec![],
+                Some(json!({ "path": path, "recursive": req.recursive })),
+                Some(&req.idempotency_key),
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(DeleteFileReply {})
+    }
+
+    pub async fn start_process(
+        &self,
+        req: StartProcessRequest,
+    ) -> Result<ProcessReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        if req.command.trim().is_empty() {
+            return Err(ServiceError::invalid_input("command: is required"));
+        }
+        let mut body =
+            json!({ "command": req.command, "env": req.env, "restart": req.restart_on_resume });
+        if !req.cwd.is_empty() {
+            body["cwd"] = json!(req.cwd);
+        }
+        if !req.name.is_empty() {
+            body["name"] = json!(req.name);
+        }
+        let started = self
+            .client
+            .request(
+                "process.start",
+                Method::POST,
+                format!("/sandboxes/{}/processes", req.sandbox_id),
+                vec![],
+                Some(body),
+                Some(&req.idempotency_key),
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(ProcessReply {
+            process: Some(convert::process(&started)),
+        })
+    }
+
+    pub async fn list_processes(
+        &self,
+        req: ListProcessesRequest,
+    ) -> Result<ListProcessesReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        let got = self
+            .client
+            .request(
+                "process.list",
+                Method::GET,
+                format!("/sandboxes/{}/processes", req.sandbox_id),
+                vec![],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        let items = got
+            .as_array()
+            .cloned()
+            .or_else(|| got.get("processes").and_then(Value::as_array).cloned())
+            .unwrap_or_default();
+        Ok(ListProcessesReply {
+            processes: items.iter().map(convert::process).collect(),
+        })
+    }
+
+    pub async fn get_process(&self, req: ProcessRef) -> Result<ProcessReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("process_id", &req.process_id)?;
+        let got = self
+            .client
+            .request(
+                "process.get",
+                Method::GET,
+                format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
+                vec![],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(ProcessReply {
+            process: Some(convert::process(&got)),
+        })
+    }
+
+    pub async fn stop_process(&self, req: ProcessRef) -> Result<ProcessReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("process_id", &req.process_id)?;
+        let got = self
+            .client
+            .request(
+                "process.stop",
+                Method::DELETE,
+                format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
+                vec![],
+                None,
+                Some(&format!("stop:{}:{}", req.sandbox_id, req.process_id)),
+            )
+            .await
+            .map_err(platform_error)?;
+        Ok(ProcessReply {
+            process: Some(convert::process(&got)),
+        })
+    }
+
+    pub async fn process_logs(
+        &self,
+        req: ProcessLogsRequest,
+    ) -> Result<ProcessLogsReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        required("process_id", &req.process_id)?;
+        let got = self
+            .client
+            .request(
+                "process.logs",
+                Method::GET,
+                format!(
+                    "/sandboxes/{}/processes/{}/logs",
+                    req.sandbox_id, req.process_id
+                ),
+                vec![("tail", req.tail.to_string())],
+                None,
+                None,
+            )
+            .await
+            .map_err(platform_error)?;
+        let (stdout, stderr) = match &got {
+            Value::String(s) => (s.clone(), String::new()),
+            v => (
+                v.get("stdout")
+                    .or(v.get("logs"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                v.get("stderr")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            ),
+        };
+        Ok(ProcessLogsReply { stdout, stderr })
+    }
+}
