@@ -8,3 +8,4 @@ mod faults;
 mod operations;
 mod sandboxd;
 mod service;
+mod usage;

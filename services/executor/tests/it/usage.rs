@@ -1,0 +1,235 @@
+//! Usage events from cumulative counters survive crashes: a real `slipway-executor` process is
+//! aborted between reading a counter and writing the pending interval, between writing it and
+//! publishing, and between publishing and moving the watermark; afterwards the published deltas
+//! per sandbox and meter (deduplicated by event id only) sum to sandboxd's final counters.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use slipway_common::RpcClient;
+use slipway_common::config::{Settings, Sources};
+use slipway_proto::v1::{
+    CreateSandboxRequest, ExecReply, ExecRequest, GetSandboxRequest, SandboxRef, SandboxReply,
+    UsageEvent,
+};
+use slipway_test_support::{FailpointRun, NatsServer, Sandboxd, workspace_bin};
+
+const METERS: [&str; 4] = [
+    "sandbox_vcpu_ms",
+    "active_cpu_ms",
+    "memory_mib_ms",
+    "disk_gib_ms",
+];
+
+fn op(name: &str) -> String {
+    format!("slipway.executor.v1.{name}")
+}
+
+async fn wait_for_service(rpc: &RpcClient) {
+    for _ in 0..200 {
+        let probe: Result<SandboxReply, _> = rpc
+            .call(
+                &op("sandbox.get"),
+                &GetSandboxRequest {
+                    sandbox_id: "sbx_probe".into(),
+                    name: String::new(),
+                },
+            )
+            .await;
+        if !matches!(probe, Err(slipway_common::RpcError::NoResponders { .. })) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the executor never answered");
+}
+
+/// Every usage event in the USAGE stream, read at the stream itself.
+async fn events(js: &async_nats::jetstream::Context) -> Vec<UsageEvent> {
+    let stream = js.get_stream("USAGE").await.unwrap();
+    let info = stream.get_info().await.unwrap();
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return out;
+    }
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        let Ok(m) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        out.push(
+            slipway_common::rpc::decode_message::<UsageEvent>(Some(&m.headers), &m.payload)
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// Per meter: the deduplicated intervals' sum, and whether they chain from 0 without gaps or
+/// overlaps.
+fn sums(events: &[UsageEvent], sandbox: &str) -> BTreeMap<String, (u64, bool)> {
+    let mut by_id: HashMap<&str, &UsageEvent> = HashMap::new();
+    for e in events.iter().filter(|e| e.sandbox_id == sandbox) {
+        by_id.entry(e.id.as_str()).or_insert(e);
+    }
+    let mut per: BTreeMap<String, Vec<&UsageEvent>> = BTreeMap::new();
+    for e in by_id.values() {
+        per.entry(e.meter.clone()).or_default().push(e);
+    }
+    per.into_iter()
+        .map(|(meter, mut es)| {
+            es.sort_by_key(|e| e.counter_from);
+            let chained = es.first().is_some_and(|e| e.counter_from == 0)
+                && es.windows(2).all(|w| w[0].counter_to == w[1].counter_from);
+            let sum = es.iter().map(|e| e.quantity.parse::<u64>().unwrap()).sum();
+            (meter, (sum, chained))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_step() {
+    let nats = NatsServer::start().unwrap();
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "msk_test_executor").unwrap();
+    let env = [
+        ("SLIPWAY__NATS__URL", nats.url()),
+        ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
+        ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
+        ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
+        ("SLIPWAY__PLATFORM__USAGE_SAMPLE_MS", "200".to_string()),
+    ];
+    let settings = Settings::load(&Sources {
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        ..Default::default()
+    })
+    .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    slipway_common::setup::apply(
+        &js,
+        &slipway_common::topology::Topology::new(&settings.setup),
+        slipway_common::setup::Mode::CreateMissing,
+    )
+    .await
+    .unwrap();
+    let mut run = FailpointRun::new(workspace_bin("slipway-executor").unwrap())
+        .timeout(Duration::from_secs(60));
+    for (k, v) in &env {
+        run = run.env(k, v);
+    }
+    let rpc = RpcClient::new(client, Duration::from_secs(30));
+
+    // A sandbox that uses CPU, memory and disk, created through the executor.
+    let service = run.spawn(None).unwrap();
+    wait_for_service(&rpc).await;
+    let created: SandboxReply = rpc
+        .call(
+            &op("sandbox.create"),
+            &CreateSandboxRequest {
+                idempotency_key: "usage-run:1:1".into(),
+                run_id: "usage-run".into(),
+                attribution: Some(slipway_proto::v1::Attribution {
+                    user_id: "metered user".into(),
+                    ..Default::default()
+                }),
+                template_id: "node".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let id = created.sandbox.unwrap().id;
+    let _: ExecReply = rpc
+        .call(
+            &op("exec"),
+            &ExecRequest {
+                sandbox_id: id.clone(),
+                command: "head -c 3000000 /dev/urandom > blob; timeout 0.5 sh -c 'while :; do :; done'; true".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    service.terminate().unwrap();
+    service.wait(Duration::from_secs(30)).unwrap();
+
+    // Abort at each step of billing an interval, then start again.
+    for failpoint in [
+        "executor.usage.after_read",
+        "executor.usage.after_pending",
+        "executor.usage.after_publish",
+        "executor.usage.after_pending@3",
+    ] {
+        run.run_to_failpoint(failpoint).unwrap();
+    }
+
+    // Destroy through a healthy executor, which then bills the final counters.
+    let service = run.spawn(None).unwrap();
+    wait_for_service(&rpc).await;
+    let _: SandboxReply = rpc
+        .call(
+            &op("sandbox.destroy"),
+            &SandboxRef {
+                sandbox_id: id.clone(),
+                idempotency_key: "usage-run:1:9".into(),
+            },
+        )
+        .await
+        .unwrap();
+    // The source of truth: sandboxd's counters after destroy (they no longer move).
+    let final_counters: serde_json::Value = slipway_test_support::http()
+        .get(format!("{}/sandboxes/{id}/usage", sd.base_url()))
+        .bearer_auth("msk_test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let d = &final_counters["data"];
+    let expected: BTreeMap<String, u64> = [
+        (
+            "sandbox_vcpu_ms",
+            d["provisioned_vcpu_ms"].as_u64().unwrap(),
+        ),
+        ("active_cpu_ms", d["active_cpu_ms"].as_u64().unwrap()),
+        ("memory_mib_ms", d["memory_mib_ms"].as_u64().unwrap()),
+        ("disk_gib_ms", d["disk_gib_ms"].as_u64().unwrap()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert!(expected.values().all(|v| *v > 0), "{expected:?}");
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = events(&js).await;
+        let got = sums(&all, &id);
+        let totals: BTreeMap<String, u64> = got.iter().map(|(k, (s, _))| (k.clone(), *s)).collect();
+        if totals == expected {
+            for meter in METERS {
+                assert!(
+                    got[meter].1,
+                    "{meter}: intervals do not chain from 0: {all:?}"
+                );
+            }
+            assert!(
+                all.iter()
+                    .all(|e| e.subject == "metered user" && e.run_id == "usage-run")
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "published {totals:?}, sandboxd says {expected:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    service.terminate().unwrap();
+    service.wait(Duration::from_secs(30)).unwrap();
+}
