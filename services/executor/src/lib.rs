@@ -19,7 +19,10 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let key = platform.api_key.clone().ok_or_else(|| {
         anyhow::anyhow!("platform.api_key_file (or MIOSA_API_KEY) is required: the executor calls the sandbox platform")
     })?;
-    let client = miosa::MiosaClient::new(miosa::ClientConfig::new(platform.base_url.clone(), key))?;
+    let mut config = miosa::ClientConfig::new(platform.base_url.clone(), key);
+    config.rate_limit_rpm = platform.rate_limit_rpm;
+    config.rate_limit_burst = (platform.rate_limit_rpm / 6).max(1);
+    let client = miosa::MiosaClient::new(config)?;
     let executor = Arc::new(service::Executor {
         client,
         jetstream: app.jetstream.clone(),

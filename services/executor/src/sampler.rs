@@ -197,15 +197,13 @@ impl Sampler {
         for (meter, _) in METERS {
             self.settle_pending(marks, sandbox, meter).await?;
         }
-        let counters = self
-            .executor
-            .client
+        // Background work: it yields to calls people wait for under the rate limit.
+        let client = self.executor.client.background();
+        let counters = client
             .sandbox_usage(&sandbox.id)
             .await
             .map_err(|e| SampleError::Platform(e.to_string()))?;
-        let state = self
-            .executor
-            .client
+        let state = client
             .get_sandbox(&sandbox.id)
             .await
             .map(|v| convert::sandbox(&v).state)

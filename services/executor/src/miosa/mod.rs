@@ -7,7 +7,9 @@
 
 pub mod decode;
 pub mod error;
+pub mod limit;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -18,6 +20,7 @@ use serde_json::{Value, json};
 use slipway_common::config::Secret;
 
 pub use error::MiosaError;
+pub use limit::{Priority, RateLimiter};
 
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -32,6 +35,9 @@ pub struct ClientConfig {
     pub max_retries: u32,
     /// The first backoff; each retry doubles it (full jitter), at most 30 s.
     pub backoff: Duration,
+    /// The key's requests per minute, and how many may go at once.
+    pub rate_limit_rpm: u32,
+    pub rate_limit_burst: u32,
 }
 
 impl ClientConfig {
@@ -43,6 +49,8 @@ impl ClientConfig {
             long_timeout: Duration::from_secs(600),
             max_retries: 3,
             backoff: Duration::from_millis(500),
+            rate_limit_rpm: 600,
+            rate_limit_burst: 100,
         }
     }
 }
@@ -52,6 +60,9 @@ impl ClientConfig {
 pub struct MiosaClient {
     http: reqwest::Client,
     config: ClientConfig,
+    /// Shared by every clone: the limit is per key.
+    limiter: Arc<RateLimiter>,
+    priority: Priority,
 }
 
 impl std::fmt::Debug for MiosaClient {
@@ -84,7 +95,25 @@ impl MiosaClient {
                 url: config.base_url.clone(),
                 message: e.to_string(),
             })?;
-        Ok(Self { http, config })
+        let limiter = Arc::new(RateLimiter::new(
+            config.rate_limit_rpm,
+            config.rate_limit_burst,
+        ));
+        Ok(Self {
+            http,
+            config,
+            limiter,
+            priority: Priority::Interactive,
+        })
+    }
+
+    /// The same client for background work, which yields to interactive calls under the
+    /// rate limit.
+    pub fn background(&self) -> Self {
+        Self {
+            priority: Priority::Background,
+            ..self.clone()
+        }
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -132,6 +161,7 @@ impl MiosaClient {
     }
 
     async fn attempt(&self, url: &str, call: &Call<'_>) -> Result<bytes::Bytes, MiosaError> {
+        self.limiter.acquire(self.priority).await;
         let mut req = self
             .http
             .request(call.method.clone(), url)

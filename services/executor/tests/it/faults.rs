@@ -327,3 +327,37 @@ async fn a_404_on_fs_write_many_falls_back_to_the_legacy_route_and_its_body_rule
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn under_the_rate_limit_a_waiting_call_goes_before_background_work() {
+    let fake = Fake::default();
+    fake.on("GET /sandboxes/sbx_bg", vec![reply(200, SANDBOX)]);
+    fake.on("GET /sandboxes/sbx_person", vec![reply(200, SANDBOX)]);
+    // Five a second, one at a time: each call after the first waits about 0.2 s.
+    let c = client(&fake, |c| {
+        c.rate_limit_rpm = 300;
+        c.rate_limit_burst = 1;
+    })
+    .await;
+    c.get_sandbox("sbx_first").await.ok();
+    let bg = c.background();
+    let background = tokio::spawn(async move {
+        for _ in 0..3 {
+            bg.get_sandbox("sbx_bg").await.unwrap();
+        }
+    });
+    // The background work is queued first; the interactive call still goes first.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    c.get_sandbox("sbx_person").await.unwrap();
+    background.await.unwrap();
+    let order: Vec<String> = fake
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l.path.clone())
+        .filter(|p| p != "/sandboxes/sbx_first")
+        .collect();
+    assert_eq!(order[0], "/sandboxes/sbx_person", "{order:?}");
+    assert_eq!(order.len(), 4);
+}
