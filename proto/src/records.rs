@@ -16,3 +16,7 @@ impl Record for crate::v1::SandboxRecord {
 impl Record for crate::v1::MeterWatermark {
     const SCHEMA_VERSION: u32 = 1;
 }
+
+impl Record for crate::v1::RelayRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}

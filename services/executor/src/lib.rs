@@ -6,6 +6,7 @@
 
 pub mod convert;
 pub mod miosa;
+pub mod relay;
 pub mod sampler;
 pub mod service;
 
@@ -25,6 +26,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let client = miosa::MiosaClient::new(config)?;
     let executor = Arc::new(service::Executor {
         client,
+        nats: app.nats.clone(),
         jetstream: app.jetstream.clone(),
     });
     let host = app
@@ -33,6 +35,27 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
         )
         .await?;
     service::register(&host, executor.clone()).await?;
+    let relays = relay::Relays::new(executor.clone());
+    for (op, start) in [("relay.start", true), ("relay.stop", false)] {
+        let r = relays.clone();
+        host.endpoint(op, move |req, _| {
+            let r = r.clone();
+            async move {
+                if start {
+                    r.start(req).await
+                } else {
+                    r.stop(req).await
+                }
+            }
+        })
+        .await?;
+    }
+    {
+        let (r, shutdown) = (relays.clone(), app.shutdown.clone());
+        app.shutdown
+            .tracker()
+            .spawn(async move { r.supervise(shutdown).await });
+    }
     let every = std::time::Duration::from_millis(platform.usage_sample_ms);
     let sampler = sampler::Sampler::new(executor);
     let shutdown = app.shutdown.clone();

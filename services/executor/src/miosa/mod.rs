@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod error;
 pub mod limit;
+pub mod sse;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -30,10 +30,11 @@ mod workspace;
 /// What every handler shares.
 pub struct Executor {
     pub client: MiosaClient,
+    pub nats: async_nats::Client,
     pub jetstream: async_nats::jetstream::Context,
 }
 
-fn platform_error(e: MiosaError) -> ServiceError {
+pub(crate) fn platform_error(e: MiosaError) -> ServiceError {
     let mut err = ServiceError::new(e.code(), e.to_string());
     if let MiosaError::Api {
         code,

@@ -6,6 +6,7 @@
 mod fake;
 mod faults;
 mod operations;
+mod relay;
 mod sandboxd;
 mod service;
 mod usage;

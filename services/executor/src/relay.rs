@@ -1,0 +1,343 @@
+//! File-watch relays: on `relay.start`, a replica follows a sandbox's watch stream and republishes
+//! each change as a `FileChange` on `slipway.sandboxes.<sandbox>.files` (core NATS). Each relay is
+//! a record in the `relays` bucket with a lease its replica renews; when a replica dies, another
+//! finds the lease expired, takes the relay over and publishes a `resync` change first (changes
+//! may have been missed in between). A relay ends with `relay.stop` or when its sandbox is
+//! destroyed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+use serde_json::Value;
+use slipway_common::records::{RecordError, Records};
+use slipway_common::topology::buckets;
+use slipway_common::{ServiceError, Shutdown};
+use slipway_proto::codec::ContentType;
+use slipway_proto::v1::{FileChange, FileChangeKind, RelayRecord, RelayReply, RelayRequest};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::Executor;
+
+/// How long a lease holds without renewal, and how often leases are renewed and expired ones
+/// looked for.
+pub const LEASE: Duration = Duration::from_secs(3);
+const TICK: Duration = Duration::from_millis(1000);
+
+pub struct Relays {
+    executor: Arc<Executor>,
+    holder: String,
+    running: Mutex<HashMap<String, CancellationToken>>,
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
+        .unwrap_or(i64::MAX)
+}
+
+fn store_error(e: impl std::fmt::Display) -> ServiceError {
+    ServiceError::unavailable(format!("relay records: {e}"))
+}
+
+impl Relays {
+    pub fn new(executor: Arc<Executor>) -> Arc<Self> {
+        Arc::new(Self {
+            executor,
+            holder: format!(
+                "executor-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
+            running: Mutex::default(),
+        })
+    }
+
+    /// This replica's name in relay records (it carries the process id).
+    pub fn holder(&self) -> &str {
+        &self.holder
+    }
+
+    async fn store(&self) -> Result<kv::Store, ServiceError> {
+        self.executor
+            .jetstream
+            .get_key_value(buckets::RELAYS)
+            .await
+            .map_err(store_error)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts relaying (idempotent: a relay already running anywhere is left as it is). Answers
+    /// once this replica's watch stream is open, so no change after the reply is missed.
+    pub async fn start(self: &Arc<Self>, req: RelayRequest) -> Result<RelayReply, ServiceError> {
+        slipway_proto::validate::check_id("sandbox_id", &req.sandbox_id, true)
+            .map_err(ServiceError::from)?;
+        // The sandbox must exist and be live at the platform.
+        let sandbox = self
+            .executor
+            .client
+            .get_sandbox(&req.sandbox_id)
+            .await
+            .map_err(crate::service::platform_error)?;
+        if crate::convert::sandbox(&sandbox).state
+            == slipway_proto::v1::SandboxState::Destroyed as i32
+        {
+            return Err(ServiceError::invalid_input("the sandbox is destroyed"));
+        }
+        let records = Records::<RelayRecord>::new(self.store().await?);
+        let record = RelayRecord {
+            sandbox_id: req.sandbox_id.clone(),
+            run_id: req.run_id.clone(),
+            holder: self.holder.clone(),
+            lease_expires_ms: now_ms() + LEASE.as_millis() as i64,
+        };
+        match records.create(&req.sandbox_id, &record).await {
+            Ok(_) => {}
+            Err(RecordError::Exists { .. }) => return Ok(RelayReply { active: true }),
+            Err(e) => return Err(store_error(e)),
+        }
+        let (opened, wait) = tokio::sync::oneshot::channel();
+        self.spawn_follow(record, false, Some(opened));
+        match tokio::time::timeout(Duration::from_secs(15), wait).await {
+            Ok(Ok(Ok(()))) => Ok(RelayReply { active: true }),
+            Ok(Ok(Err(e))) => Err(e),
+            _ => Err(ServiceError::unavailable("the watch stream did not open")),
+        }
+    }
+
+    /// Stops the relay wherever it runs (its replica sees the record gone at its next renewal).
+    pub async fn stop(&self, req: RelayRequest) -> Result<RelayReply, ServiceError> {
+        slipway_proto::validate::check_id("sandbox_id", &req.sandbox_id, true)
+            .map_err(ServiceError::from)?;
+        self.store()
+            .await?
+            .delete(&req.sandbox_id)
+            .await
+            .map_err(store_error)?;
+        if let Some(cancel) = self.lock().remove(&req.sandbox_id) {
+            cancel.cancel();
+        }
+        Ok(RelayReply { active: false })
+    }
+
+    fn spawn_follow(
+        self: &Arc<Self>,
+        record: RelayRecord,
+        resync: bool,
+        opened: Option<tokio::sync::oneshot::Sender<Result<(), ServiceError>>>,
+    ) {
+        let cancel = CancellationToken::new();
+        if let Some(old) = self
+            .lock()
+            .insert(record.sandbox_id.clone(), cancel.clone())
+        {
+            old.cancel();
+        }
+        let me = self.clone();
+        tokio::spawn(async move { me.follow(record, resync, opened, cancel).await });
+    }
+
+    async fn publish(&self, change: FileChange) {
+        let Ok(subject) = slipway_common::subjects::sandbox_files(&change.sandbox_id) else {
+            return;
+        };
+        let headers = slipway_common::rpc::message_headers::<FileChange>(ContentType::Protobuf);
+        let payload = slipway_proto::codec::encode(&change, ContentType::Protobuf);
+        if let Err(e) = self
+            .executor
+            .nats
+            .publish_with_headers(subject, headers, payload.into())
+            .await
+        {
+            tracing::warn!(sandbox = %change.sandbox_id, error = %e, "publishing a file change");
+        }
+    }
+
+    /// Follows the watch until cancelled or the sandbox is gone, reconnecting (with
+    /// `Last-Event-ID`, and a resync change since the gap may have lost changes).
+    async fn follow(
+        self: Arc<Self>,
+        record: RelayRecord,
+        mut resync: bool,
+        mut opened: Option<tokio::sync::oneshot::Sender<Result<(), ServiceError>>>,
+        cancel: CancellationToken,
+    ) {
+        let id = record.sandbox_id.clone();
+        let client = self.executor.client.background();
+        let mut last_event_id: Option<String> = None;
+        let mut backoff = Duration::from_millis(100);
+        while !cancel.is_cancelled() {
+            match client
+                .watch(&id, "/workspace", last_event_id.as_deref())
+                .await
+            {
+                Ok(stream) => {
+                    backoff = Duration::from_millis(100);
+                    if let Some(tx) = opened.take() {
+                        let _ = tx.send(Ok(()));
+                    }
+                    if resync {
+                        self.publish(change(&id, FileChangeKind::Resync, "/workspace", false, ""))
+                            .await;
+                    }
+                    let mut stream = std::pin::pin!(stream);
+                    loop {
+                        let next = tokio::select! {
+                            () = cancel.cancelled() => return,
+                            next = stream.next() => next,
+                        };
+                        let Some(Ok(event)) = next else { break };
+                        if event.id.is_some() {
+                            last_event_id = event.id.clone();
+                        }
+                        if let Some(c) = to_change(&id, &event.event, &event.data) {
+                            self.publish(c).await;
+                        }
+                    }
+                }
+                Err(e) if matches!(e.status(), Some(404 | 410)) => {
+                    if let Some(tx) = opened.take() {
+                        let _ = tx.send(Err(crate::service::platform_error(e)));
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(sandbox = %id, error = %e, "the watch stream");
+                    if let Some(tx) = opened.take() {
+                        let _ = tx.send(Err(crate::service::platform_error(e)));
+                        break;
+                    }
+                }
+            }
+            // The stream ended: a destroyed sandbox ends its relay; anything else reconnects.
+            let gone = match client.get_sandbox(&id).await {
+                Ok(v) => {
+                    crate::convert::sandbox(&v).state
+                        == slipway_proto::v1::SandboxState::Destroyed as i32
+                }
+                Err(e) => matches!(e.status(), Some(404 | 410)),
+            };
+            if gone {
+                break;
+            }
+            resync = true;
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        if !cancel.is_cancelled() {
+            // Finished for good (the sandbox is gone): the record goes too.
+            if let Ok(store) = self.store().await {
+                let _ = store.delete(&id).await;
+            }
+            self.lock().remove(&id);
+        }
+    }
+
+    /// Renews this replica's leases and takes over relays whose lease ran out, until shutdown.
+    pub async fn supervise(self: Arc<Self>, shutdown: Shutdown) {
+        loop {
+            if let Err(e) = self.tick().await {
+                tracing::warn!(error = %e.message, "relay leases");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(TICK) => {}
+                () = shutdown.triggered() => return,
+            }
+        }
+    }
+
+    async fn tick(self: &Arc<Self>) -> Result<(), ServiceError> {
+        let store = self.store().await?;
+        let records = Records::<RelayRecord>::new(store.clone());
+        let mut keys = store.keys().await.map_err(store_error)?;
+        let mut seen = Vec::new();
+        while let Some(key) = keys.next().await {
+            let Ok(key) = key else { continue };
+            seen.push(key.clone());
+            let Some((record, revision)) = records.get(&key).await.map_err(store_error)? else {
+                continue;
+            };
+            let mine = record.holder == self.holder;
+            let expired = record.lease_expires_ms <= now_ms();
+            if !(mine || expired) {
+                continue;
+            }
+            let renewed = RelayRecord {
+                holder: self.holder.clone(),
+                lease_expires_ms: now_ms() + LEASE.as_millis() as i64,
+                ..record.clone()
+            };
+            match records.update(&key, &renewed, revision).await {
+                Ok(_) if !mine => {
+                    tracing::info!(sandbox = %key, from = %record.holder, "taking over a relay");
+                    self.spawn_follow(renewed, true, None);
+                }
+                Ok(_) => {}
+                // Another replica got there first.
+                Err(RecordError::Conflict { .. }) => {}
+                Err(e) => return Err(store_error(e)),
+            }
+        }
+        // Relays whose record is gone (stopped elsewhere) stop here too.
+        let gone: Vec<String> = self
+            .lock()
+            .keys()
+            .filter(|k| !seen.contains(k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(c) = self.lock().remove(&k) {
+                c.cancel();
+            }
+        }
+        Ok(())
+    }
+}
+
+fn change(sandbox: &str, kind: FileChangeKind, path: &str, is_dir: bool, old: &str) -> FileChange {
+    let t = time::OffsetDateTime::now_utc();
+    FileChange {
+        sandbox_id: sandbox.to_string(),
+        kind: kind.into(),
+        path: path.to_string(),
+        is_dir,
+        old_path: old.to_string(),
+        time: Some(pbjson_types::Timestamp {
+            seconds: t.unix_timestamp(),
+            nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
+        }),
+    }
+}
+
+/// A watch event (`type` or `event` key, as the SDKs read them) as a `FileChange`.
+fn to_change(sandbox: &str, sse_event: &str, data: &str) -> Option<FileChange> {
+    let v: Value = serde_json::from_str(data).ok()?;
+    let kind = v
+        .get("type")
+        .or(v.get("event"))
+        .and_then(Value::as_str)
+        .unwrap_or(sse_event);
+    let kind = match kind {
+        "created" | "create" | "added" => FileChangeKind::Created,
+        "modified" | "modify" | "changed" | "renamed" | "moved" => FileChangeKind::Modified,
+        "deleted" | "delete" | "removed" => FileChangeKind::Deleted,
+        "resync" | "overflow" => FileChangeKind::Resync,
+        _ => return None,
+    };
+    Some(change(
+        sandbox,
+        kind,
+        v.get("path").and_then(Value::as_str).unwrap_or_default(),
+        v.get("is_dir").and_then(Value::as_bool).unwrap_or(false),
+        v.get("old_path")
+            .and_then(Value::as_str)
+            .unwrap_or_default(),
+    ))
+}
