@@ -23,7 +23,9 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let mut config = miosa::ClientConfig::new(platform.base_url.clone(), key);
     config.rate_limit_rpm = platform.rate_limit_rpm;
     config.rate_limit_burst = (platform.rate_limit_rpm / 6).max(1);
-    let client = miosa::MiosaClient::new(config)?;
+    let client = miosa::MiosaClient::new(config)?.with_metrics(
+        miosa::metrics::PlatformMetrics::register(app.health.metrics()),
+    );
     let executor = Arc::new(service::Executor {
         client,
         nats: app.nats.clone(),

@@ -160,6 +160,7 @@ impl Sampler {
             .map_err(|e| SampleError::Store(e.to_string()))?;
         let records = Records::<SandboxRecord>::new(registry.clone());
         let marks = self.watermarks().await?;
+        let mut live: std::collections::BTreeMap<String, i64> = Default::default();
         use futures::StreamExt;
         while let Some(key) = keys.next().await {
             let Ok(key) = key else { continue };
@@ -169,9 +170,16 @@ impl Sampler {
             let Some(sandbox) = record.sandbox else {
                 continue;
             };
+            if sandbox.state != SandboxState::Destroyed as i32 {
+                let user = sandbox.attribution.clone().unwrap_or_default().user_id;
+                *live.entry(user).or_default() += 1;
+            }
             if let Err(e) = self.sample_sandbox(&marks, &sandbox).await {
                 tracing::warn!(sandbox = %sandbox.id, error = %e, "sampling a sandbox");
             }
+        }
+        if let Some(m) = self.executor.client.metrics() {
+            m.set_live(&live);
         }
         Ok(())
     }

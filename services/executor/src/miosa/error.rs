@@ -31,6 +31,16 @@ pub enum MiosaError {
 }
 
 impl MiosaError {
+    /// A short name for metrics: `api`, `unreachable`, `timeout` or `malformed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MiosaError::Api { .. } => "api",
+            MiosaError::Unreachable { .. } => "unreachable",
+            MiosaError::Timeout { .. } => "timeout",
+            MiosaError::Malformed { .. } => "malformed",
+        }
+    }
+
     /// Whether the same call may succeed if repeated (429, 5xx, connection errors, timeouts).
     pub fn is_retryable(&self) -> bool {
         match self {

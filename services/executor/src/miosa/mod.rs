@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod error;
 pub mod limit;
+pub mod metrics;
 pub mod sse;
 
 use std::sync::Arc;
@@ -64,6 +65,7 @@ pub struct MiosaClient {
     /// Shared by every clone: the limit is per key.
     limiter: Arc<RateLimiter>,
     priority: Priority,
+    metrics: Option<metrics::PlatformMetrics>,
 }
 
 impl std::fmt::Debug for MiosaClient {
@@ -105,7 +107,18 @@ impl MiosaClient {
             config,
             limiter,
             priority: Priority::Interactive,
+            metrics: None,
         })
+    }
+
+    /// Counts calls, retries and 429s in the process's metrics.
+    pub fn with_metrics(mut self, metrics: metrics::PlatformMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn metrics(&self) -> Option<&metrics::PlatformMetrics> {
+        self.metrics.as_ref()
     }
 
     /// The same client for background work, which yields to interactive calls under the
@@ -134,9 +147,24 @@ impl MiosaClient {
         );
         let mut attempt = 0;
         loop {
-            match self.attempt(&url, call).await {
+            let started = std::time::Instant::now();
+            let result = self.attempt(&url, call).await;
+            if let Some(m) = &self.metrics {
+                let outcome = match &result {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => e
+                        .status()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| e.kind().to_string()),
+                };
+                m.attempt(call.op, &outcome, started.elapsed().as_secs_f64());
+            }
+            match result {
                 Err(e) if e.is_retryable() && attempt < self.config.max_retries => {
                     attempt += 1;
+                    if let Some(m) = &self.metrics {
+                        m.retry(call.op);
+                    }
                     let wait = match &e {
                         MiosaError::Api {
                             retry_after: Some(after),

@@ -361,3 +361,28 @@ async fn under_the_rate_limit_a_waiting_call_goes_before_background_work() {
     assert_eq!(order[0], "/sandboxes/sbx_person", "{order:?}");
     assert_eq!(order.len(), 4);
 }
+
+#[tokio::test]
+async fn calls_retries_and_429s_show_in_the_metrics_without_the_key() {
+    let fake = Fake::default();
+    let mut limited = reply(429, r#"{"error":{"code":"rate_limited","message":"slow"}}"#);
+    limited.headers.push(("retry-after", "0".into()));
+    fake.on("POST /sandboxes", vec![limited, reply(201, SANDBOX)]);
+    let registry = slipway_common::metrics::Metrics::new();
+    let c = client(&fake, |_| {}).await.with_metrics(
+        slipway_executor::miosa::metrics::PlatformMetrics::register(&registry),
+    );
+    c.create_sandbox(json!({}), "run_1:sandbox:1")
+        .await
+        .unwrap();
+    let text = registry.render();
+    for line in [
+        r#"slipway_platform_calls_total{op="sandbox.create",outcome="429"} 1"#,
+        r#"slipway_platform_calls_total{op="sandbox.create",outcome="ok"} 1"#,
+        r#"slipway_platform_retries_total{op="sandbox.create"} 1"#,
+        r#"slipway_platform_rate_limited_total{op="sandbox.create"} 1"#,
+    ] {
+        assert!(text.contains(line), "no `{line}` in:\n{text}");
+    }
+    assert!(!text.contains(KEY));
+}
