@@ -7,6 +7,8 @@ use slipway_proto::v1::{Attribution, Sandbox, SandboxState};
 /// `slipway_run_id` and `slipway_branch` in a sandbox's metadata tie it to a run.
 pub const RUN_KEY: &str = "slipway_run_id";
 pub const BRANCH_KEY: &str = "slipway_branch";
+/// The idempotency key of the request that created the sandbox.
+pub const CREATED_BY_KEY: &str = "slipway_created_by";
 
 fn text(v: &Value, key: &str) -> String {
     v.get(key)

@@ -1,5 +1,6 @@
 //! Usage from the platform's cumulative counters (`sandbox_vcpu_ms`, `active_cpu_ms`,
-//! `memory_mib_ms`, `disk_gib_ms`), billed as the growth since the last billed value.
+//! `memory_mib_ms`, `disk_gib_ms`, `exec_count`), billed as the growth since the last billed
+//! value; and the one delta meter the executor publishes itself, `sandboxes_created`.
 //!
 //! For each sandbox and meter a watermark in the `meter` bucket says up to which counter value
 //! events are published. Billing an interval is three steps, each safe to cut short:
@@ -30,11 +31,12 @@ use crate::service::Executor;
 /// The cumulative meters, with where each comes from in the platform's counters.
 type Reading = fn(&slipway_proto::v1::SandboxCounters) -> u64;
 
-const METERS: [(&str, Reading); 4] = [
+const METERS: [(&str, Reading); 5] = [
     (meters::SANDBOX_VCPU_MS, |c| c.vcpu_ms),
     (meters::ACTIVE_CPU_MS, |c| c.active_cpu_ms),
     (meters::MEMORY_MIB_MS, |c| c.memory_mib_ms),
     (meters::DISK_GIB_MS, |c| c.disk_gib_ms),
+    (meters::EXEC_COUNT, |c| c.exec_count),
 ];
 
 const LEASE_KEY: &str = "executor.sampler";
@@ -146,7 +148,48 @@ impl Sampler {
         Ok(Records::new(store))
     }
 
-    /// One pass over every sandbox in the registry.
+    /// Records sandboxes the platform has for Slipway (they carry its metadata) but the
+    /// registry does not: created just before a crash, before their record was written. So no
+    /// sandbox goes unbilled or unreaped.
+    async fn adopt_orphans(&self, records: &Records<SandboxRecord>) -> Result<(), SampleError> {
+        let all = self
+            .executor
+            .client
+            .background()
+            .list_sandboxes(&[])
+            .await
+            .map_err(|e| SampleError::Platform(e.to_string()))?;
+        for v in &all {
+            let sandbox = convert::sandbox(v);
+            let created_by = sandbox
+                .metadata
+                .get(convert::CREATED_BY_KEY)
+                .cloned()
+                .unwrap_or_default();
+            let ours = !created_by.is_empty() || !sandbox.run_id.is_empty();
+            if !ours
+                || sandbox.id.is_empty()
+                || sandbox.state == SandboxState::Destroyed as i32
+                || records.get(&sandbox.id).await?.is_some()
+            {
+                continue;
+            }
+            tracing::warn!(sandbox = %sandbox.id, %created_by, "adopting a sandbox with no record");
+            self.executor
+                .remember(&sandbox, &created_by)
+                .await
+                .map_err(|e| SampleError::Store(e.message))?;
+            if !created_by.is_empty() {
+                self.executor
+                    .count_created(&sandbox, &created_by)
+                    .await
+                    .map_err(|e| SampleError::Publish(e.message))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over every sandbox in the registry (after adopting any the registry lacks).
     pub async fn sample_once(&self) -> Result<(), SampleError> {
         let registry = self
             .executor
@@ -159,6 +202,9 @@ impl Sampler {
             .await
             .map_err(|e| SampleError::Store(e.to_string()))?;
         let records = Records::<SandboxRecord>::new(registry.clone());
+        if let Err(e) = self.adopt_orphans(&records).await {
+            tracing::warn!(error = %e, "looking for sandboxes without a record");
+        }
         let marks = self.watermarks().await?;
         let mut live: std::collections::BTreeMap<String, i64> = Default::default();
         use futures::StreamExt;
@@ -319,46 +365,58 @@ impl Sampler {
         meter: &str,
         interval: &MeterInterval,
     ) -> Result<(), SampleError> {
-        let attribution = sandbox.attribution.clone().unwrap_or_default();
-        let unit = meters::CATALOGUE
-            .iter()
-            .find(|m| m.name == meter)
-            .map_or("", |m| m.unit);
-        let event = UsageEvent {
-            id: interval.id.clone(),
-            source: "slipway/executor".into(),
-            r#type: "slipway.usage.v1".into(),
-            subject: attribution.user_id.clone(),
-            time: interval.read_at,
-            spec_version: "1.0".into(),
-            meter: meter.to_string(),
-            quantity: (interval.to - interval.from).to_string(),
-            unit: unit.to_string(),
-            run_id: sandbox.run_id.clone(),
-            sandbox_id: sandbox.id.clone(),
-            project_id: attribution.project_id,
-            workspace_id: attribution.workspace_id,
-            counter_from: interval.from,
-            counter_to: interval.to,
-        };
-        let subject =
-            slipway_common::subjects::usage(Service::Executor, meter, &attribution.user_id)
-                .map_err(|e| SampleError::Publish(e.to_string()))?;
-        let mut headers = slipway_common::rpc::message_headers::<UsageEvent>(ContentType::Protobuf);
-        headers.insert("Nats-Msg-Id", event.id.as_str());
-        let ack = self
-            .executor
-            .jetstream
-            .publish_with_headers(
-                subject,
-                headers,
-                slipway_proto::codec::encode(&event, ContentType::Protobuf).into(),
-            )
-            .await
-            .map_err(|e| SampleError::Publish(e.to_string()))?;
-        ack.await.map_err(|e| SampleError::Publish(e.to_string()))?;
-        Ok(())
+        let mut event = usage_event(sandbox, meter, interval.to - interval.from);
+        event.id = interval.id.clone();
+        event.time = interval.read_at;
+        event.counter_from = interval.from;
+        event.counter_to = interval.to;
+        publish_usage(&self.executor, &event).await
     }
+}
+
+/// A usage event of `sandbox` for `quantity` of `meter` (id and time to be set by the caller).
+pub fn usage_event(sandbox: &slipway_proto::v1::Sandbox, meter: &str, quantity: u64) -> UsageEvent {
+    let attribution = sandbox.attribution.clone().unwrap_or_default();
+    let unit = meters::CATALOGUE
+        .iter()
+        .find(|m| m.name == meter)
+        .map_or("", |m| m.unit);
+    UsageEvent {
+        id: String::new(),
+        source: "slipway/executor".into(),
+        r#type: "slipway.usage.v1".into(),
+        subject: attribution.user_id,
+        time: Some(now()),
+        spec_version: "1.0".into(),
+        meter: meter.to_string(),
+        quantity: quantity.to_string(),
+        unit: unit.to_string(),
+        run_id: sandbox.run_id.clone(),
+        sandbox_id: sandbox.id.clone(),
+        project_id: attribution.project_id,
+        workspace_id: attribution.workspace_id,
+        counter_from: 0,
+        counter_to: 0,
+    }
+}
+
+/// Publishes a usage event to JetStream with its id as `Nats-Msg-Id`, waiting for the ack.
+pub async fn publish_usage(executor: &Executor, event: &UsageEvent) -> Result<(), SampleError> {
+    let subject = slipway_common::subjects::usage(Service::Executor, &event.meter, &event.subject)
+        .map_err(|e| SampleError::Publish(e.to_string()))?;
+    let mut headers = slipway_common::rpc::message_headers::<UsageEvent>(ContentType::Protobuf);
+    headers.insert("Nats-Msg-Id", event.id.as_str());
+    let ack = executor
+        .jetstream
+        .publish_with_headers(
+            subject,
+            headers,
+            slipway_proto::codec::encode(event, ContentType::Protobuf).into(),
+        )
+        .await
+        .map_err(|e| SampleError::Publish(e.to_string()))?;
+    ack.await.map_err(|e| SampleError::Publish(e.to_string()))?;
+    Ok(())
 }
 
 /// `<sandbox>.<meter>`: KV keys allow `.`, and sandbox ids and meter names have no dots.

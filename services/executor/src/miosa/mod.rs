@@ -134,6 +134,18 @@ impl MiosaClient {
         &self.config
     }
 
+    /// MIOSA cloud serves the file watch (and tree) only on its `sandboxes.` host, as the SDKs
+    /// know: an `api.` base URL becomes `sandboxes.` for those routes; any other base URL (a
+    /// sandboxd) is used as it is.
+    pub fn sandboxes_host_base(&self) -> String {
+        let base = self.config.base_url.trim_end_matches('/');
+        if base.contains("//api.") {
+            base.replacen("//api.", "//sandboxes.", 1)
+        } else {
+            base.to_string()
+        }
+    }
+
     fn key(caller: &str, op: &str) -> String {
         format!("{caller}:{op}")
     }

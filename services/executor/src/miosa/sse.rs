@@ -83,7 +83,7 @@ impl MiosaClient {
     ) -> Result<impl Stream<Item = Result<SseEvent, MiosaError>> + use<>, MiosaError> {
         let url = format!(
             "{}/sandboxes/{sandbox_id}/files/watch",
-            self.config.base_url.trim_end_matches('/')
+            self.sandboxes_host_base()
         );
         self.limiter.acquire(self.priority).await;
         let mut req = self

@@ -17,7 +17,7 @@ use slipway_proto::v1::{
     WriteFilesRequest,
 };
 
-use crate::convert::{self, BRANCH_KEY, RUN_KEY};
+use crate::convert::{self, BRANCH_KEY, CREATED_BY_KEY, RUN_KEY};
 use crate::miosa::{MiosaClient, MiosaError};
 
 mod deploy;
@@ -69,7 +69,7 @@ impl Executor {
     }
 
     /// Records (or refreshes) a sandbox in the registry.
-    async fn remember(
+    pub(crate) async fn remember(
         &self,
         sandbox: &slipway_proto::v1::Sandbox,
         created_by: &str,
@@ -102,6 +102,21 @@ impl Executor {
         }
     }
 
+    /// One `sandboxes_created` event per sandbox, its id derived from the request's key (a
+    /// retried request publishes the same id, which billing counts once).
+    pub(crate) async fn count_created(
+        &self,
+        sandbox: &slipway_proto::v1::Sandbox,
+        key: &str,
+    ) -> Result<(), ServiceError> {
+        let meter = slipway_proto::meters::SANDBOXES_CREATED;
+        let mut event = crate::sampler::usage_event(sandbox, meter, 1);
+        event.id = format!("{key}:{meter}");
+        crate::sampler::publish_usage(self, &event)
+            .await
+            .map_err(|e| ServiceError::unavailable(e.to_string()))
+    }
+
     pub async fn create(&self, req: CreateSandboxRequest) -> Result<SandboxReply, ServiceError> {
         required("idempotency_key", &req.idempotency_key)?;
         let attribution = req.attribution.clone().unwrap_or_default();
@@ -117,6 +132,8 @@ impl Executor {
         if !req.branch.is_empty() {
             metadata.insert(BRANCH_KEY.into(), json!(req.branch));
         }
+        // So a sandbox created just before a crash can be found and adopted.
+        metadata.insert(CREATED_BY_KEY.into(), json!(req.idempotency_key));
         let mut body = json!({
             "external_user_id": attribution.user_id,
             "env": req.env,
@@ -146,7 +163,9 @@ impl Executor {
             .await
             .map_err(platform_error)?;
         let sandbox = convert::sandbox(&created);
+        slipway_common::failpoint::hit("executor.create.after_platform");
         self.remember(&sandbox, &req.idempotency_key).await?;
+        self.count_created(&sandbox, &req.idempotency_key).await?;
         Ok(SandboxReply {
             sandbox: Some(sandbox),
         })

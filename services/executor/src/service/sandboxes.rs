@@ -10,7 +10,7 @@ use slipway_proto::v1::{
 };
 
 use super::{Executor, platform_error, required};
-use crate::convert::{self, BRANCH_KEY, RUN_KEY};
+use crate::convert::{self, BRANCH_KEY, CREATED_BY_KEY, RUN_KEY};
 
 impl Executor {
     pub async fn update(&self, req: UpdateSandboxRequest) -> Result<SandboxReply, ServiceError> {
@@ -178,6 +178,7 @@ impl Executor {
         if !req.branch.is_empty() {
             metadata.insert(BRANCH_KEY.into(), json!(req.branch));
         }
+        metadata.insert(CREATED_BY_KEY.into(), json!(req.idempotency_key));
         let mut body = json!({ "metadata": metadata });
         if !req.snapshot_id.is_empty() {
             body["snapshot_id"] = json!(req.snapshot_id);
@@ -216,6 +217,7 @@ impl Executor {
             ));
         }
         self.remember(&sandbox, &req.idempotency_key).await?;
+        self.count_created(&sandbox, &req.idempotency_key).await?;
         Ok(SandboxReply {
             sandbox: Some(sandbox),
         })

@@ -386,3 +386,22 @@ async fn calls_retries_and_429s_show_in_the_metrics_without_the_key() {
     }
     assert!(!text.contains(KEY));
 }
+
+#[tokio::test]
+async fn the_watch_goes_to_miosas_sandboxes_host_and_to_sandboxd_as_configured() {
+    let cloud = MiosaClient::new(ClientConfig::new(
+        "https://api.miosa.ai/api/v1",
+        Secret::new(KEY),
+    ))
+    .unwrap();
+    assert_eq!(
+        cloud.sandboxes_host_base(),
+        "https://sandboxes.miosa.ai/api/v1"
+    );
+    let local = MiosaClient::new(ClientConfig::new(
+        "http://127.0.0.1:7070/api/v1/",
+        Secret::new(KEY),
+    ))
+    .unwrap();
+    assert_eq!(local.sandboxes_host_base(), "http://127.0.0.1:7070/api/v1");
+}

@@ -14,11 +14,12 @@ use slipway_proto::v1::{
 };
 use slipway_test_support::{FailpointRun, NatsServer, Sandboxd, workspace_bin};
 
-const METERS: [&str; 4] = [
+const METERS: [&str; 5] = [
     "sandbox_vcpu_ms",
     "active_cpu_ms",
     "memory_mib_ms",
     "disk_gib_ms",
+    "exec_count",
 ];
 
 fn op(name: &str) -> String {
@@ -86,8 +87,17 @@ fn sums(events: &[UsageEvent], sandbox: &str) -> BTreeMap<String, (u64, bool)> {
         .collect()
 }
 
-#[tokio::test]
-async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_step() {
+/// A nats-server, a sandboxd, the topology, and the executor binary ready to run.
+struct Setup {
+    _nats: NatsServer,
+    sd: Sandboxd,
+    _dir: tempfile::TempDir,
+    run: FailpointRun,
+    rpc: RpcClient,
+    js: async_nats::jetstream::Context,
+}
+
+async fn setup() -> Setup {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -122,25 +132,116 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
     for (k, v) in &env {
         run = run.env(k, v);
     }
-    let rpc = RpcClient::new(client, Duration::from_secs(30));
+    Setup {
+        _nats: nats,
+        sd,
+        _dir: dir,
+        run,
+        rpc: RpcClient::new(client, Duration::from_secs(30)),
+        js,
+    }
+}
+
+async fn sandboxes_at_sandboxd(sd: &Sandboxd) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = slipway_test_support::http()
+        .get(format!("{}/sandboxes", sd.base_url()))
+        .bearer_auth("msk_test")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["data"].as_array().unwrap().clone()
+}
+
+fn create_request(key: &str) -> CreateSandboxRequest {
+    CreateSandboxRequest {
+        idempotency_key: key.into(),
+        run_id: "usage-run".into(),
+        attribution: Some(slipway_proto::v1::Attribution {
+            user_id: "metered user".into(),
+            ..Default::default()
+        }),
+        template_id: "node".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
+    // Bound whole: its nats-server and key file live as long as the test.
+    let all = setup().await;
+    let (sd, run, rpc, js) = (&all.sd, &all.run, &all.rpc, &all.js);
+    let crashing = run.spawn(Some("executor.create.after_platform")).unwrap();
+    wait_for_service(&rpc).await;
+    let short = RpcClient::new(rpc.nats().clone(), Duration::from_secs(5));
+    let lost = short
+        .call::<_, SandboxReply>(&op("sandbox.create"), &create_request("orphan-run:1:1"))
+        .await;
+    assert!(
+        lost.is_err(),
+        "the executor should have died before replying"
+    );
+    let out = crashing.wait(Duration::from_secs(20)).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("executor.create.after_platform"),
+        "{stderr}"
+    );
+    let at_sandboxd = sandboxes_at_sandboxd(&sd).await;
+    assert_eq!(at_sandboxd.len(), 1, "the platform created it");
+    let id = at_sandboxd[0]["id"].as_str().unwrap().to_string();
+    let records = slipway_common::records::Records::<slipway_proto::v1::SandboxRecord>::new(
+        js.get_key_value("slipway_sandboxes").await.unwrap(),
+    );
+    assert!(records.get(&id).await.unwrap().is_none(), "no record yet");
+
+    // A healthy executor finds it at the platform and records it, without any retry.
+    let service = run.spawn(None).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let record = loop {
+        if let Some((r, _)) = records.get(&id).await.unwrap() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never adopted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(record.created_by, "orphan-run:1:1");
+
+    // The caller's retry gets the same sandbox; one sandbox, one `sandboxes_created`.
+    wait_for_service(&rpc).await;
+    let again: SandboxReply = rpc
+        .call(&op("sandbox.create"), &create_request("orphan-run:1:1"))
+        .await
+        .unwrap();
+    assert_eq!(again.sandbox.unwrap().id, id);
+    assert_eq!(sandboxes_at_sandboxd(&sd).await.len(), 1);
+    let created: std::collections::HashSet<String> = events(&js)
+        .await
+        .into_iter()
+        .filter(|e| e.meter == "sandboxes_created")
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(
+        created,
+        ["orphan-run:1:1:sandboxes_created".to_string()].into()
+    );
+    service.terminate().unwrap();
+    service.wait(Duration::from_secs(30)).unwrap();
+}
+
+#[tokio::test]
+async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_step() {
+    // Bound whole: its nats-server and key file live as long as the test.
+    let all = setup().await;
+    let (sd, run, rpc, js) = (&all.sd, &all.run, &all.rpc, &all.js);
 
     // A sandbox that uses CPU, memory and disk, created through the executor.
     let service = run.spawn(None).unwrap();
     wait_for_service(&rpc).await;
     let created: SandboxReply = rpc
-        .call(
-            &op("sandbox.create"),
-            &CreateSandboxRequest {
-                idempotency_key: "usage-run:1:1".into(),
-                run_id: "usage-run".into(),
-                attribution: Some(slipway_proto::v1::Attribution {
-                    user_id: "metered user".into(),
-                    ..Default::default()
-                }),
-                template_id: "node".into(),
-                ..Default::default()
-            },
-        )
+        .call(&op("sandbox.create"), &create_request("usage-run:1:1"))
         .await
         .unwrap();
     let id = created.sandbox.unwrap().id;
@@ -200,6 +301,7 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
         ("active_cpu_ms", d["active_cpu_ms"].as_u64().unwrap()),
         ("memory_mib_ms", d["memory_mib_ms"].as_u64().unwrap()),
         ("disk_gib_ms", d["disk_gib_ms"].as_u64().unwrap()),
+        ("exec_count", d["exec_count"].as_u64().unwrap()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -210,7 +312,11 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
     loop {
         let all = events(&js).await;
         let got = sums(&all, &id);
-        let totals: BTreeMap<String, u64> = got.iter().map(|(k, (s, _))| (k.clone(), *s)).collect();
+        let totals: BTreeMap<String, u64> = got
+            .iter()
+            .filter(|(k, _)| METERS.contains(&k.as_str()))
+            .map(|(k, (s, _))| (k.clone(), *s))
+            .collect();
         if totals == expected {
             for meter in METERS {
                 assert!(
