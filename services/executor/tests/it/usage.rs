@@ -174,7 +174,7 @@ async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
     let all = setup().await;
     let (sd, run, rpc, js) = (&all.sd, &all.run, &all.rpc, &all.js);
     let crashing = run.spawn(Some("executor.create.after_platform")).unwrap();
-    wait_for_service(&rpc).await;
+    wait_for_service(rpc).await;
     let short = RpcClient::new(rpc.nats().clone(), Duration::from_secs(5));
     let lost = short
         .call::<_, SandboxReply>(&op("sandbox.create"), &create_request("orphan-run:1:1"))
@@ -189,7 +189,7 @@ async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
         stderr.contains("executor.create.after_platform"),
         "{stderr}"
     );
-    let at_sandboxd = sandboxes_at_sandboxd(&sd).await;
+    let at_sandboxd = sandboxes_at_sandboxd(sd).await;
     assert_eq!(at_sandboxd.len(), 1, "the platform created it");
     let id = at_sandboxd[0]["id"].as_str().unwrap().to_string();
     let records = slipway_common::records::Records::<slipway_proto::v1::SandboxRecord>::new(
@@ -210,14 +210,14 @@ async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
     assert_eq!(record.created_by, "orphan-run:1:1");
 
     // The caller's retry gets the same sandbox; one sandbox, one `sandboxes_created`.
-    wait_for_service(&rpc).await;
+    wait_for_service(rpc).await;
     let again: SandboxReply = rpc
         .call(&op("sandbox.create"), &create_request("orphan-run:1:1"))
         .await
         .unwrap();
     assert_eq!(again.sandbox.unwrap().id, id);
-    assert_eq!(sandboxes_at_sandboxd(&sd).await.len(), 1);
-    let created: std::collections::HashSet<String> = events(&js)
+    assert_eq!(sandboxes_at_sandboxd(sd).await.len(), 1);
+    let created: std::collections::HashSet<String> = events(js)
         .await
         .into_iter()
         .filter(|e| e.meter == "sandboxes_created")
@@ -239,7 +239,7 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
 
     // A sandbox that uses CPU, memory and disk, created through the executor.
     let service = run.spawn(None).unwrap();
-    wait_for_service(&rpc).await;
+    wait_for_service(rpc).await;
     let created: SandboxReply = rpc
         .call(&op("sandbox.create"), &create_request("usage-run:1:1"))
         .await
@@ -271,7 +271,7 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
 
     // Destroy through a healthy executor, which then bills the final counters.
     let service = run.spawn(None).unwrap();
-    wait_for_service(&rpc).await;
+    wait_for_service(rpc).await;
     let _: SandboxReply = rpc
         .call(
             &op("sandbox.destroy"),
@@ -310,7 +310,7 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let all = events(&js).await;
+        let all = events(js).await;
         let got = sums(&all, &id);
         let totals: BTreeMap<String, u64> = got
             .iter()
