@@ -23,6 +23,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let mut config = miosa::ClientConfig::new(platform.base_url.clone(), key);
     config.rate_limit_rpm = platform.rate_limit_rpm;
     config.rate_limit_burst = (platform.rate_limit_rpm / 6).max(1);
+    config.edge = Some(app.settings.edge.clone());
     let client = miosa::MiosaClient::new(config)?.with_metrics(
         miosa::metrics::PlatformMetrics::register(app.health.metrics()),
     );

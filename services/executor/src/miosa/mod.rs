@@ -40,6 +40,8 @@ pub struct ClientConfig {
     /// The key's requests per minute, and how many may go at once.
     pub rate_limit_rpm: u32,
     pub rate_limit_burst: u32,
+    /// How edge URLs (previews, shares, deployments) are reached: `edge.resolve`.
+    pub edge: Option<slipway_common::config::EdgeSettings>,
 }
 
 impl ClientConfig {
@@ -53,6 +55,7 @@ impl ClientConfig {
             backoff: Duration::from_millis(500),
             rate_limit_rpm: 600,
             rate_limit_burst: 100,
+            edge: None,
         }
     }
 }
@@ -89,8 +92,14 @@ struct Call<'a> {
 
 impl MiosaClient {
     pub fn new(config: ClientConfig) -> Result<Self, MiosaError> {
-        slipway_common::tls::install_default_provider();
-        let http = reqwest::Client::builder()
+        let builder = match &config.edge {
+            Some(edge) => slipway_common::http::client_builder(edge),
+            None => {
+                slipway_common::tls::install_default_provider();
+                reqwest::Client::builder()
+            }
+        };
+        let http = builder
             .user_agent(concat!("slipway-executor/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .build()
@@ -322,6 +331,28 @@ impl MiosaClient {
             format!("/sandboxes/{id}/usage"),
         ))
         .await
+    }
+
+    /// Fetches an edge URL (a preview, share or deployment) the way a browser would: no API key
+    /// (it must never reach an app), host names resolved as `edge.resolve` says. Returns the
+    /// status and body.
+    pub async fn fetch_edge(&self, url: &str) -> Result<(u16, bytes::Bytes), MiosaError> {
+        let resp = self
+            .http
+            .get(url)
+            .timeout(self.config.timeout)
+            .send()
+            .await
+            .map_err(|e| MiosaError::Unreachable {
+                url: url.to_string(),
+                message: e.to_string(),
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await.map_err(|e| MiosaError::Unreachable {
+            url: url.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok((status, body))
     }
 
     /// A raw answer (file downloads).

@@ -67,3 +67,59 @@ async fn the_client_drives_a_real_sandboxd() {
             .is_empty()
     );
 }
+
+/// Deployed and previewed apps live at `*.localhost` names this machine's resolver does not
+/// know: the client follows them through `edge.resolve`, and never sends its key there.
+#[tokio::test]
+async fn edge_urls_are_followed_through_edge_resolve_without_the_key() {
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let mut config = ClientConfig::new(sd.base_url(), Secret::new("msk_test_executor"));
+    config.edge = Some(slipway_common::config::EdgeSettings {
+        domain: "localhost".into(),
+        resolve: Some(sd.edge_addr()),
+    });
+    let c = MiosaClient::new(config).unwrap();
+    let sb = c
+        .create_sandbox(json!({"template_id": "node"}), "run_8:sandbox:1")
+        .await
+        .unwrap();
+    let id = sb["id"].as_str().unwrap();
+    c.write_many(
+        id,
+        &[("site/index.html".into(), b"<p>deployed</p>".to_vec())],
+        "run_8:files:1",
+    )
+    .await
+    .unwrap();
+    let deployed = c
+        .request(
+            "deploy",
+            reqwest::Method::POST,
+            format!("/sandboxes/{id}/deploy"),
+            vec![],
+            Some(json!({"output_path": "/workspace/site"})),
+            Some("run_8:deploy:1"),
+        )
+        .await
+        .unwrap();
+    let url = deployed["url"].as_str().unwrap().to_string();
+    assert!(url.contains(".apps.localhost:"), "{url}");
+    let mut last = (0, Default::default());
+    for _ in 0..100 {
+        last = c.fetch_edge(&url).await.unwrap();
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!((last.0, &last.1[..]), (200, &b"<p>deployed</p>"[..]));
+
+    // What an app behind an edge URL receives: no Authorization header.
+    let fake = crate::fake::Fake::default();
+    fake.on("GET /page", vec![crate::fake::reply(200, "app")]);
+    let base = fake.serve().await;
+    let (status, _) = c.fetch_edge(&format!("{base}/page")).await.unwrap();
+    assert_eq!(status, 200);
+    let seen = fake.requests("GET /page");
+    assert!(seen[0].headers.get("authorization").is_none());
+}
