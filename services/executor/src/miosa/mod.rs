@@ -88,6 +88,8 @@ struct Call<'a> {
     body: Option<Value>,
     idempotency_key: Option<String>,
     timeout: Duration,
+    /// Another base URL than the configured one (MIOSA's `sandboxes.` host).
+    base: Option<String>,
 }
 
 impl MiosaClient {
@@ -161,11 +163,12 @@ impl MiosaClient {
 
     /// Sends a call, retrying what may succeed when repeated; returns the successful body.
     async fn send(&self, call: &Call<'_>) -> Result<bytes::Bytes, MiosaError> {
-        let url = format!(
-            "{}{}",
-            self.config.base_url.trim_end_matches('/'),
-            call.path
-        );
+        let base = call
+            .base
+            .as_deref()
+            .unwrap_or(&self.config.base_url)
+            .trim_end_matches('/');
+        let url = format!("{base}{}", call.path);
         let mut attempt = 0;
         loop {
             let started = std::time::Instant::now();
@@ -291,6 +294,7 @@ impl MiosaClient {
             body: None,
             idempotency_key: None,
             timeout: self.config.timeout,
+            base: None,
         }
     }
 
@@ -353,6 +357,18 @@ impl MiosaClient {
             message: e.to_string(),
         })?;
         Ok((status, body))
+    }
+
+    /// `GET /sandboxes/{id}/files/tree` (on MIOSA's `sandboxes.` host): a directory tree.
+    pub async fn tree(&self, id: &str, path: &str, depth: u32) -> Result<Value, MiosaError> {
+        let mut c = self.call(
+            "files.tree",
+            Method::GET,
+            format!("/sandboxes/{id}/files/tree"),
+        );
+        c.query = vec![("path", path.to_string()), ("depth", depth.to_string())];
+        c.base = Some(self.sandboxes_host_base());
+        self.json(c).await
     }
 
     /// A raw answer (file downloads).

@@ -334,6 +334,7 @@ pub async fn register(
         "files.write_many" => write_files,
         "files.read" => read_file,
         "files.list" => list_files,
+        "files.tree" => tree,
         "files.delete" => delete_file,
         "exec" => exec,
         "process.start" => start_process,

@@ -4,9 +4,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use slipway_common::ServiceError;
 use slipway_proto::v1::{
-    DeleteFileReply, DeleteFileRequest, FileEntry, FileKind, ListFilesReply, ListFilesRequest,
-    ListProcessesReply, ListProcessesRequest, ProcessLogsReply, ProcessLogsRequest, ProcessRef,
-    ProcessReply, ReadFileReply, ReadFileRequest, StartProcessRequest,
+    DeleteFileReply, DeleteFileRequest, FileEntry, FileKind, FileTreeNode, FileTreeReply,
+    FileTreeRequest, ListFilesReply, ListFilesRequest, ListProcessesReply, ListProcessesRequest,
+    ProcessLogsReply, ProcessLogsRequest, ProcessRef, ProcessReply, ReadFileReply, ReadFileRequest,
+    StartProcessRequest,
 };
 
 use super::{Executor, platform_error, required};
@@ -41,6 +42,20 @@ fn entry(v: &Value) -> FileEntry {
         kind: kind.into(),
         size: v.get("size").and_then(Value::as_u64).unwrap_or(0),
         modified_at: convert::timestamp(v.get("modified_at")),
+    }
+}
+
+/// A tree node and its children (`children` or `entries`).
+fn tree_node(v: &Value) -> FileTreeNode {
+    let children = v
+        .get("children")
+        .or(v.get("entries"))
+        .and_then(Value::as_array)
+        .map(|c| c.iter().map(tree_node).collect())
+        .unwrap_or_default();
+    FileTreeNode {
+        entry: Some(entry(v)),
+        children,
     }
 }
 
@@ -99,6 +114,24 @@ impl Executor {
             .unwrap_or_default();
         Ok(ListFilesReply {
             entries: items.iter().map(entry).collect(),
+        })
+    }
+
+    pub async fn tree(&self, req: FileTreeRequest) -> Result<FileTreeReply, ServiceError> {
+        required("sandbox_id", &req.sandbox_id)?;
+        let path = if req.path.is_empty() {
+            "/workspace".to_string()
+        } else {
+            path_of(&req.path)?
+        };
+        let depth = if req.depth == 0 { 3 } else { req.depth.min(64) };
+        let got = self
+            .client
+            .tree(&req.sandbox_id, &path, depth)
+            .await
+            .map_err(platform_error)?;
+        Ok(FileTreeReply {
+            root: Some(tree_node(got.get("tree").unwrap_or(&got))),
         })
     }
 

@@ -153,6 +153,28 @@ async fn lifecycle_files_processes_snapshots_and_forks_over_nats() {
     assert_eq!(listed.entries.len(), 1);
     assert_eq!(listed.entries[0].path, "/workspace/app/notes.txt");
     assert_eq!(listed.entries[0].size, 5);
+    let tree: FileTreeReply = rpc
+        .call(
+            &op("files.tree"),
+            &FileTreeRequest {
+                sandbox_id: id.clone(),
+                path: String::new(),
+                depth: 2,
+            },
+        )
+        .await
+        .unwrap();
+    let root = tree.root.unwrap();
+    assert_eq!(root.entry.unwrap().kind, FileKind::Dir as i32);
+    let app = root
+        .children
+        .iter()
+        .find(|c| c.entry.as_ref().unwrap().path == "/workspace/app")
+        .expect("app/ in the tree");
+    assert_eq!(
+        app.children[0].entry.as_ref().unwrap().path,
+        "/workspace/app/notes.txt"
+    );
     let e = read(&rpc, &id, "../../etc/passwd").await.unwrap_err();
     assert_ne!(code(&e), ErrorCode::Internal as i32, "{e}");
 
