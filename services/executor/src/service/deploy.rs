@@ -97,17 +97,12 @@ impl Executor {
     ) -> Result<DeploymentReply, ServiceError> {
         required("deployment_id", &req.deployment_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "deployment.get",
-                Method::GET,
                 format!("/deployments/{}", req.deployment_id),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
+            .await?;
         Ok(DeploymentReply {
             deployment: Some(convert::deployment(&got)),
         })
@@ -128,20 +123,15 @@ impl Executor {
         required("deployment_id", &req.deployment_id)?;
         required("version_id", &req.version_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "version.get",
-                Method::GET,
                 format!(
                     "/deployments/{}/versions/{}",
                     req.deployment_id, req.version_id
                 ),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
+            .await?;
         let url = self.deployment_url(&req.deployment_id).await;
         Ok(VersionReply {
             version: Some(convert::version(&got, &url)),
@@ -154,27 +144,14 @@ impl Executor {
     ) -> Result<ListVersionsReply, ServiceError> {
         required("deployment_id", &req.deployment_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "version.list",
-                Method::GET,
                 format!("/deployments/{}/versions", req.deployment_id),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
+            .await?;
         let url = self.deployment_url(&req.deployment_id).await;
-        let items = got
-            .as_array()
-            .cloned()
-            .or_else(|| {
-                ["items", "versions"]
-                    .iter()
-                    .find_map(|k| got.get(*k).and_then(Value::as_array).cloned())
-            })
-            .unwrap_or_default();
+        let items = super::items(&got, &["items", "versions"]);
         Ok(ListVersionsReply {
             versions: items.iter().map(|v| convert::version(v, &url)).collect(),
         })

@@ -54,11 +54,36 @@ pub(crate) fn platform_error(e: MiosaError) -> ServiceError {
     err
 }
 
+/// The list in a platform answer: a bare array, or under one of `keys` (`data` is unwrapped
+/// already when it is the whole envelope).
+fn items(got: &Value, keys: &[&str]) -> Vec<Value> {
+    got.as_array()
+        .cloned()
+        .or_else(|| {
+            keys.iter()
+                .find_map(|k| got.get(*k).and_then(Value::as_array).cloned())
+        })
+        .unwrap_or_default()
+}
+
 fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
     slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
 }
 
 impl Executor {
+    /// A read at the platform (no body, no idempotency key), errors mapped.
+    async fn platform_get(
+        &self,
+        op: &'static str,
+        path: String,
+        query: Vec<(&'static str, String)>,
+    ) -> Result<Value, ServiceError> {
+        self.client
+            .request(op, reqwest::Method::GET, path, query, None, None)
+            .await
+            .map_err(platform_error)
+    }
+
     async fn registry(&self) -> Result<Records<SandboxRecord>, ServiceError> {
         let store = self
             .jetstream

@@ -114,26 +114,9 @@ impl Executor {
         _req: ListTemplatesRequest,
     ) -> Result<ListTemplatesReply, ServiceError> {
         let got = self
-            .client
-            .request(
-                "templates.list",
-                Method::GET,
-                "/sandbox-templates".into(),
-                vec![],
-                None,
-                None,
-            )
-            .await
-            .map_err(platform_error)?;
-        let items = got
-            .as_array()
-            .cloned()
-            .or_else(|| {
-                ["data", "templates"]
-                    .iter()
-                    .find_map(|k| got.get(*k).and_then(Value::as_array).cloned())
-            })
-            .unwrap_or_default();
+            .platform_get("templates.list", "/sandbox-templates".into(), vec![])
+            .await?;
+        let items = super::items(&got, &["data", "templates"]);
         let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         Ok(ListTemplatesReply {
             default_template_id: got

@@ -196,22 +196,13 @@ impl Executor {
     ) -> Result<ListSharesReply, ServiceError> {
         required("sandbox_id", &req.sandbox_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "share.list",
-                Method::GET,
                 format!("/sandboxes/{}/shares", req.sandbox_id),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
-        let items = got
-            .as_array()
-            .cloned()
-            .or_else(|| got.get("shares").and_then(Value::as_array).cloned())
-            .unwrap_or_default();
+            .await?;
+        let items = super::items(&got, &["shares"]);
         Ok(ListSharesReply {
             shares: items.iter().map(convert::share).collect(),
         })

@@ -1,7 +1,7 @@
 //! Checkpoints: snapshot.create, snapshot.list, snapshot.restore.
 
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::json;
 use slipway_common::ServiceError;
 use slipway_proto::v1::{
     CreateSnapshotRequest, ListSnapshotsReply, ListSnapshotsRequest, RestoreSnapshotRequest,
@@ -51,22 +51,13 @@ impl Executor {
     ) -> Result<ListSnapshotsReply, ServiceError> {
         required("sandbox_id", &req.sandbox_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "snapshot.list",
-                Method::GET,
                 format!("/sandboxes/{}/snapshots", req.sandbox_id),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
-        let items = got
-            .as_array()
-            .cloned()
-            .or_else(|| got.get("snapshots").and_then(Value::as_array).cloned())
-            .unwrap_or_default();
+            .await?;
+        let items = super::items(&got, &["snapshots"]);
         Ok(ListSnapshotsReply {
             snapshots: items.iter().map(convert::snapshot).collect(),
         })

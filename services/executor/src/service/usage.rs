@@ -66,17 +66,8 @@ impl Executor {
             _ => return Err(ServiceError::invalid_input("start and end go together")),
         }
         let got = self
-            .client
-            .request(
-                "usage.rollup",
-                Method::GET,
-                "/usage".into(),
-                query,
-                None,
-                None,
-            )
-            .await
-            .map_err(platform_error)?;
+            .platform_get("usage.rollup", "/usage".into(), query)
+            .await?;
         let got = got.get("usage").cloned().unwrap_or(got);
         let decimal = |v: Option<&Value>| match v {
             Some(Value::Number(n)) => n.to_string(),
@@ -110,17 +101,8 @@ impl Executor {
     pub async fn get_quota(&self, req: GetQuotaRequest) -> Result<QuotaReply, ServiceError> {
         let path = user(&req.user_id)?;
         let got = self
-            .client
-            .request(
-                "quota.get",
-                Method::GET,
-                format!("/quotas/external/{path}"),
-                vec![],
-                None,
-                None,
-            )
-            .await
-            .map_err(platform_error)?;
+            .platform_get("quota.get", format!("/quotas/external/{path}"), vec![])
+            .await?;
         Ok(QuotaReply {
             quota: Some(convert::quota(&req.user_id, &got)),
         })

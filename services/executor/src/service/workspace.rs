@@ -92,26 +92,13 @@ impl Executor {
         };
         let depth = if req.recursive { "20" } else { "1" };
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "files.list",
-                Method::GET,
                 format!("/sandboxes/{}/files", req.sandbox_id),
                 vec![("path", path), ("depth", depth.to_string())],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
-        let items = got
-            .as_array()
-            .cloned()
-            .or_else(|| {
-                ["entries", "files", "items"]
-                    .iter()
-                    .find_map(|k| got.get(*k).and_then(Value::as_array).cloned())
-            })
-            .unwrap_or_default();
+            .await?;
+        let items = super::items(&got, &["entries", "files", "items"]);
         Ok(ListFilesReply {
             entries: items.iter().map(entry).collect(),
         })
@@ -196,22 +183,13 @@ impl Executor {
     ) -> Result<ListProcessesReply, ServiceError> {
         required("sandbox_id", &req.sandbox_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "process.list",
-                Method::GET,
                 format!("/sandboxes/{}/processes", req.sandbox_id),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
-        let items = got
-            .as_array()
-            .cloned()
-            .or_else(|| got.get("processes").and_then(Value::as_array).cloned())
-            .unwrap_or_default();
+            .await?;
+        let items = super::items(&got, &["processes"]);
         Ok(ListProcessesReply {
             processes: items.iter().map(convert::process).collect(),
         })
@@ -221,17 +199,12 @@ impl Executor {
         required("sandbox_id", &req.sandbox_id)?;
         required("process_id", &req.process_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "process.get",
-                Method::GET,
                 format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
                 vec![],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
+            .await?;
         Ok(ProcessReply {
             process: Some(convert::process(&got)),
         })
@@ -264,20 +237,15 @@ impl Executor {
         required("sandbox_id", &req.sandbox_id)?;
         required("process_id", &req.process_id)?;
         let got = self
-            .client
-            .request(
+            .platform_get(
                 "process.logs",
-                Method::GET,
                 format!(
                     "/sandboxes/{}/processes/{}/logs",
                     req.sandbox_id, req.process_id
                 ),
                 vec![("tail", req.tail.to_string())],
-                None,
-                None,
             )
-            .await
-            .map_err(platform_error)?;
+            .await?;
         let (stdout, stderr) = match &got {
             Value::String(s) => (s.clone(), String::new()),
             v => (

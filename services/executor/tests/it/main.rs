@@ -5,6 +5,7 @@
 
 mod fake;
 mod faults;
+mod harness;
 mod operations;
 mod relay;
 mod sandboxd;

@@ -7,26 +7,13 @@ use slipway_common::RpcClient;
 use slipway_proto::v1::*;
 use slipway_test_support::{NatsServer, Sandboxd, workspace_bin};
 
+use crate::harness::{op, sandboxes_at_sandboxd};
 use crate::service::{create, executor};
-
-fn op(name: &str) -> String {
-    format!("slipway.executor.v1.{name}")
-}
 
 /// Live sandboxes at sandboxd (the source of truth), not in the executor's records.
 async fn live_at_sandboxd(sd: &Sandboxd) -> usize {
-    let v: serde_json::Value = slipway_test_support::http()
-        .get(format!("{}/sandboxes", sd.base_url()))
-        .bearer_auth("msk_test")
-        .send()
+    sandboxes_at_sandboxd(sd)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["data"]
-        .as_array()
-        .unwrap()
         .iter()
         .filter(|s| s["state"] != "destroyed")
         .count()

@@ -5,16 +5,12 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use slipway_common::RpcClient;
-use slipway_common::config::{Settings, Sources};
 use slipway_proto::v1::{
     Attribution, CreateSandboxRequest, ExecReply, ExecRequest, FileChange, FileChangeKind,
-    GetSandboxRequest, RelayRecord, RelayReply, RelayRequest, SandboxRef, SandboxReply,
+    RelayRecord, RelayReply, RelayRequest, SandboxRef, SandboxReply,
 };
-use slipway_test_support::{FailpointRun, NatsServer, Sandboxd, workspace_bin};
 
-fn op(name: &str) -> String {
-    format!("slipway.executor.v1.{name}")
-}
+use crate::harness::{op, setup, wait_for_service};
 
 async fn next_change(
     sub: &mut async_nats::Subscriber,
@@ -53,58 +49,14 @@ async fn exec(rpc: &RpcClient, id: &str, command: &str) {
 
 #[tokio::test]
 async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
-    let nats = NatsServer::start().unwrap();
-    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, "msk_test_executor").unwrap();
-    let env = [
-        ("SLIPWAY__NATS__URL", nats.url()),
-        ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
-        ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
-        ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
-    ];
-    let settings = Settings::load(&Sources {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-        ..Default::default()
-    })
-    .unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    slipway_common::setup::apply(
-        &js,
-        &slipway_common::topology::Topology::new(&settings.setup),
-        slipway_common::setup::Mode::CreateMissing,
-    )
-    .await
-    .unwrap();
-    let mut run = FailpointRun::new(workspace_bin("slipway-executor").unwrap());
-    for (k, v) in &env {
-        run = run.env(k, v);
-    }
+    let all = setup(&[]).await;
+    let (run, rpc, js) = (&all.run, &all.rpc, &all.js);
+    let client = rpc.nats().clone();
     let mut replicas = [
         Some(run.spawn(None).unwrap()),
         Some(run.spawn(None).unwrap()),
     ];
-    let rpc = RpcClient::new(client.clone(), Duration::from_secs(30));
-    for _ in 0..200 {
-        let probe: Result<SandboxReply, _> = rpc
-            .call(
-                &op("sandbox.get"),
-                &GetSandboxRequest {
-                    sandbox_id: "sbx_probe".into(),
-                    name: String::new(),
-                },
-            )
-            .await;
-        if !matches!(probe, Err(slipway_common::RpcError::NoResponders { .. })) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_service(rpc).await;
 
     let created: SandboxReply = rpc
         .call(
@@ -139,7 +91,7 @@ async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
         .await
         .unwrap();
     assert!(started.active);
-    exec(&rpc, &id, "echo one > /workspace/one.txt").await;
+    exec(rpc, &id, "echo one > /workspace/one.txt").await;
     let c = next_change(&mut sub, "change of one.txt", |c| {
         c.path == "/workspace/one.txt"
     })
@@ -165,7 +117,7 @@ async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
     })
     .await;
     assert_eq!(resync.sandbox_id, id);
-    exec(&rpc, &id, "echo two > /workspace/two.txt").await;
+    exec(rpc, &id, "echo two > /workspace/two.txt").await;
     next_change(&mut sub, "change of two.txt", |c| {
         c.path == "/workspace/two.txt"
     })

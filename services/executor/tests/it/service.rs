@@ -52,24 +52,9 @@ pub(crate) async fn executor(
         .unwrap();
     let nats_client = app.nats.clone();
     let task = tokio::spawn(slipway_executor::serve(app));
-    // The endpoints are up once a ping has gone round after registration.
-    for _ in 0..100 {
-        nats_client.flush().await.unwrap();
-        let probe: Result<SandboxReply, _> =
-            RpcClient::new(nats_client.clone(), Duration::from_millis(200))
-                .call(
-                    "slipway.executor.v1.sandbox.get",
-                    &GetSandboxRequest {
-                        sandbox_id: "sbx_probe".into(),
-                        name: String::new(),
-                    },
-                )
-                .await;
-        if !matches!(probe, Err(slipway_common::RpcError::NoResponders { .. })) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The endpoints are up once a request finds a responder.
+    crate::harness::wait_for_service(&RpcClient::new(nats_client, Duration::from_millis(200)))
+        .await;
     (shutdown, task, dir)
 }
 

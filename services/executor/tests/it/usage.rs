@@ -7,12 +7,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use slipway_common::RpcClient;
-use slipway_common::config::{Settings, Sources};
 use slipway_proto::v1::{
-    CreateSandboxRequest, ExecReply, ExecRequest, GetSandboxRequest, SandboxRef, SandboxReply,
-    UsageEvent,
+    CreateSandboxRequest, ExecReply, ExecRequest, SandboxRef, SandboxReply, UsageEvent,
 };
-use slipway_test_support::{FailpointRun, NatsServer, Sandboxd, workspace_bin};
+
+use crate::harness::{op, sandboxes_at_sandboxd, setup, wait_for_service};
 
 const METERS: [&str; 5] = [
     "sandbox_vcpu_ms",
@@ -21,29 +20,6 @@ const METERS: [&str; 5] = [
     "disk_gib_ms",
     "exec_count",
 ];
-
-fn op(name: &str) -> String {
-    format!("slipway.executor.v1.{name}")
-}
-
-async fn wait_for_service(rpc: &RpcClient) {
-    for _ in 0..200 {
-        let probe: Result<SandboxReply, _> = rpc
-            .call(
-                &op("sandbox.get"),
-                &GetSandboxRequest {
-                    sandbox_id: "sbx_probe".into(),
-                    name: String::new(),
-                },
-            )
-            .await;
-        if !matches!(probe, Err(slipway_common::RpcError::NoResponders { .. })) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the executor never answered");
-}
 
 /// Every usage event in the USAGE stream, read at the stream itself.
 async fn events(js: &async_nats::jetstream::Context) -> Vec<UsageEvent> {
@@ -87,74 +63,6 @@ fn sums(events: &[UsageEvent], sandbox: &str) -> BTreeMap<String, (u64, bool)> {
         .collect()
 }
 
-/// A nats-server, a sandboxd, the topology, and the executor binary ready to run.
-struct Setup {
-    _nats: NatsServer,
-    sd: Sandboxd,
-    _dir: tempfile::TempDir,
-    run: FailpointRun,
-    rpc: RpcClient,
-    js: async_nats::jetstream::Context,
-}
-
-async fn setup() -> Setup {
-    let nats = NatsServer::start().unwrap();
-    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, "msk_test_executor").unwrap();
-    let env = [
-        ("SLIPWAY__NATS__URL", nats.url()),
-        ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
-        ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
-        ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
-        ("SLIPWAY__PLATFORM__USAGE_SAMPLE_MS", "200".to_string()),
-    ];
-    let settings = Settings::load(&Sources {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-        ..Default::default()
-    })
-    .unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
-    slipway_common::setup::apply(
-        &js,
-        &slipway_common::topology::Topology::new(&settings.setup),
-        slipway_common::setup::Mode::CreateMissing,
-    )
-    .await
-    .unwrap();
-    let mut run = FailpointRun::new(workspace_bin("slipway-executor").unwrap())
-        .timeout(Duration::from_secs(60));
-    for (k, v) in &env {
-        run = run.env(k, v);
-    }
-    Setup {
-        _nats: nats,
-        sd,
-        _dir: dir,
-        run,
-        rpc: RpcClient::new(client, Duration::from_secs(30)),
-        js,
-    }
-}
-
-async fn sandboxes_at_sandboxd(sd: &Sandboxd) -> Vec<serde_json::Value> {
-    let v: serde_json::Value = slipway_test_support::http()
-        .get(format!("{}/sandboxes", sd.base_url()))
-        .bearer_auth("msk_test")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v["data"].as_array().unwrap().clone()
-}
-
 fn create_request(key: &str) -> CreateSandboxRequest {
     CreateSandboxRequest {
         idempotency_key: key.into(),
@@ -171,7 +79,7 @@ fn create_request(key: &str) -> CreateSandboxRequest {
 #[tokio::test]
 async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
     // Bound whole: its nats-server and key file live as long as the test.
-    let all = setup().await;
+    let all = setup(&[("SLIPWAY__PLATFORM__USAGE_SAMPLE_MS", "200")]).await;
     let (sd, run, rpc, js) = (&all.sd, &all.run, &all.rpc, &all.js);
     let crashing = run.spawn(Some("executor.create.after_platform")).unwrap();
     wait_for_service(rpc).await;
@@ -234,7 +142,7 @@ async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
 #[tokio::test]
 async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_step() {
     // Bound whole: its nats-server and key file live as long as the test.
-    let all = setup().await;
+    let all = setup(&[("SLIPWAY__PLATFORM__USAGE_SAMPLE_MS", "200")]).await;
     let (sd, run, rpc, js) = (&all.sd, &all.run, &all.rpc, &all.js);
 
     // A sandbox that uses CPU, memory and disk, created through the executor.
