@@ -39,17 +39,7 @@ impl Executor {
         if req.port != 0 {
             body["port"] = json!(req.port);
         }
-        if let Some(a) = &req.attribution {
-            for (key, value) in [
-                ("external_user_id", &a.user_id),
-                ("external_project_id", &a.project_id),
-                ("external_workspace_id", &a.workspace_id),
-            ] {
-                if !value.is_empty() {
-                    body[key] = json!(value);
-                }
-            }
-        }
+        super::attribute(&mut body, req.attribution.as_ref());
         let got = self
             .client
             .request(

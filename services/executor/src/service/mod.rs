@@ -66,6 +66,20 @@ fn items(got: &Value, keys: &[&str]) -> Vec<Value> {
         .unwrap_or_default()
 }
 
+/// Sets the end-user attribution MIOSA bills and filters by (only the parts that are set).
+fn attribute(body: &mut Value, attribution: Option<&slipway_proto::v1::Attribution>) {
+    let Some(a) = attribution else { return };
+    for (key, value) in [
+        ("external_user_id", &a.user_id),
+        ("external_project_id", &a.project_id),
+        ("external_workspace_id", &a.workspace_id),
+    ] {
+        if !value.is_empty() {
+            body[key] = json!(value);
+        }
+    }
+}
+
 fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
     slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
 }

@@ -169,17 +169,7 @@ impl Executor {
         if !req.name.is_empty() {
             body["name"] = json!(req.name);
         }
-        if let Some(a) = &req.attribution {
-            for (key, value) in [
-                ("external_user_id", &a.user_id),
-                ("external_project_id", &a.project_id),
-                ("external_workspace_id", &a.workspace_id),
-            ] {
-                if !value.is_empty() {
-                    body[key] = json!(value);
-                }
-            }
-        }
+        super::attribute(&mut body, req.attribution.as_ref());
         let forked = self
             .client
             .request(

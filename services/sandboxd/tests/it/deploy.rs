@@ -62,6 +62,19 @@ async fn deploy(api: &Api, id: &str, body: Value) -> (String, String, String) {
     )
 }
 
+/// A version's build log (plain text).
+async fn build_log(api: &Api, dep: &str, vid: &str) -> String {
+    api.http
+        .get(api.url(&format!("/deployments/{dep}/versions/{vid}/logs")))
+        .header("Authorization", "Bearer msk_test_key")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 async fn served(edge: &reqwest::Client, url: &str) -> (u16, String, String) {
     let r = edge.get(url).send().await.unwrap();
     let digest = r
@@ -94,16 +107,7 @@ async fn a_deployment_is_frozen_served_by_the_edge_and_outlives_its_sandbox() {
     assert_eq!(version["version_number"], 1);
     let digest1 = one_file_digest("index.html", v1);
     assert_eq!(version["artifact_sha256"], digest1.as_str());
-    let log = api
-        .http
-        .get(api.url(&format!("/deployments/{dep}/versions/{vid1}/logs")))
-        .header("Authorization", "Bearer msk_test_key")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = build_log(&api, &dep, &vid1).await;
     assert!(log.contains("build-ok"), "{log}");
     assert_eq!(
         served(&edge, &url).await,
@@ -174,16 +178,7 @@ async fn versions_roll_back_without_rebuilding_and_a_failed_build_changes_nothin
     let version3 = finished(&api, &dep, &vid3).await;
     assert_eq!(version3["state"], "failed", "{version3}");
     assert!(version3["error"].as_str().unwrap().contains("exit code 3"));
-    let log = api
-        .http
-        .get(api.url(&format!("/deployments/{dep}/versions/{vid3}/logs")))
-        .header("Authorization", "Bearer msk_test_key")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let log = build_log(&api, &dep, &vid3).await;
     assert!(log.contains("boom"), "{log}");
     assert_eq!(
         served(&edge, &url).await,
