@@ -178,9 +178,8 @@ pub async fn deploy(
     let entry = s.host.live(&id)?;
     let resolved = crate::paths::resolve(&entry.workspace(), &output_path)
         .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN_PATH", e.to_string()))?;
-    if body.deployment_id.is_some() {
-        s.deployments
-            .get(body.deployment_id.as_deref().unwrap_or_default())?;
+    if let Some(existing) = &body.deployment_id {
+        s.deployments.get(existing)?;
     }
 
     // The same Idempotency-Key and body: the same deployment and version, not a second build.
