@@ -96,7 +96,7 @@ pub async fn serve(deployments: &Deployments, slug: &str, req: Request) -> Respo
     let body = if req.method() == Method::HEAD {
         Body::empty()
     } else {
-        match tokio::fs::read(deployments.blob(&file.sha256)).await {
+        match tokio::fs::read(deployments.artifacts.blob(&file.sha256)).await {
             Ok(bytes) => Body::from(bytes),
             Err(e) => {
                 return page::error(

@@ -7,24 +7,22 @@
 //! On disk, under the data dir: `deployments/<id>/deployment.json`, `…/versions/<vid>.json` and
 //! `.log`; `artifacts/blobs/<sha256>`, `artifacts/manifests/<digest>.json`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
 use crate::clock::now_ms;
-use crate::host::{Entry, Host, hex};
+use crate::host::hex;
 use crate::store;
 
-/// The longest a build command may run.
-pub const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
-/// Largest artifact: files and bytes.
-const MAX_FILES: usize = 50_000;
-const MAX_BYTES: u64 = 2 << 30;
+mod artifacts;
+mod build;
+
+pub use artifacts::{Artifacts, FileRef, Manifest};
+pub use build::BUILD_TIMEOUT;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Deployment {
@@ -78,44 +76,10 @@ pub struct Version {
     pub finished_at_ms: Option<i64>,
 }
 
-/// One file of an artifact.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileRef {
-    /// Relative to the output directory, `/`-separated.
-    pub path: String,
-    pub size: u64,
-    pub sha256: String,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub entrypoint: String,
-    pub files: Vec<FileRef>,
-}
-
-impl Manifest {
-    /// The artifact's identity: sha256 over the manifest's canonical JSON (files sorted by path).
-    pub fn digest(&self) -> String {
-        hex(&Sha256::digest(
-            serde_json::to_vec(self).unwrap_or_default(),
-        ))
-    }
-
-    pub fn find(&self, path: &str) -> Option<&FileRef> {
-        self.files
-            .binary_search_by(|f| f.path.as_str().cmp(path))
-            .ok()
-            .map(|i| &self.files[i])
-    }
-}
-
 pub struct Deployments {
     dir: PathBuf,
-    blobs: PathBuf,
-    manifests: PathBuf,
+    pub artifacts: Artifacts,
     state: Mutex<State>,
-    /// Manifests read so far (they never change).
-    cache: Mutex<HashMap<String, Arc<Manifest>>>,
 }
 
 #[derive(Default)]
@@ -157,11 +121,8 @@ impl Deployments {
     /// marked failed (its sandbox may be gone; deploying again is the way on).
     pub fn open(data_dir: &Path) -> std::io::Result<Self> {
         let dir = data_dir.join("deployments");
-        let artifacts = data_dir.join("artifacts");
-        let (blobs, manifests) = (artifacts.join("blobs"), artifacts.join("manifests"));
-        for d in [&dir, &blobs, &manifests] {
-            std::fs::create_dir_all(d)?;
-        }
+        std::fs::create_dir_all(&dir)?;
+        let artifacts = Artifacts::open(&data_dir.join("artifacts"))?;
         let mut state = State::default();
         for e in std::fs::read_dir(&dir)? {
             let ddir = e?.path();
@@ -191,10 +152,8 @@ impl Deployments {
         }
         Ok(Self {
             dir,
-            blobs,
-            manifests,
+            artifacts,
             state: Mutex::new(state),
-            cache: Mutex::default(),
         })
     }
 
@@ -400,7 +359,7 @@ impl Deployments {
             ));
         }
         let digest = v.artifact_sha256.clone().unwrap_or_default();
-        if !self.manifests.join(format!("{digest}.json")).is_file() {
+        if !self.artifacts.has(&digest) {
             return Err(ApiError::new(
                 axum::http::StatusCode::GONE,
                 "artifact_gone",
@@ -441,105 +400,12 @@ impl Deployments {
             })
     }
 
-    pub fn manifest(&self, digest: &str) -> Option<Arc<Manifest>> {
-        if let Some(m) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(digest)
-        {
-            return Some(m.clone());
-        }
-        let m: Manifest = store::read_json(&self.manifests.join(format!("{digest}.json")))
-            .ok()
-            .flatten()?;
-        let m = Arc::new(m);
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(digest.to_string(), m.clone());
-        Some(m)
-    }
-
-    pub fn blob(&self, sha256: &str) -> PathBuf {
-        self.blobs.join(sha256)
-    }
-
     /// What the deployment serves now: its version and that version's manifest.
     pub fn serving(&self, d: &Deployment) -> Option<(Version, Arc<Manifest>)> {
         let vid = d.active_version_id.as_ref()?;
         let v = self.lock().versions.get(vid).cloned()?;
-        let m = self.manifest(v.artifact_sha256.as_deref()?)?;
+        let m = self.artifacts.manifest(v.artifact_sha256.as_deref()?)?;
         Some((v, m))
-    }
-
-    /// Copies the output directory into the blob store and writes the manifest: blobs first,
-    /// each by rename, then the manifest, so a manifest never names a missing blob.
-    fn freeze(&self, root: &Path, entrypoint: &str) -> Result<(Manifest, String), String> {
-        let mut files = Vec::new();
-        let mut total = 0u64;
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            let rd = std::fs::read_dir(&dir).map_err(|e| format!("reading the output: {e}"))?;
-            for e in rd {
-                let e = e.map_err(|e| format!("reading the output: {e}"))?;
-                let path = e.path();
-                // Never followed: a link may point outside the output (or the sandbox).
-                let meta = std::fs::symlink_metadata(&path).map_err(|e| e.to_string())?;
-                if meta.is_dir() {
-                    stack.push(path);
-                    continue;
-                }
-                if !meta.is_file() {
-                    continue;
-                }
-                let rel = path
-                    .strip_prefix(root)
-                    .map_err(|e| e.to_string())?
-                    .to_string_lossy()
-                    .into_owned();
-                let bytes = std::fs::read(&path).map_err(|e| format!("reading {rel}: {e}"))?;
-                total += bytes.len() as u64;
-                if files.len() >= MAX_FILES || total > MAX_BYTES {
-                    return Err(format!(
-                        "the output is too large (at most {MAX_FILES} files and {} GiB)",
-                        MAX_BYTES >> 30
-                    ));
-                }
-                let sha = hex(&Sha256::digest(&bytes));
-                let blob = self.blobs.join(&sha);
-                if !blob.is_file() {
-                    store::write_atomic(&blob, &bytes)
-                        .map_err(|e| format!("storing {rel}: {e}"))?;
-                }
-                files.push(FileRef {
-                    path: rel,
-                    size: bytes.len() as u64,
-                    sha256: sha,
-                });
-            }
-        }
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        let manifest = Manifest {
-            entrypoint: entrypoint.to_string(),
-            files,
-        };
-        if manifest.find(entrypoint).is_none() {
-            return Err(format!(
-                "the output has no `{entrypoint}` (the entrypoint); files: {}",
-                manifest
-                    .files
-                    .iter()
-                    .take(10)
-                    .map(|f| f.path.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
-        }
-        let digest = manifest.digest();
-        store::write_json(&self.manifests.join(format!("{digest}.json")), &manifest)
-            .map_err(|e| format!("storing the manifest: {e}"))?;
-        Ok((manifest, digest))
     }
 }
 
@@ -551,81 +417,4 @@ pub struct Begin {
     pub build_command: Option<String>,
     pub output_path: String,
     pub entrypoint: String,
-}
-
-impl Host {
-    /// Runs the build in the sandbox, freezes the output and records the outcome. The sandbox
-    /// cannot be destroyed while this runs (destroy waits for it).
-    pub async fn build_version(
-        self: Arc<Self>,
-        deployments: Arc<Deployments>,
-        entry: Arc<Entry>,
-        v: Version,
-    ) -> Version {
-        let _building = entry.builds.clone().read_owned().await;
-        let mut log = String::new();
-        let outcome = async {
-            if entry.state() == crate::model::State::Destroyed {
-                return Err("the sandbox was destroyed before the build started".to_string());
-            }
-            if let Some(cmd) = &v.build_command {
-                log.push_str(&format!("$ {cmd}\n"));
-                let env = entry.snapshot().env;
-                let c = crate::exec::run_captured(
-                    &self,
-                    &entry,
-                    cmd,
-                    crate::paths::WORKSPACE,
-                    &env,
-                    BUILD_TIMEOUT,
-                )
-                .await
-                .map_err(|e| e.message)?;
-                log.push_str(&String::from_utf8_lossy(&c.stdout));
-                log.push_str(&String::from_utf8_lossy(&c.stderr));
-                log.push_str(&format!(
-                    "\n[exit code {} after {:.1} s]\n",
-                    c.exit_code,
-                    c.duration.as_secs_f64()
-                ));
-                if c.timed_out {
-                    return Err(format!(
-                        "the build timed out after {} s",
-                        BUILD_TIMEOUT.as_secs()
-                    ));
-                }
-                if c.exit_code != 0 {
-                    return Err(format!("the build failed with exit code {}", c.exit_code));
-                }
-            }
-            let resolved = crate::paths::resolve(&entry.workspace(), &v.output_path)
-                .map_err(|e| e.to_string())?;
-            if !resolved.host.is_dir() {
-                return Err(format!("`{}` is not a directory", v.output_path));
-            }
-            // The output is read as one piece: no write batch lands halfway through it.
-            let _files = entry.files_lock.lock().await;
-            let (deps, root, entrypoint) = (
-                deployments.clone(),
-                resolved.host.clone(),
-                v.entrypoint.clone(),
-            );
-            tokio::task::spawn_blocking(move || deps.freeze(&root, &entrypoint))
-                .await
-                .map_err(|e| e.to_string())?
-        }
-        .await;
-        match &outcome {
-            Ok((m, digest)) => log.push_str(&format!(
-                "frozen {} files ({} bytes) as sha256:{digest}\n",
-                m.files.len(),
-                m.files.iter().map(|f| f.size).sum::<u64>()
-            )),
-            Err(e) => log.push_str(&format!("failed: {e}\n")),
-        }
-        if let Err(e) = std::fs::write(deployments.log_path(&v), &log) {
-            tracing::warn!(version = %v.id, error = %e, "saving the build log");
-        }
-        deployments.finish(v, outcome)
-    }
 }

@@ -1,0 +1,170 @@
+//! Artifacts: a build's output stored outside any sandbox, content-addressed. Each regular file
+//! is stored once under `blobs/<sha256>`; a manifest (entrypoint and files sorted by path, each
+//! with size and sha256) is stored under `manifests/<digest>.json`, its digest being the sha256 of
+//! its canonical JSON. Blobs are written before the manifest, so a manifest never names a missing
+//! blob; nothing here is ever changed once written.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::host::hex;
+use crate::store;
+
+/// Largest artifact: files and bytes.
+const MAX_FILES: usize = 50_000;
+const MAX_BYTES: u64 = 2 << 30;
+
+/// One file of an artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    /// Relative to the output directory, `/`-separated.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub entrypoint: String,
+    pub files: Vec<FileRef>,
+}
+
+impl Manifest {
+    /// The artifact's identity: sha256 over the manifest's canonical JSON (files sorted by path).
+    pub fn digest(&self) -> String {
+        hex(&Sha256::digest(
+            serde_json::to_vec(self).unwrap_or_default(),
+        ))
+    }
+
+    pub fn find(&self, path: &str) -> Option<&FileRef> {
+        self.files
+            .binary_search_by(|f| f.path.as_str().cmp(path))
+            .ok()
+            .map(|i| &self.files[i])
+    }
+}
+
+pub struct Artifacts {
+    blobs: PathBuf,
+    manifests: PathBuf,
+    /// Manifests read so far (they never change).
+    cache: Mutex<HashMap<String, Arc<Manifest>>>,
+}
+
+impl Artifacts {
+    pub fn open(dir: &Path) -> std::io::Result<Self> {
+        let (blobs, manifests) = (dir.join("blobs"), dir.join("manifests"));
+        std::fs::create_dir_all(&blobs)?;
+        std::fs::create_dir_all(&manifests)?;
+        Ok(Self {
+            blobs,
+            manifests,
+            cache: Mutex::default(),
+        })
+    }
+
+    /// Whether the artifact `digest` is stored.
+    pub fn has(&self, digest: &str) -> bool {
+        self.manifests.join(format!("{digest}.json")).is_file()
+    }
+
+    /// The manifest of artifact `digest`, if stored.
+    pub fn manifest(&self, digest: &str) -> Option<Arc<Manifest>> {
+        if let Some(m) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
+            return Some(m.clone());
+        }
+        let m: Manifest = store::read_json(&self.manifests.join(format!("{digest}.json")))
+            .ok()
+            .flatten()?;
+        let m = Arc::new(m);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.to_string(), m.clone());
+        Some(m)
+    }
+
+    /// Where the file with this sha256 is stored.
+    pub fn blob(&self, sha256: &str) -> PathBuf {
+        self.blobs.join(sha256)
+    }
+
+    /// Copies the output directory into the blob store and writes its manifest; returns the
+    /// manifest and its digest.
+    pub fn freeze(&self, root: &Path, entrypoint: &str) -> Result<(Manifest, String), String> {
+        let mut files = Vec::new();
+        let mut total = 0u64;
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let rd = std::fs::read_dir(&dir).map_err(|e| format!("reading the output: {e}"))?;
+            for e in rd {
+                let e = e.map_err(|e| format!("reading the output: {e}"))?;
+                let path = e.path();
+                // Never followed: a link may point outside the output (or the sandbox).
+                let meta = std::fs::symlink_metadata(&path).map_err(|e| e.to_string())?;
+                if meta.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                if !meta.is_file() {
+                    continue;
+                }
+                let rel = path
+                    .strip_prefix(root)
+                    .map_err(|e| e.to_string())?
+                    .to_string_lossy()
+                    .into_owned();
+                let bytes = std::fs::read(&path).map_err(|e| format!("reading {rel}: {e}"))?;
+                total += bytes.len() as u64;
+                if files.len() >= MAX_FILES || total > MAX_BYTES {
+                    return Err(format!(
+                        "the output is too large (at most {MAX_FILES} files and {} GiB)",
+                        MAX_BYTES >> 30
+                    ));
+                }
+                let sha = hex(&Sha256::digest(&bytes));
+                let blob = self.blobs.join(&sha);
+                if !blob.is_file() {
+                    store::write_atomic(&blob, &bytes)
+                        .map_err(|e| format!("storing {rel}: {e}"))?;
+                }
+                files.push(FileRef {
+                    path: rel,
+                    size: bytes.len() as u64,
+                    sha256: sha,
+                });
+            }
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let manifest = Manifest {
+            entrypoint: entrypoint.to_string(),
+            files,
+        };
+        if manifest.find(entrypoint).is_none() {
+            return Err(format!(
+                "the output has no `{entrypoint}` (the entrypoint); files: {}",
+                manifest
+                    .files
+                    .iter()
+                    .take(10)
+                    .map(|f| f.path.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        let digest = manifest.digest();
+        store::write_json(&self.manifests.join(format!("{digest}.json")), &manifest)
+            .map_err(|e| format!("storing the manifest: {e}"))?;
+        Ok((manifest, digest))
+    }
+}
