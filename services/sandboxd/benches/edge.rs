@@ -154,7 +154,7 @@ async fn main() {
 
     let sd = Sandboxd::start(BIN, &["--insecure-no-isolation"]).unwrap();
     let port = free_port();
-    let (_, host) = start_app(&sd, port).await;
+    let (id, host) = start_app(&sd, port).await;
     let direct_addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let direct_host = format!("localhost:{port}");
     // Warm both paths.
@@ -169,6 +169,14 @@ async fn main() {
         e_rps.push(r);
         e_lat.extend(l);
     }
+    // Without isolation its processes are not in a cgroup: destroy ends them, a kill would not.
+    let destroyed = slipway_test_support::http()
+        .delete(format!("{}/sandboxes/{id}", sd.base_url()))
+        .header("Authorization", "Bearer msk_bench")
+        .send()
+        .await
+        .unwrap();
+    assert!(destroyed.status().is_success());
     drop(sd);
 
     let iso = Sandboxd::start(BIN, &[]).unwrap();
