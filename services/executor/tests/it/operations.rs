@@ -575,3 +575,64 @@ async fn previews_shares_deploys_usage_and_quotas_over_nats() {
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn reap_without_a_run_destroys_only_sandboxes_past_their_timeout() {
+    let nats = NatsServer::start().unwrap();
+    // sandboxd's own reaper is slowed down, so the executor's is the one that acts.
+    let sd = Sandboxd::start(
+        workspace_bin("slipway-sandboxd").unwrap(),
+        &["--idle-check-ms", "600000"],
+    )
+    .unwrap();
+    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let rpc = RpcClient::new(
+        async_nats::connect(nats.url()).await.unwrap(),
+        Duration::from_secs(30),
+    );
+    let short = CreateSandboxRequest {
+        timeout_sec: 1,
+        ..create("r:s:short")
+    };
+    let expiring: SandboxReply = rpc.call(&op("sandbox.create"), &short).await.unwrap();
+    let expiring = expiring.sandbox.unwrap().id;
+    let lasting: SandboxReply = rpc
+        .call(&op("sandbox.create"), &create("r:s:long"))
+        .await
+        .unwrap();
+    let lasting = lasting.sandbox.unwrap().id;
+    // Past the one-second timeout (a deadline on the clock).
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let dry: ReapReply = rpc
+        .call(
+            &op("reap"),
+            &ReapRequest {
+                run_id: String::new(),
+                dry_run: true,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(dry.destroyed, vec![expiring.clone()]);
+    assert_eq!(live_at_sandboxd(&sd).await, 2, "a dry run destroys nothing");
+    let reaped: ReapReply = rpc
+        .call(
+            &op("reap"),
+            &ReapRequest {
+                run_id: String::new(),
+                dry_run: false,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(reaped.destroyed, vec![expiring]);
+    let left: Vec<String> = sandboxes_at_sandboxd(&sd)
+        .await
+        .iter()
+        .filter(|s| s["state"] != "destroyed")
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, vec![lasting]);
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
