@@ -347,6 +347,8 @@ impl Host {
                 Some(st) => s.state == st,
                 None => s.state != State::Destroyed,
             })
+            // Deployment runtimes are sandboxd's own, not the tenant's sandboxes.
+            .filter(|s| !s.metadata.contains_key(crate::deployments::RUNTIME_KEY))
             .filter(|s| eq(&filter.external_user_id, &s.external_user_id))
             .filter(|s| eq(&filter.external_project_id, &s.external_project_id))
             .filter(|s| eq(&filter.external_workspace_id, &s.external_workspace_id))
@@ -452,10 +454,12 @@ impl Host {
                 format!("a sandbox named `{n}` exists"),
             ));
         }
-        self.check_quota(
-            req.external_user_id.as_deref(),
-            crate::quotas::Action::Create,
-        )?;
+        if !req.metadata.contains_key(crate::deployments::RUNTIME_KEY) {
+            self.check_quota(
+                req.external_user_id.as_deref(),
+                crate::quotas::Action::Create,
+            )?;
+        }
         let id = id.unwrap_or_else(new_id);
         let outbound = req.allow_internet_access.unwrap_or(true);
         let taken = self.take_net_index(outbound)?;

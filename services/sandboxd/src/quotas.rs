@@ -103,7 +103,10 @@ impl Host {
         let mut c = Counts::default();
         for e in self.all() {
             let r = e.snapshot();
-            if r.external_user_id.as_deref() != Some(user) || r.state == State::Destroyed {
+            if r.external_user_id.as_deref() != Some(user)
+                || r.state == State::Destroyed
+                || r.metadata.contains_key(crate::deployments::RUNTIME_KEY)
+            {
                 continue;
             }
             c.total += 1;

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::extract::JsonBody;
 use super::{ApiError, AppState};
 use crate::clock::rfc3339;
-use crate::deployments::{Begin, Deployment, Version, VersionState};
+use crate::deployments::{Begin, Deployment, Runtime, Version, VersionState};
 use crate::host::hex;
 use crate::store;
 
@@ -90,7 +90,9 @@ pub fn version_view(v: &Version) -> Value {
         "deployment_id": v.deployment_id,
         "tenant_id": "local",
         "version_number": v.version_number,
-        "kind": "static",
+        "kind": if v.runtime.is_some() { "dynamic" } else { "static" },
+        "runtime_command": v.runtime.as_ref().map(|r| r.command.clone()),
+        "runtime_port": v.runtime.as_ref().map(|r| r.port),
         "state": v.state.as_str(),
         "source_sandbox_id": v.source_sandbox_id,
         "build_command": v.build_command,
@@ -130,36 +132,54 @@ pub async fn deploy(
     headers: HeaderMap,
     JsonBody(body): JsonBody<DeployBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let dynamic = body.run_command.is_some()
-        || body.start_command.is_some()
-        || body.port.is_some()
-        || matches!(
-            body.kind.as_deref().or(body.mode.as_deref()),
-            Some("dynamic" | "server")
-        )
-        || body.deployment_type.as_deref() == Some("docker_deploy");
-    if dynamic {
+    if body.deployment_type.as_deref() == Some("docker_deploy") {
         return Err(ApiError::invalid(
-            "dynamic_not_supported",
-            "sandboxd deploys static output (build_command + output_path); a run_command, port \
-             or docker_deploy needs MIOSA cloud",
+            "docker_deploy_not_supported",
+            "sandboxd deploys static output or a run_command with a port; docker_deploy needs \
+             MIOSA cloud",
         ));
     }
+    // A run command (and its port) makes the deployment dynamic.
+    let command = body
+        .run_command
+        .clone()
+        .or(body.start_command.clone())
+        .filter(|c| !c.trim().is_empty());
+    let wants_server = matches!(
+        body.kind.as_deref().or(body.mode.as_deref()),
+        Some("dynamic" | "server")
+    );
+    let runtime = match (command, body.port) {
+        (Some(command), Some(port)) if port > 0 && !command.contains('\0') => {
+            Some(Runtime { command, port })
+        }
+        (None, None) if !wants_server => None,
+        _ => {
+            return Err(ApiError::invalid(
+                "invalid_runtime",
+                "a dynamic deployment needs both `run_command` and `port` (1 to 65535)",
+            ));
+        }
+    };
     let output_path = body
         .output_path
         .clone()
         .or(body.path.clone())
         .or(body.source_path.clone())
         .unwrap_or_else(|| crate::paths::WORKSPACE.into());
-    let entrypoint = body
-        .entrypoint
-        .clone()
-        .unwrap_or_else(|| "index.html".into());
-    if entrypoint.is_empty()
+    let entrypoint = body.entrypoint.clone().unwrap_or_else(|| {
+        if runtime.is_some() {
+            String::new()
+        } else {
+            "index.html".into()
+        }
+    });
+    if (entrypoint.is_empty() && runtime.is_none())
         || entrypoint.starts_with('/')
-        || entrypoint
-            .split('/')
-            .any(|p| p.is_empty() || p == "." || p == "..")
+        || (!entrypoint.is_empty()
+            && entrypoint
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == ".."))
         || entrypoint.contains('\0')
     {
         return Err(ApiError::invalid(
@@ -216,6 +236,7 @@ pub async fn deploy(
         build_command: body.build_command.clone(),
         output_path: resolved.sandbox_path(),
         entrypoint,
+        runtime,
     };
     let (d, v) = s.deployments.begin(&begin, &entry.snapshot())?;
     if let Some(path) = &key_path {

@@ -94,6 +94,11 @@ impl Artifacts {
         Some(m)
     }
 
+    /// Where blobs are stored (for `unpack` on a blocking thread).
+    pub fn blobs_dir(&self) -> PathBuf {
+        self.blobs.clone()
+    }
+
     /// Where the file with this sha256 is stored.
     pub fn blob(&self, sha256: &str) -> PathBuf {
         self.blobs.join(sha256)
@@ -150,7 +155,8 @@ impl Artifacts {
             entrypoint: entrypoint.to_string(),
             files,
         };
-        if manifest.find(entrypoint).is_none() {
+        // A dynamic deployment's command decides what it serves: no entrypoint to check.
+        if !entrypoint.is_empty() && manifest.find(entrypoint).is_none() {
             return Err(format!(
                 "the output has no `{entrypoint}` (the entrypoint); files: {}",
                 manifest
@@ -167,4 +173,16 @@ impl Artifacts {
             .map_err(|e| format!("storing the manifest: {e}"))?;
         Ok((manifest, digest))
     }
+}
+
+/// Writes an artifact's files under `root` (a new runtime's workspace), from the blob store.
+pub fn unpack(blobs: &Path, manifest: &Manifest, root: &Path) -> std::io::Result<()> {
+    for f in &manifest.files {
+        let to = root.join(&f.path);
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(blobs.join(&f.sha256), &to)?;
+    }
+    Ok(())
 }

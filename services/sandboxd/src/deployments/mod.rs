@@ -20,9 +20,11 @@ use crate::store;
 
 mod artifacts;
 mod build;
+mod runtime;
 
 pub use artifacts::{Artifacts, FileRef, Manifest};
 pub use build::BUILD_TIMEOUT;
+pub use runtime::RUNTIME_KEY;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Deployment {
@@ -68,6 +70,9 @@ pub struct Version {
     /// In the sandbox, e.g. `/workspace/dist`.
     pub output_path: String,
     pub entrypoint: String,
+    /// A dynamic deployment: the command that serves the app, and its port.
+    #[serde(default)]
+    pub runtime: Option<Runtime>,
     pub artifact_sha256: Option<String>,
     pub artifact_files: u64,
     pub artifact_bytes: u64,
@@ -80,6 +85,10 @@ pub struct Deployments {
     dir: PathBuf,
     pub artifacts: Artifacts,
     state: Mutex<State>,
+    /// Version id -> the sandbox serving it (dynamic versions), kept in `runtimes.json`.
+    runtimes: Mutex<BTreeMap<String, String>>,
+    /// One runtime started at a time.
+    runtime_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Default)]
@@ -150,10 +159,13 @@ impl Deployments {
             }
             state.deployments.insert(d.id.clone(), d);
         }
+        let runtimes = store::read_json(&dir.join("runtimes.json"))?.unwrap_or_default();
         Ok(Self {
             dir,
             artifacts,
             state: Mutex::new(state),
+            runtimes: Mutex::new(runtimes),
+            runtime_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -283,6 +295,7 @@ impl Deployments {
             build_command: req.build_command.clone(),
             output_path: req.output_path.clone(),
             entrypoint: req.entrypoint.clone(),
+            runtime: req.runtime.clone(),
             artifact_sha256: None,
             artifact_files: 0,
             artifact_bytes: 0,
@@ -409,6 +422,14 @@ impl Deployments {
     }
 }
 
+/// How a dynamic version is served: `command` runs in a sandbox of its own made from the artifact
+/// (see `runtime`), listening on `port`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Runtime {
+    pub command: String,
+    pub port: u16,
+}
+
 /// What a deploy asks for, checked.
 #[derive(Clone, Debug)]
 pub struct Begin {
@@ -417,4 +438,5 @@ pub struct Begin {
     pub build_command: Option<String>,
     pub output_path: String,
     pub entrypoint: String,
+    pub runtime: Option<Runtime>,
 }

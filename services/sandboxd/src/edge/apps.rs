@@ -6,10 +6,11 @@ use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use super::page;
-use crate::deployments::{Deployments, VersionState};
+use super::{EdgeState, page};
+use crate::deployments::{Deployment, Version, VersionState};
 
-pub async fn serve(deployments: &Deployments, slug: &str, req: Request) -> Response {
+pub async fn serve(s: &EdgeState, slug: &str, req: Request) -> Response {
+    let deployments = &s.deployments;
     let Some(d) = deployments.by_slug(slug) else {
         return page::error(
             StatusCode::NOT_FOUND,
@@ -37,6 +38,9 @@ pub async fn serve(deployments: &Deployments, slug: &str, req: Request) -> Respo
         }
         return resp;
     };
+    if version.runtime.is_some() {
+        return serve_dynamic(s, &d, &version, req).await;
+    }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return page::error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -109,6 +113,21 @@ pub async fn serve(deployments: &Deployments, slug: &str, req: Request) -> Respo
     };
     headers.push((header::CONTENT_LENGTH, file.size.to_string()));
     response(StatusCode::OK, headers, body)
+}
+
+/// A dynamic version: its runtime sandbox (made on first use) answers.
+async fn serve_dynamic(s: &EdgeState, d: &Deployment, v: &Version, req: Request) -> Response {
+    let port = v.runtime.as_ref().map_or(0, |r| r.port);
+    match s.host.runtime_for(&s.deployments, d, v).await {
+        Ok(entry) => {
+            let mut resp = s.pool.forward(entry.net_index(), port, req, false).await;
+            if let Ok(id) = HeaderValue::from_str(&v.id) {
+                resp.headers_mut().insert("x-slipway-version", id);
+            }
+            resp
+        }
+        Err(e) => page::error(e.status, "The app could not start", &e.message),
+    }
 }
 
 fn response(

@@ -142,7 +142,7 @@ async fn handle(State(s): State<EdgeState>, req: Request) -> Response {
         .to_ascii_lowercase();
     let label = match s.links.site(&host) {
         Some(Site::Preview(label)) => label,
-        Some(Site::App(slug)) => return apps::serve(&s.deployments, slug, req).await,
+        Some(Site::App(slug)) => return apps::serve(&s, slug, req).await,
         None => {
             return page::error(
                 StatusCode::NOT_FOUND,
@@ -187,7 +187,7 @@ async fn handle(State(s): State<EdgeState>, req: Request) -> Response {
         return live::events(&entry).into_response();
     }
     let net = entry.net_index();
-    s.pool.forward(net, grant.port, req).await
+    s.pool.forward(net, grant.port, req, true).await
 }
 
 /// Any token the request carries must stand for the same grant as its host name: a changed,

@@ -89,13 +89,21 @@ impl Pool {
     }
 
     /// Sends `req` to `port` in the sandbox whose network namespace is `net` (None: the host's
-    /// loopback, when sandboxd runs without isolation).
-    pub async fn forward(&self, net: Option<u32>, port: u16, mut req: Request) -> Response {
+    /// loopback, when sandboxd runs without isolation). With `live`, HTML pages get the
+    /// live-refresh script (previews; not deployments).
+    pub async fn forward(
+        &self,
+        net: Option<u32>,
+        port: u16,
+        mut req: Request,
+        live: bool,
+    ) -> Response {
         let key = (net, port);
         let upgrade = is_upgrade(req.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
         let method = req.method().clone();
-        let navigating = method == Method::GET
+        let navigating = live
+            && method == Method::GET
             && req
                 .headers()
                 .get(header::ACCEPT)
@@ -171,7 +179,7 @@ impl Pool {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| t.starts_with("text/html"));
         let encoded = parts.headers.contains_key(header::CONTENT_ENCODING);
-        if method == Method::GET && parts.status == StatusCode::OK && html && !encoded {
+        if live && method == Method::GET && parts.status == StatusCode::OK && html && !encoded {
             let bytes = match axum::body::to_bytes(Body::new(incoming), MAX_INJECT).await {
                 Ok(b) => b,
                 Err(e) => {

@@ -220,10 +220,12 @@ async fn deploy_refusals_and_an_idempotent_retry() {
     let id = api.sandbox().await;
     write(&api, &id, "index.html", "hi").await;
     for (body, status, code) in [
+        (json!({"port": 3000}), 422, "invalid_runtime"),
+        (json!({"mode": "server"}), 422, "invalid_runtime"),
         (
-            json!({"run_command": "node server.js", "port": 3000}),
+            json!({"deployment_type": "docker_deploy"}),
             422,
-            "dynamic_not_supported",
+            "docker_deploy_not_supported",
         ),
         (
             json!({"entrypoint": "../secret"}),
@@ -478,4 +480,67 @@ async fn the_usage_rollup_groups_by_user_over_a_window_with_the_price_table() {
     assert_eq!(status, 200, "{s}");
     assert!(s["data"]["compute_hours"].as_f64().unwrap() > 0.0);
     let _ = a;
+}
+
+#[tokio::test]
+async fn a_dynamic_deployment_runs_its_command_from_the_artifact_and_outlives_its_sandbox() {
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let api = Api::new(&sd);
+    let edge = sd.edge_http();
+    let id = api.sandbox().await;
+    crate::edge::start_app(&api, &id, 3000).await;
+    let (status, v) = api
+        .post(
+            &format!("/sandboxes/{id}/deploy"),
+            json!({"run_command": "node server.js"}),
+        )
+        .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("invalid_runtime"))
+    );
+    let (dep, vid, url) = deploy(
+        &api,
+        &id,
+        json!({"name": "dyn", "run_command": "node server.js", "port": 3000}),
+    )
+    .await;
+    let version = finished(&api, &dep, &vid).await;
+    assert_eq!(version["state"], "ready", "{version}");
+    assert_eq!(version["kind"], "dynamic");
+
+    // The first requests may find the runtime still starting (502, retried).
+    let mut page = (0, String::new());
+    for _ in 0..200 {
+        let r = edge.get(&url).send().await.unwrap();
+        page = (r.status().as_u16(), r.text().await.unwrap());
+        if page.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(page.0, 200, "{}", page.1);
+    assert!(page.1.contains("VERSION_ONE"), "{}", page.1);
+    assert!(
+        !page.1.contains("data-slipway-live"),
+        "deployments get no live refresh"
+    );
+
+    // The source sandbox goes; the app keeps answering from its own runtime.
+    let (status, _) = api.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(status, 200);
+    let echo: Value = edge
+        .get(format!("{}echo", url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["port"], 3000);
+    // Runtimes are sandboxd's own: not in the tenant's list.
+    let (_, listed) = api.get("/sandboxes").await;
+    for s in listed["data"].as_array().unwrap() {
+        assert!(s["metadata"].get("slipway_runtime_of").is_none(), "{s}");
+    }
 }
