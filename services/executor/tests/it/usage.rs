@@ -247,3 +247,51 @@ async fn published_deltas_sum_to_the_platform_counters_across_crashes_at_each_st
     service.terminate().unwrap();
     service.wait(Duration::from_secs(30)).unwrap();
 }
+
+#[tokio::test]
+async fn a_sampling_pass_sets_live_sandboxes_per_user_in_the_metrics() {
+    let all = setup(&[]).await;
+    let nats = all.rpc.nats().clone();
+    let registry = slipway_common::metrics::Metrics::new();
+    let client =
+        slipway_executor::miosa::MiosaClient::new(slipway_executor::miosa::ClientConfig::new(
+            all.sd.base_url(),
+            slipway_common::config::Secret::new("msk_test_executor"),
+        ))
+        .unwrap()
+        .with_metrics(slipway_executor::miosa::metrics::PlatformMetrics::register(
+            &registry,
+        ));
+    let executor = std::sync::Arc::new(slipway_executor::service::Executor {
+        client,
+        nats: nats.clone(),
+        jetstream: async_nats::jetstream::new(nats),
+    });
+    let user = |key: &str, user: &str| CreateSandboxRequest {
+        attribution: Some(slipway_proto::v1::Attribution {
+            user_id: user.into(),
+            ..Default::default()
+        }),
+        ..create_request(key)
+    };
+    executor.create(user("m:1:1", "alice")).await.unwrap();
+    executor.create(user("m:1:2", "alice")).await.unwrap();
+    let bob = executor.create(user("m:1:3", "bob")).await.unwrap();
+    executor
+        .destroy(SandboxRef {
+            sandbox_id: bob.sandbox.unwrap().id,
+            idempotency_key: "m:1:4".into(),
+        })
+        .await
+        .unwrap();
+    slipway_executor::sampler::Sampler::new(executor)
+        .sample_once()
+        .await
+        .unwrap();
+    let text = registry.render();
+    assert!(
+        text.contains(r#"slipway_live_sandboxes{user="alice"} 2"#),
+        "{text}"
+    );
+    assert!(!text.contains(r#"user="bob""#), "{text}");
+}
