@@ -42,40 +42,50 @@ pub struct Setup {
     pub js: async_nats::jetstream::Context,
 }
 
-/// `extra` adds settings (environment variables) for the executor.
-pub async fn setup(extra: &[(&str, &str)]) -> Setup {
-    let nats = NatsServer::start().unwrap();
-    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
+/// The executor's settings against `nats` and `sd` (its key in `dir`), as environment variables
+/// for a process and as loaded settings; the topology is set up on `nats`.
+pub async fn configure(
+    nats: &NatsServer,
+    sd: &Sandboxd,
+    dir: &std::path::Path,
+    extra: &[(&str, &str)],
+) -> (Vec<(String, String)>, Settings) {
+    let key = dir.join("key");
     std::fs::write(&key, "msk_test_executor").unwrap();
-    let env = [
+    let env: Vec<(String, String)> = [
         ("SLIPWAY__NATS__URL", nats.url()),
         ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
         ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
         ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
-    ];
-    let env: Vec<(&str, String)> = env
-        .into_iter()
-        .chain(extra.iter().map(|(k, v)| (*k, v.to_string())))
-        .collect();
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|(k, v)| (*k, v.to_string())))
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     let settings = Settings::load(&Sources {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
+        env: env.iter().cloned().collect(),
         ..Default::default()
     })
     .unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client.clone());
     slipway_common::setup::apply(
-        &js,
+        &async_nats::jetstream::new(client),
         &slipway_common::topology::Topology::new(&settings.setup),
         slipway_common::setup::Mode::CreateMissing,
     )
     .await
     .unwrap();
+    (env, settings)
+}
+
+/// `extra` adds settings (environment variables) for the executor.
+pub async fn setup(extra: &[(&str, &str)]) -> Setup {
+    let nats = NatsServer::start().unwrap();
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (env, _) = configure(&nats, &sd, dir.path(), extra).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
     let mut run = FailpointRun::new(workspace_bin("slipway-executor").unwrap())
         .timeout(Duration::from_secs(60));
     for (k, v) in &env {

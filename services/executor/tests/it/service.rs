@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use slipway_common::config::{Settings, Sources};
 use slipway_common::{RpcClient, Service, Shutdown};
 use slipway_proto::v1::{
     Attribution, CreateSandboxRequest, ErrorCode, ExecReply, ExecRequest, FileContent,
@@ -21,31 +20,7 @@ pub(crate) async fn executor(
     tempfile::TempDir,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key");
-    std::fs::write(&key, "msk_test_executor").unwrap();
-    let env = [
-        ("SLIPWAY__NATS__URL", nats.url()),
-        ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
-        ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
-        ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
-    ];
-    let settings = Settings::load(&Sources {
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-        ..Default::default()
-    })
-    .unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let topo = slipway_common::topology::Topology::new(&settings.setup);
-    slipway_common::setup::apply(
-        &async_nats::jetstream::new(client),
-        &topo,
-        slipway_common::setup::Mode::CreateMissing,
-    )
-    .await
-    .unwrap();
+    let (_, settings) = crate::harness::configure(nats, sd, dir.path(), &[]).await;
     let shutdown = Shutdown::new();
     let app = slipway_common::App::start(Service::Executor, settings, shutdown.clone())
         .await
