@@ -348,7 +348,7 @@ impl Host {
                 None => s.state != State::Destroyed,
             })
             // Deployment runtimes are sandboxd's own, not the tenant's sandboxes.
-            .filter(|s| !s.metadata.contains_key(crate::deployments::RUNTIME_KEY))
+            .filter(|s| !s.is_runtime())
             .filter(|s| eq(&filter.external_user_id, &s.external_user_id))
             .filter(|s| eq(&filter.external_project_id, &s.external_project_id))
             .filter(|s| eq(&filter.external_workspace_id, &s.external_workspace_id))

@@ -79,6 +79,11 @@ pub const MEMORY_MB: u64 = 4096;
 pub const DISK_MB: u64 = 10240;
 
 impl Sandbox {
+    /// A deployment's runtime: sandboxd's own, not listed and not counted against quotas.
+    pub fn is_runtime(&self) -> bool {
+        self.metadata.contains_key(crate::deployments::RUNTIME_KEY)
+    }
+
     /// The API form (MIOSA's field names; env values are never echoed back).
     pub fn view(&self, now_ms: i64) -> serde_json::Value {
         let ts = |ms: i64| crate::clock::rfc3339(ms);

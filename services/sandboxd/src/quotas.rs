@@ -105,7 +105,7 @@ impl Host {
             let r = e.snapshot();
             if r.external_user_id.as_deref() != Some(user)
                 || r.state == State::Destroyed
-                || r.metadata.contains_key(crate::deployments::RUNTIME_KEY)
+                || r.is_runtime()
             {
                 continue;
             }
