@@ -27,11 +27,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let client = miosa::MiosaClient::new(config)?.with_metrics(
         miosa::metrics::PlatformMetrics::register(app.health.metrics()),
     );
-    let executor = Arc::new(service::Executor {
-        client,
-        nats: app.nats.clone(),
-        jetstream: app.jetstream.clone(),
-    });
+    let executor = Arc::new(service::Executor::new(client, app.nats.clone()));
     let host = app
         .service_host(
             "Slipway executor: the only door to the sandbox platform (MIOSA REST API or sandboxd)",

@@ -98,15 +98,31 @@ impl Executor {
         })
     }
 
+    /// A deployment's URL never changes: read once, then remembered (a deploy job is followed
+    /// by polling `version.get`, which would otherwise cost a second platform call each time).
     async fn deployment_url(&self, id: &str) -> String {
-        self.get_deployment(GetDeploymentRequest {
-            deployment_id: id.to_string(),
-        })
-        .await
-        .ok()
-        .and_then(|d| d.deployment)
-        .map(|d| d.url)
-        .unwrap_or_default()
+        if let Some(url) = self.lock_urls().get(id) {
+            return url.clone();
+        }
+        let url = self
+            .get_deployment(GetDeploymentRequest {
+                deployment_id: id.to_string(),
+            })
+            .await
+            .ok()
+            .and_then(|d| d.deployment)
+            .map(|d| d.url)
+            .unwrap_or_default();
+        if !url.is_empty() {
+            self.lock_urls().insert(id.to_string(), url.clone());
+        }
+        url
+    }
+
+    fn lock_urls(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.deployment_urls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn get_version(&self, req: GetVersionRequest) -> Result<VersionReply, ServiceError> {

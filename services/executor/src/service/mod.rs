@@ -32,6 +32,8 @@ pub struct Executor {
     pub client: MiosaClient,
     pub nats: async_nats::Client,
     pub jetstream: async_nats::jetstream::Context,
+    /// Deployment id -> URL (immutable once the deployment exists).
+    deployment_urls: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 pub(crate) fn platform_error(e: MiosaError) -> ServiceError {
@@ -85,6 +87,15 @@ fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
 }
 
 impl Executor {
+    pub fn new(client: MiosaClient, nats: async_nats::Client) -> Self {
+        Self {
+            client,
+            jetstream: async_nats::jetstream::new(nats.clone()),
+            nats,
+            deployment_urls: Default::default(),
+        }
+    }
+
     /// A read at the platform (no body, no idempotency key), errors mapped.
     async fn platform_get(
         &self,

@@ -262,11 +262,7 @@ async fn a_sampling_pass_sets_live_sandboxes_per_user_in_the_metrics() {
         .with_metrics(slipway_executor::miosa::metrics::PlatformMetrics::register(
             &registry,
         ));
-    let executor = std::sync::Arc::new(slipway_executor::service::Executor {
-        client,
-        nats: nats.clone(),
-        jetstream: async_nats::jetstream::new(nats),
-    });
+    let executor = std::sync::Arc::new(slipway_executor::service::Executor::new(client, nats));
     let user = |key: &str, user: &str| CreateSandboxRequest {
         attribution: Some(slipway_proto::v1::Attribution {
             user_id: user.into(),
