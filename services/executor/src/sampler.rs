@@ -235,21 +235,26 @@ impl Sampler {
         marks: &Records<MeterWatermark>,
         sandbox: &slipway_proto::v1::Sandbox,
     ) -> Result<(), SampleError> {
-        // Closed on every meter: this sandbox is done.
-        let mut open = false;
+        // Each watermark is read once per pass and carried through its updates.
+        let mut current = Vec::with_capacity(METERS.len());
         for (meter, _) in METERS {
-            let closed = marks
-                .get(&mark_key(&sandbox.id, meter))
-                .await?
-                .is_some_and(|(m, _)| m.closed);
-            open |= !closed;
+            current.push(marks.get(&mark_key(&sandbox.id, meter)).await?);
         }
-        if !open {
+        // Closed on every meter: this sandbox is done.
+        if current
+            .iter()
+            .all(|m| m.as_ref().is_some_and(|(m, _)| m.closed))
+        {
             return Ok(());
         }
         // Pending intervals first: they were decided before anything new is read.
-        for (meter, _) in METERS {
-            self.settle_pending(marks, sandbox, meter).await?;
+        for ((meter, _), mark) in METERS.iter().zip(current.iter_mut()) {
+            if let Some((m, revision)) = mark.take() {
+                *mark = Some(
+                    self.settle_pending(marks, sandbox, meter, m, revision)
+                        .await?,
+                );
+            }
         }
         // Background work: it yields to calls people wait for under the rate limit.
         let client = self.executor.client.background();
@@ -265,25 +270,25 @@ impl Sampler {
         let gone = state == SandboxState::Destroyed as i32;
         let counters = convert::counters(&counters);
         failpoint::hit("executor.usage.after_read");
-        for (meter, read) in METERS {
-            self.bill(marks, sandbox, meter, read(&counters), gone)
+        for ((meter, read), mark) in METERS.into_iter().zip(current) {
+            self.bill(marks, sandbox, meter, mark, read(&counters), gone)
                 .await?;
         }
         Ok(())
     }
 
+    /// Publishes a pending interval again (same id) and moves the watermark past it; returns the
+    /// watermark as it now stands.
     async fn settle_pending(
         &self,
         marks: &Records<MeterWatermark>,
         sandbox: &slipway_proto::v1::Sandbox,
         meter: &str,
-    ) -> Result<(), SampleError> {
-        let key = mark_key(&sandbox.id, meter);
-        let Some((mark, revision)) = marks.get(&key).await? else {
-            return Ok(());
-        };
+        mark: MeterWatermark,
+        revision: u64,
+    ) -> Result<(MeterWatermark, u64), SampleError> {
         let Some(pending) = mark.pending.clone() else {
-            return Ok(());
+            return Ok((mark, revision));
         };
         self.publish(sandbox, meter, &pending).await?;
         failpoint::hit("executor.usage.after_publish");
@@ -292,8 +297,10 @@ impl Sampler {
             pending: None,
             ..mark
         };
-        marks.update(&key, &moved, revision).await?;
-        Ok(())
+        let revision = marks
+            .update(&mark_key(&sandbox.id, meter), &moved, revision)
+            .await?;
+        Ok((moved, revision))
     }
 
     /// Bills the growth of one counter: pending interval, event, watermark.
@@ -302,11 +309,12 @@ impl Sampler {
         marks: &Records<MeterWatermark>,
         sandbox: &slipway_proto::v1::Sandbox,
         meter: &str,
+        current: Option<(MeterWatermark, u64)>,
         value: u64,
         gone: bool,
     ) -> Result<(), SampleError> {
         let key = mark_key(&sandbox.id, meter);
-        let (mark, revision) = match marks.get(&key).await? {
+        let (mark, revision) = match current {
             Some(found) => found,
             None => {
                 let fresh = MeterWatermark {
