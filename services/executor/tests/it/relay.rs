@@ -144,3 +144,87 @@ async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
     }
     panic!("the relay record outlived its sandbox");
 }
+
+/// A watch stream that ends is reopened with `Last-Event-ID`, and a `resync` tells consumers
+/// that changes in the gap may be missing (against a local server playing MIOSA, whose stream
+/// ends after each answer).
+#[tokio::test]
+async fn a_watch_that_ends_is_reopened_with_last_event_id_and_a_resync() {
+    use crate::fake::{Fake, reply};
+    let nats = slipway_test_support::NatsServer::start().unwrap();
+    let settings = slipway_common::config::Settings::load(&slipway_common::config::Sources {
+        env: [("SLIPWAY__NATS__URL".to_string(), nats.url())].into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    slipway_common::setup::apply(
+        &async_nats::jetstream::new(client.clone()),
+        &slipway_common::topology::Topology::new(&settings.setup),
+        slipway_common::setup::Mode::CreateMissing,
+    )
+    .await
+    .unwrap();
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/sbx_1",
+        vec![reply(200, r#"{"data":{"id":"sbx_1","state":"running"}}"#)],
+    );
+    let mut first = reply(
+        200,
+        "id: 7\nevent: created\ndata: {\"type\":\"created\",\"path\":\"/workspace/a.txt\"}\n\n",
+    );
+    first
+        .headers
+        .push(("content-type", "text/event-stream".into()));
+    let mut later = reply(200, ": nothing new\n\n");
+    later
+        .headers
+        .push(("content-type", "text/event-stream".into()));
+    later.delay = Duration::from_millis(200);
+    fake.on("GET /sandboxes/sbx_1/files/watch", vec![first, later]);
+    let miosa =
+        slipway_executor::miosa::MiosaClient::new(slipway_executor::miosa::ClientConfig::new(
+            fake.serve().await,
+            slipway_common::config::Secret::new("msk_test_executor"),
+        ))
+        .unwrap();
+    let executor = std::sync::Arc::new(slipway_executor::service::Executor::new(
+        miosa,
+        client.clone(),
+    ));
+    let relays = slipway_executor::relay::Relays::new(executor);
+    let mut sub = client
+        .subscribe(slipway_common::subjects::sandbox_files("sbx_1").unwrap())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let started = relays
+        .start(RelayRequest {
+            sandbox_id: "sbx_1".into(),
+            run_id: "r".into(),
+        })
+        .await
+        .unwrap();
+    assert!(started.active);
+    let created = next_change(&mut sub, "the created change", |c| {
+        c.kind == FileChangeKind::Created as i32
+    })
+    .await;
+    assert_eq!(created.path, "/workspace/a.txt");
+    next_change(&mut sub, "a resync after the stream ended", |c| {
+        c.kind == FileChangeKind::Resync as i32
+    })
+    .await;
+    let watches = fake.requests("GET /sandboxes/sbx_1/files/watch");
+    assert!(watches.len() >= 2, "{watches:?}");
+    assert!(watches[0].headers.get("last-event-id").is_none());
+    assert_eq!(watches[1].headers["last-event-id"], "7");
+    relays
+        .stop(RelayRequest {
+            sandbox_id: "sbx_1".into(),
+            run_id: "r".into(),
+        })
+        .await
+        .unwrap();
+}
