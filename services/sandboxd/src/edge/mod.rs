@@ -18,7 +18,6 @@ use axum::response::{IntoResponse, Response};
 
 use crate::grants::{Grant, Grants, Refusal, Scope};
 use crate::host::Host;
-use crate::model::State as SbState;
 
 pub use proxy::Pool;
 
@@ -180,9 +179,6 @@ async fn handle(State(s): State<EdgeState>, req: Request) -> Response {
             return page::error(e.status, "Sandbox unavailable", &e.message);
         }
     };
-    if entry.state() == SbState::Destroyed {
-        return page::error(StatusCode::GONE, "Sandbox gone", "");
-    }
     if req.uri().path() == LIVE_PATH {
         return live::events(&entry).into_response();
     }
