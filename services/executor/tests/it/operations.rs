@@ -522,6 +522,21 @@ async fn previews_shares_deploys_usage_and_quotas_over_nats() {
         .unwrap();
     let fwd = fwd.deployment.unwrap();
     assert_eq!(fwd.current_version_id, v2);
+    let got: DeploymentReply = rpc
+        .call(
+            &op("deployment.get"),
+            &GetDeploymentRequest {
+                deployment_id: dep.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let got = got.deployment.unwrap();
+    assert_eq!(
+        (got.id.as_str(), got.current_version_id.as_str()),
+        (dep.as_str(), v2.as_str())
+    );
+    assert_eq!(got.url, fwd.url);
     assert!(fwd.url.contains(".apps.localhost:"), "{fwd:?}");
 
     // Usage and quotas, as the platform reports and enforces them.
