@@ -238,6 +238,8 @@ pub async fn deploy(
         entrypoint,
         runtime,
     };
+    // Taken before the answer, so a destroy sent right after it waits for the build.
+    let building = entry.builds.clone().read_owned().await;
     let (d, v) = s.deployments.begin(&begin, &entry.snapshot())?;
     if let Some(path) = &key_path {
         store::write_json(
@@ -253,7 +255,7 @@ pub async fn deploy(
     let (host, deployments, version) = (s.host.clone(), s.deployments.clone(), v.clone());
     tokio::spawn(async move {
         let done = Arc::clone(&host)
-            .build_version(deployments, entry, version)
+            .build_version(deployments, entry, version, building)
             .await;
         tracing::info!(version = %done.id, state = done.state.as_str(), "deploy build finished");
     });

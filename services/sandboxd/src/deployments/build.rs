@@ -12,13 +12,16 @@ pub const BUILD_TIMEOUT: Duration = Duration::from_secs(900);
 impl Host {
     /// Runs the build in the sandbox, freezes the output and records the outcome. The sandbox
     /// cannot be destroyed while this runs (destroy waits for it).
+    /// `building` is the sandbox's build guard, taken by the caller before the deploy is
+    /// answered: a destroy that arrives right after waits for this build.
     pub async fn build_version(
         self: Arc<Self>,
         deployments: Arc<Deployments>,
         entry: Arc<Entry>,
         v: Version,
+        building: tokio::sync::OwnedRwLockReadGuard<()>,
     ) -> Version {
-        let _building = entry.builds.clone().read_owned().await;
+        let _building = building;
         let mut log = String::new();
         let outcome = async {
             if entry.state() == crate::model::State::Destroyed {
