@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use slipway_sandboxd::jail::{Confinement, Jail};
+use slipway_sandboxd::jail::{Confinement, Jail, Owner};
 use slipway_test_support::Sandboxd;
 use stats::{median, ms};
 
@@ -27,9 +27,23 @@ async fn main() {
     let http = slipway_test_support::http();
     let auth = "Bearer msk_bench";
 
-    // Baseline: bubblewrap alone, with the same mounts, running the same command.
-    let jail = Jail::detect().unwrap();
+    // Baseline: the jail alone (bubblewrap in its user namespace, with the same mounts and
+    // seccomp programs), running the same command, in a directory the sandbox user can reach.
     let ws = tempfile::tempdir().unwrap();
+    let owner = Owner::default();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(ws.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        owner.give(ws.path()).unwrap();
+    }
+    let seccomp = tempfile::tempdir().unwrap();
+    let jail = Jail::detect(
+        owner,
+        seccomp.path(),
+        ws.path().to_path_buf(),
+        ws.path().to_path_buf(),
+    )
+    .unwrap();
     let mut floor = Vec::with_capacity(iters);
     for _ in 0..iters {
         let t = Instant::now();

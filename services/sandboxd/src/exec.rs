@@ -408,11 +408,13 @@ pub async fn resources(
         _ => None,
     }
     .unwrap_or_default();
-    let limits = s.host.iso.limits;
+    let resources = entry.snapshot().resources;
     Ok(Json(json!({ "data": {
-        "cpu_count": crate::model::CPU_COUNT,
-        "memory_mb": limits.memory_bytes / (1024 * 1024),
-        "pids_max": limits.pids,
+        "size": resources.size,
+        "cpu_count": resources.cpu_count,
+        "memory_mb": resources.memory_mb,
+        "disk_size_mb": resources.disk_size_mb,
+        "pids_max": s.host.iso.pids,
         "usage": {
             "active_cpu_ms": stats.cpu_usage_ns / 1_000_000,
             "memory_bytes": stats.memory_bytes,

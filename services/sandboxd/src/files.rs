@@ -130,7 +130,11 @@ fn item(entry: &Entry, body: &FileBody, rules: Rules) -> Result<Item, Refusal> {
     })
 }
 
-async fn write_items(entry: Arc<Entry>, items: Vec<Item>) -> Result<Vec<String>, ApiError> {
+async fn write_items(
+    state: &AppState,
+    entry: Arc<Entry>,
+    items: Vec<Item>,
+) -> Result<Vec<String>, ApiError> {
     let written: Vec<String> = items
         .iter()
         .map(|i| paths::sandbox_path(&i.parts))
@@ -138,11 +142,41 @@ async fn write_items(entry: Arc<Entry>, items: Vec<Item>) -> Result<Vec<String>,
     let _files = entry.files_lock.lock().await;
     let dir = entry.files.clone();
     let workspace = entry.workspace();
-    tokio::task::spawn_blocking(move || journal::write_batch(&dir, &workspace, &items))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(|e| ApiError::internal(format!("writing files: {e}")))?;
+    let owner = state.host.iso.jail.owner();
+    let (host, limit_mb) = (state.host.clone(), entry.snapshot().resources.disk_size_mb);
+    let incoming = items.iter().map(|i| i.content.len() as u64).sum();
+    tokio::task::spawn_blocking(move || {
+        host.storage
+            .room(&dir, limit_mb, incoming)
+            .map_err(|full| disk_full(&full.to_string()))?;
+        journal::write_batch(&dir, &workspace, &items, owner).map_err(|e| {
+            if is_disk_full(&e) {
+                disk_full(&format!("the sandbox's disk ({limit_mb} MB) is full"))
+            } else {
+                ApiError::internal(format!("writing files: {e}"))
+            }
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     Ok(written)
+}
+
+/// A write refused for want of room (the sandbox's disk size, or the host's disk): nothing of
+/// it was written.
+fn disk_full(why: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "disk_full",
+        format!("{why}; nothing was written"),
+    )
+}
+
+fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::QuotaExceeded | std::io::ErrorKind::StorageFull
+    )
 }
 
 fn refuse_item(index: usize, path: &str, refusal: Refusal) -> ApiError {
@@ -170,7 +204,7 @@ async fn write_one(
     let entry = state.host.live(id)?;
     let it = item(&entry, &body, rules).map_err(|r| refuse_item(0, &body.path, r))?;
     let size = it.content.len();
-    let written = write_items(entry, vec![it]).await?;
+    let written = write_items(state, entry, vec![it]).await?;
     Ok(Json(
         json!({ "data": { "path": written[0], "size": size, "written": true } }),
     ))
@@ -226,7 +260,7 @@ async fn write_many(
         }
         items.push(it);
     }
-    let written = write_items(entry, items).await?;
+    let written = write_items(state, entry, items).await?;
     Ok(Json(
         json!({ "data": { "written": written, "failed": [] } }),
     ))
@@ -425,7 +459,11 @@ pub async fn mkdir(
 ) -> Result<Json<Value>, ApiError> {
     let entry = s.host.live(&id)?;
     let r = resolve(&entry, &b.path)?;
-    std::fs::create_dir_all(&r.host).map_err(|e| io_error(&b.path, e))?;
+    match s.host.iso.jail.owner() {
+        Some(owner) => owner.create_dirs(&entry.workspace(), &r.host),
+        None => std::fs::create_dir_all(&r.host),
+    }
+    .map_err(|e| io_error(&b.path, e))?;
     Ok(Json(
         json!({ "data": { "path": r.sandbox_path(), "created": true } }),
     ))

@@ -40,7 +40,31 @@ pub struct Isolation {
     pub jail: Jail,
     pub cgroups: Option<Cgroups>,
     pub net: Option<Net>,
-    pub limits: Limits,
+    /// Most processes (and threads) in one sandbox.
+    pub pids: u64,
+    /// Host-wide caps on what a size gives (`--memory-limit-mb`, `--disk-limit-mb`).
+    pub memory_cap_mb: Option<u64>,
+    pub disk_cap_mb: Option<u64>,
+    /// The most CPUs' worth of time one sandbox may take: the host's CPUs less those kept
+    /// for sandboxd and the other sandboxes (`--reserved-cpus`), so no sandbox, a fork bomb
+    /// included, can take every CPU.
+    pub max_cpus: u64,
+}
+
+impl Isolation {
+    /// What a sandbox of `size` is given on this host.
+    pub fn resources(&self, size: crate::model::Size) -> crate::model::Resources {
+        crate::model::Resources::of(size, self.memory_cap_mb, self.disk_cap_mb)
+    }
+
+    /// The cgroup limits of a sandbox.
+    pub fn limits(&self, r: &crate::model::Resources) -> Limits {
+        Limits {
+            memory_bytes: r.memory_mb.saturating_mul(1024 * 1024),
+            pids: self.pids,
+            cpus: u32::try_from(r.cpu_count.min(self.max_cpus)).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 /// A process to start again when its sandbox resumes after a sandboxd restart.
@@ -221,9 +245,17 @@ impl Host {
                 continue;
             };
             if !for_purge && record.state != State::Destroyed {
+                let files = storage.sandbox_dir(&record.id);
                 // A file batch cut short by a crash is completed or undone before anything
                 // reads the workspace.
-                crate::journal::recover(&storage.sandbox_dir(&record.id))?;
+                crate::journal::recover(&files, iso.jail.owner())?;
+                // Limits and ownership as this sandboxd applies them (a record from an older
+                // one gets them now).
+                let disk_bytes = record.resources.disk_size_mb.saturating_mul(1024 * 1024);
+                storage.prepare(&files, iso.jail.owner(), disk_bytes)?;
+                if let Some(owner) = iso.jail.owner() {
+                    adopt(&files.join("workspace"), owner)?;
+                }
             }
             let restarted = !for_purge && matches!(record.state, State::Running | State::Paused);
             if restarted && record.state == State::Running {
@@ -408,14 +440,13 @@ impl Host {
                 "env keys are [A-Za-z_][A-Za-z0-9_]*",
             ));
         }
-        if let Some(size) = req.size.as_deref()
-            && !["xs", "small", "medium", "large", "xl"].contains(&size)
-        {
+        let size_name = req.size.as_deref().unwrap_or(crate::model::DEFAULT_SIZE);
+        let Some(size) = crate::model::size(size_name) else {
             return Err(ApiError::invalid(
                 "invalid_size",
-                format!("unknown size `{size}`"),
+                format!("unknown size `{size_name}` (xs, small, medium, large, xl)"),
             ));
-        }
+        };
 
         let _guard = self.create_lock.lock().await;
         let body_sha256 = hex(&Sha256::digest(
@@ -500,6 +531,7 @@ impl Host {
             timeout_base_ms: now,
             net_index,
             outbound,
+            resources: self.iso.resources(size),
         };
         confine(&self.iso, &record, net_ready)?;
         let dir = self.data_dir.join("sandboxes").join(&id);
@@ -517,7 +549,7 @@ impl Host {
                 Ok(())
             }
         }
-        .and_then(|()| self.storage.create(&files))
+        .and_then(|()| self.prepare_files(&files, &record))
         .map_err(|e| ApiError::internal(format!("creating the workspace: {e}")))?;
         let entry = Arc::new(Entry::new(id.clone(), dir, files, record.clone()));
         entry.touch();
@@ -659,6 +691,13 @@ impl Host {
                 let _ = std::fs::remove_file(e.path());
             }
         }
+    }
+
+    /// Completes a sandbox's files (new, forked, restored or reloaded): ownership and disk limit.
+    pub(crate) fn prepare_files(&self, files: &Path, record: &Sandbox) -> std::io::Result<()> {
+        let disk_bytes = record.resources.disk_size_mb.saturating_mul(1024 * 1024);
+        self.storage
+            .prepare(files, self.iso.jail.owner(), disk_bytes)
     }
 
     /// What confines `entry`'s processes.
@@ -811,6 +850,7 @@ impl Host {
         if let Some(net) = &self.iso.net {
             net.remove_all_owned();
         }
+        crate::isolation::view::unmount(&self.data_dir);
         self.storage.release();
     }
 
@@ -862,10 +902,28 @@ fn kill_cgroup(cg: &Cgroups, id: &str) {
     }
 }
 
+/// Gives a workspace made before sandboxes had their own user (root-owned files, which root
+/// inside could no longer change) to the sandbox's root; a no-op once done.
+fn adopt(workspace: &Path, owner: crate::jail::Owner) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(workspace)?.uid() == owner.uid {
+        return Ok(());
+    }
+    tracing::info!(workspace = %workspace.display(), "giving the workspace to the sandbox's user");
+    crate::tools::run(&[
+        "chown",
+        "-R",
+        "-P",
+        &format!("{}:{}", owner.uid, owner.gid),
+        &workspace.display().to_string(),
+    ])
+    .map(|_| ())
+}
+
 /// Creates the sandbox's cgroups and network namespace (both idempotent).
 fn confine(iso: &Isolation, record: &Sandbox, net_ready: bool) -> Result<(), ApiError> {
     if let Some(cg) = &iso.cgroups {
-        cg.create(&record.id, iso.limits)
+        cg.create(&record.id, iso.limits(&record.resources))
             .map_err(|e| ApiError::internal(format!("creating cgroups: {e}")))?;
     }
     if let (Some(net), Some(index), false) = (&iso.net, record.net_index, net_ready) {

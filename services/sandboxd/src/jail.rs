@@ -32,18 +32,82 @@ const SYMLINKS: &[(&str, &str)] = &[
 ];
 const PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
 
-/// Joins the cgroups named by its arguments up to `--`, then runs the rest: so the process is
-/// limited and accounted before it (or anything it forks) runs a single instruction of its own.
-const JOIN_CGROUPS: &str =
-    r#"while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
+/// Opens the seccomp programs as descriptors 5 to 7 (bubblewrap reads them from there), joins
+/// the cgroups named by its arguments up to `--`, then runs the rest: so the process is limited
+/// and accounted before it (or anything it forks) runs a single instruction of its own. The
+/// descriptors are opened here, as root, so the programs stay readable by root only.
+const PRELUDE: &str = r#"exec 5<"$1" 6<"$2" 7<"$3" || exit 125; shift 3; while [ "$1" != "--" ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@""#;
+/// The descriptors `PRELUDE` opens.
+const SECCOMP_FDS: [&str; 3] = ["5", "6", "7"];
+
+/// The host uid and gid that are root inside every sandbox of this sandboxd: the only ids its
+/// user namespace maps, so nothing a sandbox owns or runs is root on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The default: a 64 Ki block in the range systemd reserves for container user namespaces
+/// (524288 to 1879048191), far from the ids hosts hand to people and services.
+pub const DEFAULT_SANDBOX_UID: u32 = 10_000 * 65_536;
+
+impl Default for Owner {
+    fn default() -> Self {
+        Owner {
+            uid: DEFAULT_SANDBOX_UID,
+            gid: DEFAULT_SANDBOX_UID,
+        }
+    }
+}
+
+impl Owner {
+    /// Makes `path` (not a link it may be) the sandbox's own.
+    pub fn give(&self, path: &Path) -> std::io::Result<()> {
+        std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
+    }
+
+    /// Creates `dir` and its missing parents below `base` (which exists), each owned by the
+    /// sandbox.
+    pub fn create_dirs(&self, base: &Path, dir: &Path) -> std::io::Result<()> {
+        let Ok(rest) = dir.strip_prefix(base) else {
+            return Err(std::io::Error::other(format!(
+                "{} is not under {}",
+                dir.display(),
+                base.display()
+            )));
+        };
+        let mut at = base.to_path_buf();
+        for part in rest.components() {
+            at.push(part);
+            match std::fs::create_dir(&at) {
+                Ok(()) => self.give(&at)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone, Debug)]
 pub enum Jail {
-    Bubblewrap {
-        bwrap: PathBuf,
-    },
+    Bubblewrap(Box<Bubblewrap>),
     /// `--insecure-no-isolation`: plain processes on the host, in the sandbox's directory.
     None,
+}
+
+#[derive(Clone, Debug)]
+pub struct Bubblewrap {
+    pub bwrap: PathBuf,
+    /// Who root inside is on the host.
+    pub owner: Owner,
+    /// The seccomp programs (see `isolation::seccomp`).
+    pub seccomp: Vec<PathBuf>,
+    /// Where sandbox files live for sandboxd (the storage root, under its private data dir),
+    /// and where the same tree is mounted for the sandboxes' user to reach (`View`).
+    pub files_root: PathBuf,
+    pub view: PathBuf,
 }
 
 /// Where one sandbox's processes are confined, besides their files.
@@ -56,27 +120,46 @@ pub struct Confinement {
 }
 
 impl Jail {
-    /// Finds bubblewrap; sandboxd does not run sandboxes without it.
-    pub fn detect() -> anyhow::Result<Jail> {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let bwrap = std::env::split_paths(&path)
-            .map(|d| d.join("bwrap"))
-            .find(|p| p.is_file())
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "bubblewrap (`bwrap`) not found: sandboxd runs every sandbox process under it \
-                     (Debian: apt-get install bubblewrap), or pass --insecure-no-isolation"
-                )
-            })?;
-        Ok(Jail::Bubblewrap { bwrap })
+    /// Finds bubblewrap (sandboxd does not run sandboxes without it) and writes the seccomp
+    /// programs under `seccomp_dir`.
+    pub fn detect(
+        owner: Owner,
+        seccomp_dir: &Path,
+        files_root: PathBuf,
+        view: PathBuf,
+    ) -> anyhow::Result<Jail> {
+        let bwrap = find_bwrap()?;
+        let seccomp = crate::isolation::seccomp::Filters::write(seccomp_dir)?.files;
+        Ok(Jail::Bubblewrap(Box::new(Bubblewrap {
+            bwrap,
+            owner,
+            seccomp,
+            files_root,
+            view,
+        })))
     }
 
     pub fn is_isolated(&self) -> bool {
-        matches!(self, Jail::Bubblewrap { .. })
+        matches!(self, Jail::Bubblewrap(_))
+    }
+
+    /// Who owns what sandboxd puts in a workspace: the sandbox's root, or nobody in particular
+    /// (sandboxd's own user) without isolation.
+    pub fn owner(&self) -> Option<Owner> {
+        match self {
+            Jail::Bubblewrap(b) => Some(b.owner),
+            Jail::None => None,
+        }
     }
 
     /// A command that runs `sh -c <command>` in the sandbox whose files are at `workspace`, in
     /// `cwd` (a path inside `/workspace`), with `env` on top of the sandbox's own.
+    ///
+    /// Isolated, the chain is: `sh` (as root: opens the seccomp programs, joins the cgroups),
+    /// `nsenter` (joins the sandbox's network namespace, then becomes the sandbox's host uid
+    /// with no groups and no capabilities), `bwrap` (a user namespace mapping root inside to
+    /// that uid alone, with nested user namespaces disabled; its own mount, PID, IPC and UTS
+    /// namespaces; the seccomp programs loaded last), then the command.
     pub fn command(
         &self,
         workspace: &Path,
@@ -86,15 +169,32 @@ impl Jail {
         command: &str,
     ) -> tokio::process::Command {
         let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        let mut seccomp: Vec<&Path> = Vec::new();
         match self {
-            Jail::Bubblewrap { bwrap } => {
+            Jail::Bubblewrap(b) => {
+                argv.push("nsenter".into());
                 if let Some(ns) = &confinement.netns {
-                    argv.push("nsenter".into());
                     argv.push(format!("--net={}", ns.display()).into());
-                    argv.push("--".into());
                 }
-                argv.push(bwrap.into());
+                for a in [
+                    format!("--setuid={}", b.owner.uid),
+                    format!("--setgid={}", b.owner.gid),
+                    "--".into(),
+                ] {
+                    argv.push(a.into());
+                }
+                argv.push(b.bwrap.clone().into());
                 let mut push = |a: &str| argv.push(a.into());
+                for a in [
+                    "--unshare-user",
+                    "--disable-userns",
+                    "--uid",
+                    "0",
+                    "--gid",
+                    "0",
+                ] {
+                    push(a);
+                }
                 for dir in READ_ONLY.iter().chain(ETC) {
                     if Path::new(dir).exists() {
                         push("--ro-bind");
@@ -110,8 +210,12 @@ impl Jail {
                 for a in ["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"] {
                     push(a);
                 }
+                // Kernel settings stay read-only whatever the user namespace would allow.
+                for a in ["--ro-bind", "/proc/sys", "/proc/sys"] {
+                    push(a);
+                }
                 argv.push("--bind".into());
-                argv.push(workspace.into());
+                argv.push(b.reachable(workspace).into());
                 argv.push(crate::paths::WORKSPACE.into());
                 let mut push = |a: &str| argv.push(a.into());
                 for a in [
@@ -150,6 +254,11 @@ impl Jail {
                     push(k);
                     push(v);
                 }
+                for (fd, _) in SECCOMP_FDS.iter().zip(&b.seccomp) {
+                    push("--add-seccomp-fd");
+                    push(fd);
+                }
+                seccomp.extend(b.seccomp.iter().map(PathBuf::as_path));
                 for a in ["--", "/bin/sh", "-c", command] {
                     push(a);
                 }
@@ -170,7 +279,10 @@ impl Jail {
             }
         }
         let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c").arg(JOIN_CGROUPS).arg("sh");
+        cmd.arg("-c").arg(PRELUDE).arg("sh");
+        for n in 0..SECCOMP_FDS.len() {
+            cmd.arg(seccomp.get(n).copied().unwrap_or(Path::new("/dev/null")));
+        }
         cmd.args(&confinement.cgroup_procs).arg("--").args(argv);
         if let Jail::None = self {
             let rel = cwd
@@ -187,5 +299,30 @@ impl Jail {
             .process_group(0)
             .kill_on_drop(true);
         cmd
+    }
+}
+
+/// Where bubblewrap is (on `PATH`).
+pub fn find_bwrap() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("bwrap"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "bubblewrap (`bwrap`) not found: sandboxd runs every sandbox process under it \
+                 (Debian: apt-get install bubblewrap), or pass --insecure-no-isolation"
+            )
+        })
+}
+
+impl Bubblewrap {
+    /// `path` (under the storage root) as the sandboxes' user reaches it: through the view.
+    /// Other paths (a benchmark's own directory) are taken as they are.
+    fn reachable(&self, path: &Path) -> PathBuf {
+        match path.strip_prefix(&self.files_root) {
+            Ok(rest) => self.view.join(rest),
+            Err(_) => path.to_path_buf(),
+        }
     }
 }

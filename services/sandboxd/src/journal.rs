@@ -2,13 +2,16 @@
 //! `<sandbox>/journal/<tx>/` (each file written and synced), then committed by writing its
 //! manifest (one atomic rename), then applied file by file with renames into the workspace. On
 //! start, a committed batch is rolled forward and an uncommitted one is discarded, so after any
-//! crash the workspace holds all of a batch or none of it.
+//! crash the workspace holds all of a batch or none of it. What a batch creates (files and the
+//! directories above them) belongs to the sandbox's root, and never carries set-user-id,
+//! set-group-id or sticky bits.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use slipway_common::failpoint;
 
+use crate::jail::Owner;
 use crate::store;
 
 /// One file of a batch: its path under the workspace (already resolved) and its content.
@@ -34,27 +37,38 @@ const MANIFEST: &str = "manifest.json";
 
 /// Writes every item into `workspace` or, on error, none of them. `files_dir` holds the
 /// workspace and the journal, on one filesystem.
-pub fn write_batch(files_dir: &Path, workspace: &Path, items: &[Item]) -> std::io::Result<()> {
+pub fn write_batch(
+    files_dir: &Path,
+    workspace: &Path,
+    items: &[Item],
+    owner: Option<Owner>,
+) -> std::io::Result<()> {
     let tx = files_dir.join("journal").join(format!(
         "{}-{}",
         crate::clock::now_ms(),
         rand::random::<u32>()
     ));
     std::fs::create_dir_all(&tx)?;
-    let staged = stage(&tx, items);
+    let staged = stage(&tx, items, owner);
     if let Err(e) = staged {
         let _ = std::fs::remove_dir_all(&tx);
         return Err(e);
     }
-    apply(&tx, workspace)
+    apply(&tx, workspace, owner)
 }
 
-fn stage(tx: &Path, items: &[Item]) -> std::io::Result<()> {
+/// Permission bits a batch may set: no set-user-id, set-group-id or sticky bit.
+const MODE_BITS: u32 = 0o777;
+
+fn stage(tx: &Path, items: &[Item], owner: Option<Owner>) -> std::io::Result<()> {
     use std::io::Write;
     let mut entries = Vec::with_capacity(items.len());
     for (n, item) in items.iter().enumerate() {
         let name = format!("{n}.data");
         let mut f = std::fs::File::create(tx.join(&name))?;
+        if let Some(o) = owner {
+            std::os::unix::fs::fchown(&f, Some(o.uid), Some(o.gid))?;
+        }
         f.write_all(&item.content)?;
         f.sync_all()?;
         entries.push(ManifestEntry {
@@ -71,7 +85,7 @@ fn stage(tx: &Path, items: &[Item]) -> std::io::Result<()> {
     Ok(())
 }
 
-fn apply(tx: &Path, workspace: &Path) -> std::io::Result<()> {
+fn apply(tx: &Path, workspace: &Path, owner: Option<Owner>) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let manifest: Manifest = store::read_json(&tx.join(MANIFEST))?
         .ok_or_else(|| std::io::Error::other("journal manifest missing"))?;
@@ -87,9 +101,12 @@ fn apply(tx: &Path, workspace: &Path) -> std::io::Result<()> {
             target.push(p);
         }
         let parent = target.parent().unwrap_or(workspace).to_path_buf();
-        std::fs::create_dir_all(&parent)?;
+        match owner {
+            Some(o) => o.create_dirs(workspace, &parent)?,
+            None => std::fs::create_dir_all(&parent)?,
+        }
         if let Some(mode) = entry.mode {
-            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode & 0o7777))?;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode & MODE_BITS))?;
         }
         std::fs::rename(&staged, &target)?;
         if !touched_dirs.contains(&parent) {
@@ -105,7 +122,7 @@ fn apply(tx: &Path, workspace: &Path) -> std::io::Result<()> {
 }
 
 /// Completes committed batches and discards uncommitted ones (at start, before serving).
-pub fn recover(files_dir: &Path) -> std::io::Result<()> {
+pub fn recover(files_dir: &Path, owner: Option<Owner>) -> std::io::Result<()> {
     let journal = files_dir.join("journal");
     let Ok(txs) = std::fs::read_dir(&journal) else {
         return Ok(());
@@ -114,7 +131,7 @@ pub fn recover(files_dir: &Path) -> std::io::Result<()> {
     for tx in txs.flatten().map(|e| e.path()) {
         if tx.join(MANIFEST).exists() {
             tracing::info!(tx = %tx.display(), "rolling an interrupted file batch forward");
-            apply(&tx, &workspace)?;
+            apply(&tx, &workspace, owner)?;
         } else {
             tracing::info!(tx = %tx.display(), "discarding an uncommitted file batch");
             std::fs::remove_dir_all(&tx)?;

@@ -18,12 +18,14 @@ pub mod journal;
 pub mod model;
 pub mod paths;
 pub mod processes;
+pub mod proclog;
 pub mod quotas;
 pub mod rollup;
 pub mod snapshots;
 pub mod storage;
 pub mod store;
 pub mod templates;
+pub mod tools;
 pub mod usage;
 pub mod watch;
 
@@ -76,9 +78,20 @@ pub struct Args {
     /// Where the cgroup hierarchies are mounted.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     pub cgroup_root: PathBuf,
-    /// Memory limit of each sandbox, in MiB.
-    #[arg(long, default_value_t = 4096)]
-    pub memory_limit_mb: u64,
+    /// Caps every sandbox's memory, in MiB, below what its size gives (xs 2048 to xl 32768).
+    #[arg(long)]
+    pub memory_limit_mb: Option<u64>,
+    /// Caps every sandbox's disk, in MiB, below what its size gives (10240 to 81920).
+    #[arg(long)]
+    pub disk_limit_mb: Option<u64>,
+    /// CPUs no single sandbox may take, kept for sandboxd and the other sandboxes: a sandbox's
+    /// CPU quota is its size's vCPUs, but at most the host's CPUs less these (at least one).
+    #[arg(long, default_value_t = 1)]
+    pub reserved_cpus: u64,
+    /// The host uid (and gid) that is root inside sandboxes: the only id their user namespaces
+    /// map. It owns their files on the host and must belong to no one else.
+    #[arg(long, default_value_t = jail::DEFAULT_SANDBOX_UID)]
+    pub sandbox_uid: u32,
     /// Most processes (and threads) in one sandbox.
     #[arg(long, default_value_t = 1024)]
     pub pids_limit: u64,
@@ -101,12 +114,12 @@ pub struct Args {
     pub purge: bool,
 }
 
-/// Sets up what confines sandboxes on this host.
-pub fn isolation(args: &Args) -> anyhow::Result<host::Isolation> {
-    let limits = isolation::cgroup::Limits {
-        memory_bytes: args.memory_limit_mb.saturating_mul(1024 * 1024),
-        pids: args.pids_limit,
-    };
+/// Sets up what confines sandboxes on this host, for sandbox files kept in `storage`.
+pub fn isolation(args: &Args, storage: &storage::Storage) -> anyhow::Result<host::Isolation> {
+    let (pids, memory_cap_mb, disk_cap_mb) =
+        (args.pids_limit, args.memory_limit_mb, args.disk_limit_mb);
+    let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let max_cpus = host_cpus.saturating_sub(args.reserved_cpus).max(1);
     if args.insecure_no_isolation {
         eprintln!(
             "slipway-sandboxd: WARNING: --insecure-no-isolation: sandbox processes run on the host \
@@ -116,23 +129,50 @@ pub fn isolation(args: &Args) -> anyhow::Result<host::Isolation> {
             jail: jail::Jail::None,
             cgroups: None,
             net: None,
-            limits,
+            pids,
+            memory_cap_mb,
+            disk_cap_mb,
+            max_cpus,
         });
     }
-    let jail = jail::Jail::detect()?;
+    let owner = jail::Owner {
+        uid: args.sandbox_uid,
+        gid: args.sandbox_uid,
+    };
+    if owner.uid == 0 {
+        anyhow::bail!("--sandbox-uid 0 would make root inside a sandbox root on the host");
+    }
+    jail::find_bwrap()?;
+    let view = isolation::view::mount(&args.data_dir, storage.root(), owner)
+        .map_err(|e| anyhow::anyhow!("the sandboxes' view of their files: {e}"))?;
+    let jail = jail::Jail::detect(
+        owner,
+        &args.data_dir.join("seccomp"),
+        storage.root().to_path_buf(),
+        view,
+    )?;
     let cgroups = isolation::cgroup::Cgroups::detect(&args.cgroup_root)
         .map_err(|e| anyhow::anyhow!("cgroups: {e} (or pass --insecure-no-isolation)"))?;
-    std::fs::create_dir_all(&args.data_dir)?;
     let net = isolation::net::Net::init(!args.no_outbound, &args.data_dir).map_err(|e| {
         anyhow::anyhow!("network namespaces: {e} (or pass --insecure-no-isolation)")
     })?;
-    tracing::info!(cgroups = ?cgroups, outbound = net.outbound, "sandboxes isolated");
+    tracing::info!(cgroups = ?cgroups, outbound = net.outbound, sandbox_uid = owner.uid, "sandboxes isolated");
     Ok(host::Isolation {
         jail,
         cgroups: Some(cgroups),
         net: Some(net),
-        limits,
+        pids,
+        memory_cap_mb,
+        disk_cap_mb,
+        max_cpus,
     })
+}
+
+/// The data directory is root's alone: keys, grants, records and sandbox files are under it.
+fn private_data_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Which bearer keys the API accepts.
@@ -220,8 +260,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if matches!(policy, KeyPolicy::AnyMsk) {
         eprintln!("slipway-sandboxd: no --api-keys-file: accepting any `msk_` key (loopback only)");
     }
-    std::fs::create_dir_all(&args.data_dir)?;
+    private_data_dir(&args.data_dir)?;
     let (storage, why) = storage::Storage::open(&args.data_dir, args.storage, args.btrfs_image_gb)?;
+    storage.secure()?;
     eprintln!("slipway-sandboxd: storage: {why}");
     let prices = match &args.price_table {
         Some(path) => rollup::Prices::load(path)?,
@@ -229,7 +270,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let host = host::Host::open(
         &args.data_dir,
-        isolation(&args)?,
+        isolation(&args, &storage)?,
         storage,
         prices,
         args.purge,
@@ -238,12 +279,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         host.purge().await;
         return Ok(());
     }
-    if host.iso.net.is_some() {
-        // Keep a few network namespaces ready, so a create does not wait for them.
-        let host = host.clone();
+    let stop = CancellationToken::new();
+    // Keeps a few network namespaces ready, so a create does not wait for them; stops with
+    // sandboxd, between two refills, so the pool can be released whole.
+    let refill = host.iso.net.is_some().then(|| {
+        let (host, stop) = (host.clone(), stop.clone());
         let size = args.net_pool;
         tokio::spawn(async move {
-            loop {
+            while !stop.is_cancelled() {
                 let h = host.clone();
                 let refilled = tokio::task::spawn_blocking(move || {
                     h.iso.net.as_ref().map(|n| n.refill(size)).transpose()
@@ -252,10 +295,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 if let Ok(Err(e)) = refilled {
                     tracing::warn!(error = %e, "refilling the network pool");
                 }
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                }
             }
-        });
-    }
+        })
+    });
     {
         let host = host.clone();
         let every = std::time::Duration::from_millis(args.idle_check_ms.max(50));
@@ -272,7 +318,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let stop = CancellationToken::new();
     {
         let stop = stop.clone();
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -330,5 +375,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first,
     // frozen ones included.
     host.shutdown().await;
+    // The pool's namespaces belong to no sandbox: released, so stopped sandboxds leave none.
+    if let Some(refill) = refill {
+        let _ = refill.await;
+    }
+    if let Some(net) = &host.iso.net {
+        net.drain_pool();
+    }
     Ok(())
 }

@@ -68,15 +68,93 @@ pub struct Sandbox {
     /// Whether the sandbox may open outbound connections (where the host has them).
     #[serde(default = "yes")]
     pub outbound: bool,
+    /// Its size and the limits that follow (records from before sizes were kept are `small`).
+    #[serde(default)]
+    pub resources: Resources,
+}
+
+/// One of MIOSA's sandbox sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size {
+    pub name: &'static str,
+    pub cpu_count: u64,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+}
+
+/// MIOSA's sizes (`miosa-api.md`: vCPU / MB RAM / MB disk).
+pub const SIZES: [Size; 5] = [
+    Size {
+        name: "xs",
+        cpu_count: 1,
+        memory_mb: 2048,
+        disk_size_mb: 10240,
+    },
+    Size {
+        name: "small",
+        cpu_count: 2,
+        memory_mb: 4096,
+        disk_size_mb: 10240,
+    },
+    Size {
+        name: "medium",
+        cpu_count: 4,
+        memory_mb: 8192,
+        disk_size_mb: 20480,
+    },
+    Size {
+        name: "large",
+        cpu_count: 8,
+        memory_mb: 16384,
+        disk_size_mb: 40960,
+    },
+    Size {
+        name: "xl",
+        cpu_count: 16,
+        memory_mb: 32768,
+        disk_size_mb: 81920,
+    },
+];
+
+/// The size a sandbox gets when none is asked for (MIOSA's default).
+pub const DEFAULT_SIZE: &str = "small";
+
+pub fn size(name: &str) -> Option<Size> {
+    SIZES.iter().copied().find(|s| s.name == name)
+}
+
+/// What a sandbox was given: the size it asked for and the limits enforced on it, which are the
+/// size's, lowered where the host caps them (`--memory-limit-mb`, `--disk-limit-mb`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub size: String,
+    pub cpu_count: u64,
+    pub memory_mb: u64,
+    pub disk_size_mb: u64,
+}
+
+impl Resources {
+    pub fn of(size: Size, memory_cap_mb: Option<u64>, disk_cap_mb: Option<u64>) -> Resources {
+        let cap = |v: u64, c: Option<u64>| c.map_or(v, |c| v.min(c.max(1)));
+        Resources {
+            size: size.name.to_string(),
+            cpu_count: size.cpu_count,
+            memory_mb: cap(size.memory_mb, memory_cap_mb),
+            disk_size_mb: cap(size.disk_size_mb, disk_cap_mb),
+        }
+    }
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        let small = size(DEFAULT_SIZE).unwrap_or(SIZES[1]);
+        Resources::of(small, None, None)
+    }
 }
 
 fn yes() -> bool {
     true
 }
-
-pub const CPU_COUNT: u64 = 2;
-pub const MEMORY_MB: u64 = 4096;
-pub const DISK_MB: u64 = 10240;
 
 impl Sandbox {
     /// A deployment's runtime: sandboxd's own, not listed and not counted against quotas.
@@ -100,10 +178,10 @@ impl Sandbox {
             "state": self.state.as_str(),
             "status": self.state.as_str(),
             "ready": self.state == State::Running,
-            "size": "small",
-            "cpu_count": CPU_COUNT,
-            "memory_mb": MEMORY_MB,
-            "disk_size_mb": DISK_MB,
+            "size": self.resources.size,
+            "cpu_count": self.resources.cpu_count,
+            "memory_mb": self.resources.memory_mb,
+            "disk_size_mb": self.resources.disk_size_mb,
             "env_keys": self.env.keys().collect::<Vec<_>>(),
             "metadata": self.metadata,
             "tags": self.tags,

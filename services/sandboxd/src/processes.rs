@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use rustix::process::{Pid, Signal as OsSignal, kill_process_group};
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{broadcast, watch};
 
 use crate::clock::now_ms;
+pub use crate::proclog::Line;
 
 /// How long a stopped process has between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -76,13 +76,6 @@ pub enum Status {
     Killed,
 }
 
-/// One line of a process's output.
-#[derive(Clone, Debug, Serialize)]
-pub struct Line {
-    pub stream: &'static str,
-    pub line: String,
-}
-
 pub struct Proc {
     pub pid: u64,
     pub name: Option<String>,
@@ -123,20 +116,10 @@ impl Proc {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).0 == Status::Running
     }
 
-    /// The last `tail` lines of its output (all when 0), stdout and stderr interleaved.
+    /// The last `tail` lines of its output (all that is kept when 0), stdout and stderr
+    /// interleaved.
     pub fn logs(&self, tail: usize) -> String {
-        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = if tail == 0 {
-            0
-        } else {
-            lines.len().saturating_sub(tail)
-        };
-        let mut out = lines[from..].join("\n");
-        if !out.is_empty() {
-            out.push('\n');
-        }
-        out
+        crate::proclog::tail(&self.log_path, tail)
     }
 
     pub fn subscribe(&self) -> (broadcast::Receiver<Line>, watch::Receiver<bool>) {
@@ -222,30 +205,20 @@ impl Processes {
             done,
             log_path: log_path.clone(),
         });
-        let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<Line>();
+        let (log_tx, log_rx) = tokio::sync::mpsc::channel::<Line>(crate::proclog::QUEUE);
         let pumps: Vec<_> = [
-            child
-                .stdout
-                .take()
-                .map(|s| pump(Box::new(s), "stdout", log_tx.clone(), proc.lines.clone())),
-            child
-                .stderr
-                .take()
-                .map(|s| pump(Box::new(s), "stderr", log_tx.clone(), proc.lines.clone())),
+            child.stdout.take().map(|s| {
+                crate::proclog::pump(Box::new(s), "stdout", log_tx.clone(), proc.lines.clone())
+            }),
+            child.stderr.take().map(|s| {
+                crate::proclog::pump(Box::new(s), "stderr", log_tx.clone(), proc.lines.clone())
+            }),
         ]
         .into_iter()
         .flatten()
         .collect();
         drop(log_tx);
-        tokio::spawn(async move {
-            let Ok(mut file) = tokio::fs::File::create(&log_path).await else {
-                return;
-            };
-            while let Some(l) = log_rx.recv().await {
-                let _ = file.write_all(format!("{}\n", l.line).as_bytes()).await;
-                let _ = file.flush().await;
-            }
-        });
+        crate::proclog::spawn_writer(log_path, log_rx);
         let waiter = proc.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -309,22 +282,4 @@ impl Processes {
 /// Resolves when the process has ended.
 pub async fn finished(done: &mut watch::Receiver<bool>) {
     let _ = done.wait_for(|d| *d).await.is_ok();
-}
-
-type Reader = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-
-fn pump(
-    reader: Reader,
-    stream: &'static str,
-    log: tokio::sync::mpsc::UnboundedSender<Line>,
-    live: broadcast::Sender<Line>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(reader).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let l = Line { stream, line };
-            let _ = log.send(l.clone());
-            let _ = live.send(l);
-        }
-    })
 }

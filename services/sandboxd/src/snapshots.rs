@@ -231,11 +231,11 @@ impl Host {
             );
             tokio::task::spawn_blocking(move || {
                 storage.delete(&files)?;
-                storage.snapshot(&src, &files, true)?;
-                std::fs::create_dir_all(files.join("journal"))
+                storage.snapshot(&src, &files, true)
             })
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
+            .and_then(|()| self.prepare_files(&entry.files, &entry.snapshot()))
             .map_err(|e| ApiError::internal(format!("restore: {e}")))?;
         }
         entry.watch.rewatch();
@@ -299,6 +299,8 @@ impl Host {
             persistent: Some(p.persistent),
             always_on: Some(false),
             allow_internet_access: req.allow_internet_access.or(Some(p.outbound)),
+            // A fork is the size of its parent (and holds as many bytes).
+            size: Some(p.resources.size.clone()),
             ..Default::default()
         };
         let scoped = key.map(|k| format!("fork:{}:{k}", parent.id));

@@ -2,11 +2,19 @@
 //! is a subvolume of a loop-mounted btrfs image under the data dir (or of the data dir itself when
 //! it is btrfs): a snapshot or a fork is a subvolume snapshot, constant time and copy-on-write.
 //! With `copy`, they are directories and snapshots are full copies: slow, but it works anywhere.
-//! Both keep the same layout per sandbox: `<files>/workspace` (mounted at `/workspace`) and
-//! `<files>/journal` (write-many staging, on the same filesystem so its renames are atomic).
+//! Both keep the same layout per sandbox: `<files>/workspace` (mounted at `/workspace`, owned by
+//! the uid that is root inside the sandbox) and `<files>/journal` (write-many staging, on the
+//! same filesystem so its renames are atomic; sandboxd's own).
+//!
+//! Disk: with btrfs, each sandbox's subvolume has a quota group limited to its `disk_size_mb`,
+//! so the kernel refuses a write past it (`EDQUOT`), from a process inside or from the API
+//! alike. The copy backend has no kernel limit: the API refuses writes that would take a
+//! workspace past its size, but processes inside are not held (see `docs/sandboxd.md`).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::jail::Owner;
+use crate::tools::{is_mountpoint, run};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Choice {
@@ -22,17 +30,19 @@ pub enum Storage {
     Btrfs { root: PathBuf },
 }
 
-fn run(args: &[&str]) -> std::io::Result<String> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(std::io::Error::other(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
+/// Sets `path`'s permission bits.
+fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// A write refused because the sandbox's disk is full.
+#[derive(Debug, thiserror::Error)]
+#[error("the sandbox's disk ({limit_mb} MB) is full: {used} bytes used, {incoming} more asked")]
+pub struct DiskFull {
+    pub limit_mb: u64,
+    pub used: u64,
+    pub incoming: u64,
 }
 
 fn is_btrfs(path: &Path) -> bool {
@@ -74,6 +84,8 @@ impl Storage {
             let root = data_dir.join("files");
             std::fs::create_dir_all(root.join("sandboxes"))?;
             std::fs::create_dir_all(root.join("snapshots"))?;
+            run(&["btrfs", "quota", "enable", &root.display().to_string()])
+                .map_err(|e| anyhow::anyhow!("btrfs quotas: {e}"))?;
             return Ok(Storage::Btrfs { root });
         }
         run(&["btrfs", "--version"]).map_err(|e| anyhow::anyhow!("btrfs-progs: {e}"))?;
@@ -87,14 +99,26 @@ impl Storage {
                 drop(f);
                 run(&["mkfs.btrfs", "-q", &image.display().to_string()])?;
             }
+            // Nothing on it runs set-user-id or opens a device node on the host.
             run(&[
                 "mount",
                 "-o",
-                "loop",
+                "loop,nosuid,nodev",
                 &image.display().to_string(),
                 &root.display().to_string(),
             ])?;
+        } else if is_mountpoint(&root) {
+            // Mounted by an earlier sandboxd, perhaps without those options.
+            run(&[
+                "mount",
+                "-o",
+                "remount,nosuid,nodev",
+                &root.display().to_string(),
+            ])?;
         }
+        // Quota groups hold each sandbox to its disk size (idempotent).
+        run(&["btrfs", "quota", "enable", &root.display().to_string()])
+            .map_err(|e| anyhow::anyhow!("btrfs quotas: {e}"))?;
         std::fs::create_dir_all(root.join("sandboxes"))?;
         std::fs::create_dir_all(root.join("snapshots"))?;
         Ok(Storage::Btrfs { root })
@@ -107,7 +131,8 @@ impl Storage {
         }
     }
 
-    fn root(&self) -> &Path {
+    /// Where every sandbox's files and every snapshot live.
+    pub fn root(&self) -> &Path {
         match self {
             Storage::Copy { root } | Storage::Btrfs { root } => root,
         }
@@ -123,7 +148,15 @@ impl Storage {
         self.root().join("snapshots").join(id)
     }
 
-    /// Creates an empty files directory for a new sandbox.
+    /// Sets the storage tree's permissions: the sandboxes' user passes through `sandboxes/`
+    /// (to its own workspaces, by name) but lists nothing; snapshots are sandboxd's alone.
+    pub fn secure(&self) -> std::io::Result<()> {
+        chmod(self.root(), 0o711)?;
+        chmod(&self.root().join("sandboxes"), 0o711)?;
+        chmod(&self.root().join("snapshots"), 0o700)
+    }
+
+    /// Creates an empty files directory for a new sandbox (`prepare` completes it).
     pub fn create(&self, dir: &Path) -> std::io::Result<()> {
         if !dir.exists() {
             match self {
@@ -133,8 +166,53 @@ impl Storage {
                 }
             }
         }
-        std::fs::create_dir_all(dir.join("workspace"))?;
-        std::fs::create_dir_all(dir.join("journal"))
+        Ok(())
+    }
+
+    /// Completes a sandbox's files directory (new, forked or restored): `workspace/` owned by
+    /// `owner` (the sandbox's root), `journal/` by sandboxd, and with btrfs the subvolume's
+    /// quota limited to `disk_bytes`.
+    pub fn prepare(
+        &self,
+        dir: &Path,
+        owner: Option<Owner>,
+        disk_bytes: u64,
+    ) -> std::io::Result<()> {
+        let workspace = dir.join("workspace");
+        std::fs::create_dir_all(&workspace)?;
+        std::fs::create_dir_all(dir.join("journal"))?;
+        chmod(dir, 0o711)?;
+        chmod(&dir.join("journal"), 0o700)?;
+        if let Some(owner) = owner {
+            owner.give(&workspace)?;
+        }
+        if let Storage::Btrfs { .. } = self {
+            run(&[
+                "btrfs",
+                "qgroup",
+                "limit",
+                &disk_bytes.to_string(),
+                &dir.display().to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Whether `incoming` more bytes fit in the workspace under `files` (sized `limit_mb`).
+    /// With btrfs the kernel is the judge at write time; the copy backend counts here.
+    pub fn room(&self, files: &Path, limit_mb: u64, incoming: u64) -> Result<(), DiskFull> {
+        if let Storage::Btrfs { .. } = self {
+            return Ok(());
+        }
+        let used = Self::size(&files.join("workspace"));
+        if used.saturating_add(incoming) > limit_mb.saturating_mul(1024 * 1024) {
+            return Err(DiskFull {
+                limit_mb,
+                used,
+                incoming,
+            });
+        }
+        Ok(())
     }
 
     /// Makes `dst` a point-in-time copy of `src` (a files directory or a snapshot): read-only

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::clock::now_ms;
 use crate::host::{Entry, Host};
-use crate::model::{CPU_COUNT, State};
+use crate::model::State;
 
 const MIB: f64 = 1024.0 * 1024.0;
 const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
@@ -93,7 +93,7 @@ impl Counters {
             "runtime_ms": self.runtime_ms,
             "provisioned_vcpu_ms": self.vcpu_ms,
             "vcpu_ms": self.vcpu_ms,
-            "provisioned_memory_mb_ms": self.runtime_ms * crate::model::MEMORY_MB,
+            "provisioned_memory_mb_ms": self.runtime_ms * r.resources.memory_mb,
             "active_cpu_ms": self.active_cpu_ms,
             "memory_mib_ms": self.memory_mib_ms,
             "disk_gib_ms": self.disk_gib_ms.floor() as u64,
@@ -123,7 +123,10 @@ impl Host {
     /// Adds the usage since the last sample and saves the counters.
     pub fn sample_usage(&self, entry: &Entry) -> Counters {
         let now = now_ms();
-        let state = entry.state();
+        let (state, cpu_count) = {
+            let r = entry.record.lock().unwrap_or_else(|p| p.into_inner());
+            (r.state, r.resources.cpu_count)
+        };
         let measure_disk = {
             let c = entry.usage.lock().unwrap_or_else(|p| p.into_inner());
             state != State::Destroyed && now - c.disk_measured_at_ms >= DISK_EVERY_MS
@@ -143,7 +146,7 @@ impl Host {
         let disk_before = c.disk_gib_ms;
         if state == State::Running {
             c.runtime_ms += dt;
-            c.vcpu_ms += CPU_COUNT * dt;
+            c.vcpu_ms += cpu_count * dt;
         }
         if let Some(s) = stats {
             let delta = if s.cpu_usage_ns >= c.last_cgroup_cpu_ns {

@@ -120,6 +120,18 @@ impl Sandboxd {
         let _ = self.child.wait();
     }
 
+    /// Stops the process cleanly (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {} failed", self.child.id());
+        }
+        Ok(self.child.wait()?)
+    }
+
     /// Hands the temporary data directory over, so it outlives this process (for restarts).
     pub fn take_dir(&mut self) -> Option<tempfile::TempDir> {
         self._tmp.take()

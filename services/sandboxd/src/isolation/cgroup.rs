@@ -1,14 +1,36 @@
-//! Resource limits and accounting with cgroups, v1 (this machine: memory, pids, cpuacct and
-//! freezer hierarchies) or v2 (one unified tree). Each sandbox gets `slipway/<id>` in every
+//! Resource limits and accounting with cgroups, v1 (this machine: memory, pids, cpu, cpuacct
+//! and freezer hierarchies) or v2 (one unified tree). Each sandbox gets `slipway/<id>` in every
 //! hierarchy it uses; its processes join before anything of theirs runs (see `Jail`).
 
 use std::path::{Path, PathBuf};
 
-/// Limits applied to every sandbox.
-#[derive(Clone, Copy, Debug)]
+/// Limits of one sandbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub memory_bytes: u64,
     pub pids: u64,
+    /// CPUs' worth of time per scheduling period (a CFS quota), and the sandbox's share when
+    /// CPUs are contended: proportional to this, so each sandbox gets its fair part.
+    pub cpus: u32,
+}
+
+/// The CFS period the CPU quota is expressed in, in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+impl Limits {
+    fn cpu_quota_us(&self) -> u64 {
+        u64::from(self.cpus.max(1)) * CPU_PERIOD_US
+    }
+
+    /// `cpu.shares` (v1): 1024, the kernel's default, for a 2-CPU sandbox.
+    fn cpu_shares(&self) -> u64 {
+        512 * u64::from(self.cpus.max(1))
+    }
+
+    /// `cpu.weight` (v2): 100, the kernel's default, for a 2-CPU sandbox.
+    fn cpu_weight(&self) -> u64 {
+        (50 * u64::from(self.cpus.max(1))).min(10_000)
+    }
 }
 
 /// What the kernel counted for a sandbox.
@@ -32,7 +54,7 @@ pub enum Cgroups {
     V2 { root: PathBuf },
 }
 
-const V1_CONTROLLERS: [&str; 4] = ["memory", "pids", "cpuacct", "freezer"];
+const V1_CONTROLLERS: [&str; 5] = ["memory", "pids", "cpu", "cpuacct", "freezer"];
 const PARENT: &str = "slipway";
 
 impl Cgroups {
@@ -75,6 +97,10 @@ impl Cgroups {
                     &Self::v1_dir(root, "pids", id).join("pids.max"),
                     limits.pids,
                 )?;
+                let cpu = Self::v1_dir(root, "cpu", id);
+                write(&cpu.join("cpu.cfs_period_us"), CPU_PERIOD_US)?;
+                write(&cpu.join("cpu.cfs_quota_us"), limits.cpu_quota_us())?;
+                write(&cpu.join("cpu.shares"), limits.cpu_shares())?;
             }
             Cgroups::V2 { root } => {
                 let parent = root.join(PARENT);
@@ -87,6 +113,11 @@ impl Cgroups {
                 write(&dir.join("memory.max"), limits.memory_bytes)?;
                 write(&dir.join("memory.swap.max"), 0).or_else(ignore_missing)?;
                 write(&dir.join("pids.max"), limits.pids)?;
+                std::fs::write(
+                    dir.join("cpu.max"),
+                    format!("{} {CPU_PERIOD_US}", limits.cpu_quota_us()),
+                )?;
+                write(&dir.join("cpu.weight"), limits.cpu_weight())?;
             }
         }
         Ok(())
@@ -242,10 +273,16 @@ mod tests {
             Limits {
                 memory_bytes: 256 << 20,
                 pids: 128,
+                cpus: 1,
             },
         )
         .unwrap();
         let d = dir.path().join("slipway/sbx_1");
+        assert_eq!(
+            std::fs::read_to_string(d.join("cpu.max")).unwrap(),
+            "100000 100000"
+        );
+        assert_eq!(std::fs::read_to_string(d.join("cpu.weight")).unwrap(), "50");
         assert_eq!(
             std::fs::read_to_string(d.join("memory.max")).unwrap(),
             (256u64 << 20).to_string()
@@ -262,6 +299,7 @@ mod tests {
             Limits {
                 memory_bytes: 1,
                 pids: 1,
+                cpus: 2,
             },
         )
         .unwrap();
@@ -324,6 +362,7 @@ mod tests {
             Limits {
                 memory_bytes: 10,
                 pids: 5,
+                cpus: 4,
             },
         )
         .unwrap();
@@ -331,7 +370,20 @@ mod tests {
             std::fs::read_to_string(dir.path().join("pids/slipway/s/pids.max")).unwrap(),
             "5"
         );
-        assert_eq!(cg.procs_files("s").len(), 4);
+        let cpu = dir.path().join("cpu/slipway/s");
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.cfs_quota_us")).unwrap(),
+            "400000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.cfs_period_us")).unwrap(),
+            "100000"
+        );
+        assert_eq!(
+            std::fs::read_to_string(cpu.join("cpu.shares")).unwrap(),
+            "2048"
+        );
+        assert_eq!(cg.procs_files("s").len(), 5);
         let d = dir.path().join("memory/slipway/s");
         std::fs::write(
             d.join("memory.oom_control"),

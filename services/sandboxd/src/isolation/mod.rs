@@ -3,3 +3,5 @@
 
 pub mod cgroup;
 pub mod net;
+pub mod seccomp;
+pub mod view;

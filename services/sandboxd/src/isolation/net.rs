@@ -7,7 +7,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -23,6 +23,9 @@ pub const BLOCKED: &[&str] = &[
     "100.64.0.0/10",
     "127.0.0.0/8",
 ];
+/// Where the kernel keeps IPv6 settings per interface (of the reader's network namespace).
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+
 /// The highest sandbox index (16384 /30 blocks in a /16, the first unused).
 pub const MAX_INDEX: u32 = 16_383;
 
@@ -79,28 +82,49 @@ fn ip_batch(ns: Option<&str>, commands: &str) -> std::io::Result<()> {
     }
 }
 
-fn run(args: &[&str]) -> std::io::Result<()> {
-    let out = Command::new(args[0]).args(&args[1..]).output()?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!(
-            "`{}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+/// Moves the calling thread into the network namespace at `path`.
+fn enter(path: &Path) -> std::io::Result<()> {
+    let ns = std::fs::File::open(path)?;
+    rustix::thread::move_into_link_name_space(
+        ns.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )?;
+    Ok(())
+}
+
+/// Turns IPv6 off on a host-side link (before it is up, so it never gets an address).
+fn host_ipv6_off(interface: &str) -> std::io::Result<()> {
+    let file = Path::new(IPV6_CONF).join(interface).join("disable_ipv6");
+    match std::fs::write(file, "1") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
     }
+}
+
+fn run(args: &[&str]) -> std::io::Result<()> {
+    crate::tools::run(args).map(|_| ())
 }
 
 /// `iptables [-t table] <rule>`, added once (checked with `-C` first).
 fn ensure_rule(table: &str, chain: &str, insert: bool, rule: &[&str]) -> std::io::Result<()> {
-    let mut check = vec!["iptables", "-w", "-t", table, "-C", chain];
+    ensure_rule_with("iptables", table, chain, insert, rule)
+}
+
+/// The same with `ip6tables` or `iptables`.
+fn ensure_rule_with(
+    bin: &str,
+    table: &str,
+    chain: &str,
+    insert: bool,
+    rule: &[&str],
+) -> std::io::Result<()> {
+    let mut check = vec![bin, "-w", "-t", table, "-C", chain];
     check.extend_from_slice(rule);
     if run(&check).is_ok() {
         return Ok(());
     }
     let mut add = vec![
-        "iptables",
+        bin,
         "-w",
         "-t",
         table,
@@ -152,6 +176,9 @@ impl Net {
                 &["-s", SUBNET, "!", "-d", SUBNET, "-j", "MASQUERADE"],
             )
         })();
+        if let Err(e) = Self::ipv6_firewall() {
+            tracing::warn!(error = %e, "no IPv6 firewall for sandbox links (IPv6 stays off on them)");
+        }
         let has_default_route = Command::new("ip")
             .args(["-4", "route", "show", "default"])
             .output()
@@ -193,6 +220,18 @@ impl Net {
         }
         net.with_pool(|p| p.ready = ready);
         Ok(net)
+    }
+
+    /// IPv6 is off on both ends of every sandbox link (see `setup`); these rules hold it off
+    /// should anything turn it back on: nothing that comes in from a sandbox link reaches the
+    /// host or is forwarded. No-op on hosts without IPv6.
+    fn ipv6_firewall() -> std::io::Result<()> {
+        if !Path::new(IPV6_CONF).exists() {
+            return Ok(());
+        }
+        let from_sandbox = ["-i", "swh+", "-j", "DROP"];
+        ensure_rule_with("ip6tables", "filter", "INPUT", true, &from_sandbox)?;
+        ensure_rule_with("ip6tables", "filter", "FORWARD", true, &from_sandbox)
     }
 
     /// Changes the pool and saves it.
@@ -308,7 +347,10 @@ impl Net {
     }
 
     /// Sets up the namespace of sandbox `index`: loopback, and with outbound access a veth pair
-    /// to the host. Idempotent, so a restart completes what a crash left half done.
+    /// to the host, with IPv6 off at both ends (no link-local address, so a host service on
+    /// `::` has no address a sandbox could reach it at). Idempotent, so a restart completes
+    /// what a crash left half done, and namespaces pooled by an older sandboxd are brought up
+    /// to the same rules.
     pub fn setup(&self, index: u32, outbound: bool) -> std::io::Result<()> {
         let ns = Self::ns_name(index);
         if !Self::ns_path(index).exists() {
@@ -320,14 +362,19 @@ impl Net {
             // A pooled namespace given to a sandbox without outbound access.
             run(&["ip", "-n", &ns, "link", "del", "eth0"])?;
         }
+        let host_if = format!("swh{index}");
         if wants_eth0 && !has_eth0 {
             let (host, sandbox) = Self::addresses(index);
-            let host_if = format!("swh{index}");
             let _ = run(&["ip", "link", "del", &host_if]);
+            // Links made from here on in the namespace start with IPv6 off; its loopback keeps
+            // `::1`, which is its own.
+            Self::ipv6_off(index, "default")?;
             // The peer is born inside the namespace, already named eth0.
             run(&[
                 "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ])?;
+            host_ipv6_off(&host_if)?;
+            Self::ipv6_off(index, "eth0")?;
             ip_batch(
                 None,
                 &format!("addr add {host}/30 dev {host_if}\nlink set {host_if} up\n"),
@@ -339,9 +386,41 @@ impl Net {
                 ),
             )?;
         } else {
+            if wants_eth0 {
+                host_ipv6_off(&host_if)?;
+                Self::ipv6_off(index, "default")?;
+                Self::ipv6_off(index, "eth0")?;
+                // Addresses the link already had go with IPv6.
+            }
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
         }
         Ok(())
+    }
+
+    /// Turns IPv6 off for `interface` (or `default`: links made later) inside sandbox `index`'s
+    /// namespace, from a thread that enters it (network settings under `/proc/sys/net` are
+    /// those of the reader's namespace).
+    fn ipv6_off(index: u32, interface: &str) -> std::io::Result<()> {
+        let file = Path::new(IPV6_CONF).join(interface).join("disable_ipv6");
+        Self::in_namespace(index, move || match std::fs::write(&file, "1") {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        })
+    }
+
+    /// Runs `f` on a fresh thread inside sandbox `index`'s network namespace (never a pooled
+    /// thread: it changes namespace and then ends).
+    fn in_namespace<T: Send + 'static>(
+        index: u32,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let path = Self::ns_path(index);
+        std::thread::spawn(move || {
+            enter(&path)?;
+            f()
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
     }
 
     /// Removes the namespace (its veth pair goes with it), if this sandboxd owns it.
@@ -402,18 +481,13 @@ impl Net {
     }
 
     /// Opens a TCP connection to `port` on the sandbox's own loopback, from inside its network
-    /// namespace (a dedicated thread enters it, so no other work runs there).
+    /// namespace (a fresh thread enters it, so no other work runs there).
     pub async fn connect(index: u32, port: u16) -> std::io::Result<tokio::net::TcpStream> {
         let path = Self::ns_path(index);
         let (tx, rx) = tokio::sync::oneshot::channel();
-        // A fresh thread, never a pooled one: it changes namespace and then ends.
         std::thread::spawn(move || {
             let result = (|| -> std::io::Result<TcpStream> {
-                let ns = std::fs::File::open(&path)?;
-                rustix::thread::move_into_link_name_space(
-                    ns.as_fd(),
-                    Some(rustix::thread::LinkNameSpaceType::Network),
-                )?;
+                enter(&path)?;
                 let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
                 let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
                 s.set_nonblocking(true)?;

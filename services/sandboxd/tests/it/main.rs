@@ -10,6 +10,7 @@ mod edge;
 mod events;
 mod exec;
 mod files;
+mod hostile;
 mod isolation;
 mod sandboxes;
 mod storage;
