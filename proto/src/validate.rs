@@ -46,6 +46,38 @@ pub fn check_id(field: &'static str, value: &str, required: bool) -> Result<(), 
     Ok(())
 }
 
+/// Largest id of a sandbox-platform resource (sandbox, snapshot, process, preview, share,
+/// deployment, version), in bytes.
+pub const MAX_RESOURCE_ID_BYTES: usize = 128;
+
+/// The id of a sandbox-platform resource, as it goes into a URL path: 1 to 128 of
+/// `[A-Za-z0-9_.:-]`, and neither `.` nor `..`. So an id can never name another path (`/`,
+/// `..`), add a query or fragment (`?`, `#`) or smuggle an escape (`%`).
+pub fn check_resource_id(field: &'static str, value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    if value.len() > MAX_RESOURCE_ID_BYTES {
+        return Err(invalid(
+            field,
+            format!("is longer than {MAX_RESOURCE_ID_BYTES} bytes"),
+        ));
+    }
+    if value == "." || value == ".." {
+        return Err(invalid(field, "is not an id"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
+        return Err(invalid(
+            field,
+            format!("may hold only letters, digits, `_`, `.`, `:` and `-` (not {c:?})"),
+        ));
+    }
+    Ok(())
+}
+
 /// A branch or variant name: 1 to 40 of `[a-z0-9-]`, starting with a letter or digit.
 pub fn check_branch_name(field: &'static str, name: &str) -> Result<(), ValidationError> {
     let ok = !name.is_empty()

@@ -74,7 +74,7 @@ impl Relays {
     /// Starts relaying (idempotent: a relay already running anywhere is left as it is). Answers
     /// once this replica's watch stream is open, so no change after the reply is missed.
     pub async fn start(self: &Arc<Self>, req: RelayRequest) -> Result<RelayReply, ServiceError> {
-        slipway_proto::validate::check_id("sandbox_id", &req.sandbox_id, true)
+        slipway_proto::validate::check_resource_id("sandbox_id", &req.sandbox_id)
             .map_err(ServiceError::from)?;
         // The sandbox must exist and be live at the platform.
         let sandbox = self
@@ -111,7 +111,7 @@ impl Relays {
 
     /// Stops the relay wherever it runs (its replica sees the record gone at its next renewal).
     pub async fn stop(&self, req: RelayRequest) -> Result<RelayReply, ServiceError> {
-        slipway_proto::validate::check_id("sandbox_id", &req.sandbox_id, true)
+        slipway_proto::validate::check_resource_id("sandbox_id", &req.sandbox_id)
             .map_err(ServiceError::from)?;
         self.store()
             .await?

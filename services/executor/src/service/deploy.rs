@@ -11,12 +11,12 @@ use slipway_proto::v1::{
     VersionLogsRequest, VersionReply,
 };
 
-use super::{Executor, platform_error, required};
+use super::{Executor, platform_error, required, resource};
 use crate::convert;
 
 impl Executor {
     pub async fn deploy(&self, req: DeployRequest) -> Result<DeployReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         if req.run_command.is_empty() != (req.port == 0) {
             return Err(ServiceError::invalid_input(
@@ -85,7 +85,7 @@ impl Executor {
         &self,
         req: GetDeploymentRequest,
     ) -> Result<DeploymentReply, ServiceError> {
-        required("deployment_id", &req.deployment_id)?;
+        resource("deployment_id", &req.deployment_id)?;
         let got = self
             .platform_get(
                 "deployment.get",
@@ -126,8 +126,8 @@ impl Executor {
     }
 
     pub async fn get_version(&self, req: GetVersionRequest) -> Result<VersionReply, ServiceError> {
-        required("deployment_id", &req.deployment_id)?;
-        required("version_id", &req.version_id)?;
+        resource("deployment_id", &req.deployment_id)?;
+        resource("version_id", &req.version_id)?;
         let got = self
             .platform_get(
                 "version.get",
@@ -148,7 +148,7 @@ impl Executor {
         &self,
         req: ListVersionsRequest,
     ) -> Result<ListVersionsReply, ServiceError> {
-        required("deployment_id", &req.deployment_id)?;
+        resource("deployment_id", &req.deployment_id)?;
         let got = self
             .platform_get(
                 "version.list",
@@ -167,8 +167,8 @@ impl Executor {
         &self,
         req: VersionLogsRequest,
     ) -> Result<VersionLogsReply, ServiceError> {
-        required("deployment_id", &req.deployment_id)?;
-        required("version_id", &req.version_id)?;
+        resource("deployment_id", &req.deployment_id)?;
+        resource("version_id", &req.version_id)?;
         let text = self
             .client
             .text(
@@ -186,7 +186,7 @@ impl Executor {
     }
 
     pub async fn rollback(&self, req: SetVersionRequest) -> Result<DeploymentReply, ServiceError> {
-        required("deployment_id", &req.deployment_id)?;
+        resource("deployment_id", &req.deployment_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let body = (!req.version_id.is_empty()).then(|| json!({ "version_id": req.version_id }));
         let got = self
@@ -207,8 +207,8 @@ impl Executor {
     }
 
     pub async fn promote(&self, req: SetVersionRequest) -> Result<DeploymentReply, ServiceError> {
-        required("deployment_id", &req.deployment_id)?;
-        required("version_id", &req.version_id)?;
+        resource("deployment_id", &req.deployment_id)?;
+        resource("version_id", &req.version_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let got = self
             .client

@@ -86,6 +86,12 @@ fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
     slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
 }
 
+/// The id of a platform resource, which goes into a URL path: refused unless it can name
+/// nothing but itself there (no `/`, `..`, `?`, `#` or `%`).
+fn resource(field: &'static str, value: &str) -> Result<(), ServiceError> {
+    slipway_proto::validate::check_resource_id(field, value).map_err(ServiceError::from)
+}
+
 impl Executor {
     pub fn new(client: MiosaClient, nats: async_nats::Client) -> Self {
         Self {
@@ -222,7 +228,7 @@ impl Executor {
     }
 
     pub async fn get(&self, req: GetSandboxRequest) -> Result<SandboxReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let got = self
             .client
             .get_sandbox(&req.sandbox_id)
@@ -262,7 +268,7 @@ impl Executor {
     }
 
     pub async fn destroy(&self, req: SandboxRef) -> Result<SandboxReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         self.client
             .destroy_sandbox(&req.sandbox_id, &req.idempotency_key)
@@ -287,7 +293,7 @@ impl Executor {
         &self,
         req: WriteFilesRequest,
     ) -> Result<WriteFilesReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         if req.files.is_empty() {
             return Err(ServiceError::invalid_input("files: at least one file"));
@@ -307,7 +313,7 @@ impl Executor {
     }
 
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         if req.command.trim().is_empty() {
             return Err(ServiceError::invalid_input("command: is required"));
         }

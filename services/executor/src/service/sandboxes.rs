@@ -9,12 +9,12 @@ use slipway_proto::v1::{
     ReapReply, ReapRequest, SandboxRef, SandboxReply, SandboxState, Template, UpdateSandboxRequest,
 };
 
-use super::{Executor, platform_error, required};
+use super::{Executor, platform_error, required, resource};
 use crate::convert::{self, BRANCH_KEY, CREATED_BY_KEY, RUN_KEY};
 
 impl Executor {
     pub async fn update(&self, req: UpdateSandboxRequest) -> Result<SandboxReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let mut patch = json!({});
         if let Some(v) = req.always_on {
@@ -52,7 +52,7 @@ impl Executor {
         req: SandboxRef,
         action: &'static str,
     ) -> Result<SandboxReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         self.client
             .lifecycle(&req.sandbox_id, action, &req.idempotency_key)
@@ -80,7 +80,7 @@ impl Executor {
 
     /// Polls the platform's readiness until ready or `wait_ms` passes.
     pub async fn readiness(&self, req: ReadinessRequest) -> Result<ReadinessReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let deadline = tokio::time::Instant::now()
             + std::time::Duration::from_millis(req.wait_ms.min(300_000));
         loop {
@@ -148,7 +148,7 @@ impl Executor {
 
     /// An independent sandbox from the live one or a snapshot, recorded like a create.
     pub async fn fork(&self, req: ForkSandboxRequest) -> Result<SandboxReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let mut metadata: serde_json::Map<String, Value> = req
             .metadata

@@ -10,7 +10,7 @@ use slipway_proto::v1::{
     RevokePreviewSharesRequest, RevokeReply, RevokeShareRequest, ShareReply, TokenScope,
 };
 
-use super::{Executor, platform_error, required};
+use super::{Executor, platform_error, required, resource};
 use crate::convert;
 
 /// Longest preview token the platform mints.
@@ -21,7 +21,7 @@ impl Executor {
         &self,
         req: CreatePreviewRequest,
     ) -> Result<PreviewReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         if req.port == 0 || req.port > 65_535 {
             return Err(ServiceError::invalid_input("port: 1 to 65535"));
@@ -47,7 +47,7 @@ impl Executor {
         &self,
         req: PreviewTokenRequest,
     ) -> Result<PreviewTokenReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         if req.expires_in_sec > MAX_TOKEN_SEC {
             return Err(ServiceError::invalid_input(format!(
                 "expires_in_sec: at most {MAX_TOKEN_SEC}"
@@ -98,8 +98,8 @@ impl Executor {
         &self,
         req: CreatePreviewShareRequest,
     ) -> Result<PreviewShareReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("preview_id", &req.preview_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("preview_id", &req.preview_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let ttl = if req.ttl_sec == 0 { 3600 } else { req.ttl_sec };
         // Both spellings: TS/PY send `ttl_seconds`, GO/EX `expires_in_sec`.
@@ -135,8 +135,8 @@ impl Executor {
         &self,
         req: RevokePreviewSharesRequest,
     ) -> Result<RevokeReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("preview_id", &req.preview_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("preview_id", &req.preview_id)?;
         let got = self
             .client
             .request(
@@ -162,7 +162,7 @@ impl Executor {
     }
 
     pub async fn create_share(&self, req: CreateShareRequest) -> Result<ShareReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let expires = if req.expires_in_sec == 0 {
             3600
@@ -194,7 +194,7 @@ impl Executor {
         &self,
         req: ListSharesRequest,
     ) -> Result<ListSharesReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let got = self
             .platform_get(
                 "share.list",
@@ -209,8 +209,8 @@ impl Executor {
     }
 
     pub async fn revoke_share(&self, req: RevokeShareRequest) -> Result<RevokeReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("share_id", &req.share_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("share_id", &req.share_id)?;
         self.client
             .request(
                 "share.revoke",

@@ -8,7 +8,7 @@ use slipway_proto::v1::{
     SandboxReply, SnapshotReply,
 };
 
-use super::{Executor, platform_error, required};
+use super::{Executor, platform_error, required, resource};
 use crate::convert;
 
 impl Executor {
@@ -16,7 +16,7 @@ impl Executor {
         &self,
         req: CreateSnapshotRequest,
     ) -> Result<SnapshotReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let mut body = json!({});
         if !req.comment.is_empty() {
@@ -49,7 +49,7 @@ impl Executor {
         &self,
         req: ListSnapshotsRequest,
     ) -> Result<ListSnapshotsReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let got = self
             .platform_get(
                 "snapshot.list",
@@ -68,8 +68,8 @@ impl Executor {
         &self,
         req: RestoreSnapshotRequest,
     ) -> Result<SandboxReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("snapshot_id", &req.snapshot_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("snapshot_id", &req.snapshot_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let mut body = json!({});
         if let Some(a) = &req.attribution

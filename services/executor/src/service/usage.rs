@@ -10,11 +10,20 @@ use slipway_proto::v1::{
     UsageGroupBy, UsageRollupReply, UsageRollupRequest, UsageRollupRow,
 };
 
-use super::{Executor, platform_error, required};
+use super::{Executor, platform_error, required, resource};
 use crate::convert;
 
 fn user(user_id: &str) -> Result<String, ServiceError> {
     required("user_id", user_id)?;
+    // `.` and `..` stay dot segments however they are escaped (URLs resolve `%2E%2E` too).
+    if user_id == "." || user_id == ".." {
+        return Err(ServiceError::from(
+            slipway_proto::validate::ValidationError {
+                field: "user_id",
+                reason: "is not an id".into(),
+            },
+        ));
+    }
     // A path segment: percent-encode what is not unreserved.
     Ok(user_id
         .bytes()
@@ -33,7 +42,7 @@ impl Executor {
         &self,
         req: SandboxUsageRequest,
     ) -> Result<SandboxUsageReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let got = self
             .client
             .sandbox_usage(&req.sandbox_id)

@@ -10,7 +10,7 @@ use slipway_proto::v1::{
     StartProcessRequest,
 };
 
-use super::{Executor, platform_error, required};
+use super::{Executor, platform_error, required, resource};
 use crate::convert;
 
 /// Largest file `files.read` returns over NATS (the default max payload is 1 MiB; leave room).
@@ -61,7 +61,7 @@ fn tree_node(v: &Value) -> FileTreeNode {
 
 impl Executor {
     pub async fn read_file(&self, req: ReadFileRequest) -> Result<ReadFileReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let path = path_of(&req.path)?;
         let content = self
             .client
@@ -84,7 +84,7 @@ impl Executor {
     }
 
     pub async fn list_files(&self, req: ListFilesRequest) -> Result<ListFilesReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let path = if req.path.is_empty() {
             "/workspace".to_string()
         } else {
@@ -105,7 +105,7 @@ impl Executor {
     }
 
     pub async fn tree(&self, req: FileTreeRequest) -> Result<FileTreeReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let path = if req.path.is_empty() {
             "/workspace".to_string()
         } else {
@@ -126,7 +126,7 @@ impl Executor {
         &self,
         req: DeleteFileRequest,
     ) -> Result<DeleteFileReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         let path = path_of(&req.path)?;
         self.client
@@ -147,7 +147,7 @@ impl Executor {
         &self,
         req: StartProcessRequest,
     ) -> Result<ProcessReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         if req.command.trim().is_empty() {
             return Err(ServiceError::invalid_input("command: is required"));
@@ -181,7 +181,7 @@ impl Executor {
         &self,
         req: ListProcessesRequest,
     ) -> Result<ListProcessesReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
         let got = self
             .platform_get(
                 "process.list",
@@ -196,8 +196,8 @@ impl Executor {
     }
 
     pub async fn get_process(&self, req: ProcessRef) -> Result<ProcessReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("process_id", &req.process_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("process_id", &req.process_id)?;
         let got = self
             .platform_get(
                 "process.get",
@@ -211,8 +211,8 @@ impl Executor {
     }
 
     pub async fn stop_process(&self, req: ProcessRef) -> Result<ProcessReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("process_id", &req.process_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("process_id", &req.process_id)?;
         let got = self
             .client
             .request(
@@ -234,8 +234,8 @@ impl Executor {
         &self,
         req: ProcessLogsRequest,
     ) -> Result<ProcessLogsReply, ServiceError> {
-        required("sandbox_id", &req.sandbox_id)?;
-        required("process_id", &req.process_id)?;
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("process_id", &req.process_id)?;
         let got = self
             .platform_get(
                 "process.logs",

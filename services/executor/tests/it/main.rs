@@ -6,6 +6,7 @@
 mod fake;
 mod faults;
 mod harness;
+mod hostile;
 mod operations;
 mod relay;
 mod sandboxd;
