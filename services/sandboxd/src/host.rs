@@ -434,6 +434,10 @@ impl Host {
                 "a name is 1 to 128 characters, no `/`",
             ));
         }
+        check_timeouts(&[
+            ("timeout_sec", req.timeout_sec),
+            ("idle_timeout_sec", req.idle_timeout_sec),
+        ])?;
         if req.env.len() > MAX_ENV || req.env.keys().any(|k| !valid_env_key(k)) {
             return Err(ApiError::invalid(
                 "invalid_env",
@@ -625,6 +629,7 @@ impl Host {
     }
 
     pub fn extend(&self, entry: &Entry, timeout_sec: Option<u64>) -> Result<Sandbox, ApiError> {
+        check_timeouts(&[("timeout_sec", timeout_sec)])?;
         entry.update(|r| {
             if let Some(t) = timeout_sec {
                 r.timeout_sec = Some(t);
@@ -809,10 +814,10 @@ impl Host {
             let idle_ms = now - entry.last_activity_ms.load(Ordering::Relaxed);
             let idle = r
                 .idle_timeout_sec
-                .is_some_and(|t| idle_ms >= (t as i64) * 1000);
+                .is_some_and(|t| idle_ms >= crate::model::secs_to_ms(t));
             let expired = r
                 .timeout_sec
-                .is_some_and(|t| now - r.timeout_base_ms >= (t as i64) * 1000);
+                .is_some_and(|t| now - r.timeout_base_ms >= crate::model::secs_to_ms(t));
             if !(idle || expired) {
                 continue;
             }
@@ -939,6 +944,25 @@ fn conflict(id: &str, state: State, op: &str) -> ApiError {
         "invalid_state",
         format!("cannot {op} sandbox `{id}` while it is {}", state.as_str()),
     )
+}
+
+/// Refuses a timeout past `MAX_TIMEOUT_SEC` (a client's number is never trusted to fit the
+/// arithmetic it goes into).
+pub(crate) fn check_timeouts(values: &[(&str, Option<u64>)]) -> Result<(), ApiError> {
+    for (field, value) in values {
+        if let Some(v) = value
+            && *v > crate::model::MAX_TIMEOUT_SEC
+        {
+            return Err(ApiError::invalid(
+                "invalid_timeout",
+                format!(
+                    "`{field}` is {v}: at most {} seconds (30 days)",
+                    crate::model::MAX_TIMEOUT_SEC
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The environment variable names sandboxes accept (exec and create use the same rule).

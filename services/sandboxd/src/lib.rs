@@ -46,6 +46,14 @@ pub struct Args {
     /// Where the API listens.
     #[arg(long, default_value = "127.0.0.1:7070", env = "SANDBOXD_LISTEN")]
     pub listen: SocketAddr,
+    /// A host name the API answers to besides IP addresses and `localhost` (repeatable; a
+    /// Kubernetes Service name, say). Other `Host` headers are refused (DNS rebinding).
+    #[arg(
+        long = "api-hostname",
+        env = "SANDBOXD_API_HOSTNAMES",
+        value_delimiter = ','
+    )]
+    pub api_hostnames: Vec<String>,
     /// Where the edge (previews and shares, by host name) listens.
     #[arg(long, default_value = "127.0.0.1:7071", env = "SANDBOXD_EDGE_LISTEN")]
     pub edge_listen: SocketAddr,
@@ -308,13 +316,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                host.reap_idle().await;
+                // Each pass on a task of its own: one that fails (panics) is logged, and the
+                // next pass runs all the same.
                 let h = host.clone();
-                let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = tokio::spawn(async move { h.reap_idle().await }).await {
+                    tracing::error!(error = %e, "a pass of the idle reaper failed");
+                }
+                let h = host.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || {
                     h.sample_all_usage();
                     h.enforce_all_retention();
                 })
-                .await;
+                .await
+                {
+                    tracing::error!(error = %e, "a pass of usage sampling failed");
+                }
             }
         });
     }
@@ -353,6 +369,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         grants.clone(),
         links.clone(),
         deployments.clone(),
+        args.api_hostnames.clone(),
     );
     let edge_thread = edge::spawn(
         edge_listener,

@@ -73,6 +73,14 @@ pub struct Sandbox {
     pub resources: Resources,
 }
 
+/// The longest `timeout_sec` or `idle_timeout_sec` a client may set: 30 days.
+pub const MAX_TIMEOUT_SEC: u64 = 30 * 86_400;
+
+/// Seconds to milliseconds, saturating (records from before the bound may hold anything).
+pub fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000)
+}
+
 /// One of MIOSA's sandbox sizes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Size {
@@ -168,7 +176,12 @@ impl Sandbox {
         let remaining = self
             .timeout_sec
             .filter(|_| self.state == State::Running)
-            .map(|t| (self.timeout_base_ms + (t as i64) * 1000 - now_ms).max(0));
+            .map(|t| {
+                self.timeout_base_ms
+                    .saturating_add(secs_to_ms(t))
+                    .saturating_sub(now_ms)
+                    .max(0)
+            });
         serde_json::json!({
             "id": self.id,
             "name": self.name,

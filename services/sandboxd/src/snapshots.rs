@@ -148,7 +148,7 @@ impl Host {
         let ttl = req
             .expiration_seconds
             .or(req.retention_seconds)
-            .or(req.expiration_days.map(|d| d * 86_400))
+            .or(req.expiration_days.map(|d| d.saturating_mul(86_400)))
             .or_else(|| {
                 entry
                     .snapshot()
@@ -162,7 +162,7 @@ impl Host {
             comment: req.comment,
             created_at_ms: created,
             size_bytes: crate::storage::Storage::size(&dir.join("workspace")),
-            expires_at_ms: ttl.map(|t| created + (t as i64) * 1000),
+            expires_at_ms: ttl.map(|t| created.saturating_add(crate::model::secs_to_ms(t))),
             keep: req.keep.unwrap_or(false),
         };
         store::write_json(&self.snapshot_file(&id), &snap)

@@ -35,6 +35,8 @@ pub struct AppState {
     pub grants: Arc<Grants>,
     pub edge: Arc<Links>,
     pub deployments: Arc<Deployments>,
+    /// Host names the API answers to besides IP literals and `localhost`.
+    names: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ impl AppState {
         grants: Arc<Grants>,
         edge: Arc<Links>,
         deployments: Arc<Deployments>,
+        names: Vec<String>,
     ) -> Self {
         Self {
             host,
@@ -51,7 +54,29 @@ impl AppState {
             grants,
             edge,
             deployments,
+            names: Arc::new(names),
         }
+    }
+
+    /// Whether a request's `Host` is one the API answers to: an IP address, `localhost`, or a
+    /// configured name (`--api-hostname`). A page in a browser that rebinds its own DNS name
+    /// to this machine still sends its own name, and is refused, as Docker and Jupyter do.
+    fn accepts_host(&self, host: &str) -> bool {
+        let is_port = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+        if let Some(rest) = host.strip_prefix('[') {
+            // `[v6]` or `[v6]:port`.
+            return rest.split_once(']').is_some_and(|(addr, after)| {
+                addr.parse::<std::net::Ipv6Addr>().is_ok()
+                    && (after.is_empty() || after.strip_prefix(':').is_some_and(is_port))
+            });
+        }
+        let name = match host.rsplit_once(':') {
+            Some((n, port)) if is_port(port) => n,
+            _ => host,
+        };
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || self.names.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
 }
 
@@ -177,6 +202,20 @@ async fn authenticate(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let hosts = request.headers().get_all(axum::http::header::HOST);
+    let mut seen = 0;
+    for host in hosts.iter() {
+        seen += 1;
+        let ok = host.to_str().is_ok_and(|h| state.accepts_host(h));
+        if !ok || seen > 1 {
+            return Err(ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "forbidden_host",
+                "this API answers to IP addresses, `localhost` and its configured host names \
+                 (--api-hostname) only, with one Host header",
+            ));
+        }
+    }
     let key = request
         .headers()
         .get(axum::http::header::AUTHORIZATION)

@@ -98,6 +98,10 @@ pub async fn update(
             ));
         }
     }
+    crate::host::check_timeouts(&[
+        ("timeout_sec", b.timeout_sec),
+        ("idle_timeout_sec", b.idle_timeout_sec),
+    ])?;
     let updated = entry.update(|r| {
         if let Some(n) = name {
             r.name = Some(n);

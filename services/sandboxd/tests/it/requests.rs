@@ -1,0 +1,129 @@
+//! The hostile suite, requests: every number a client sends into arithmetic is bounded (422
+//! past its bound) and no request can stop the background work (the idle reaper); the API
+//! answers only to its own host names (DNS rebinding).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use slipway_test_support::Sandboxd;
+
+use crate::api::{Api, BIN};
+
+/// Numbers that overflowed sandboxd's millisecond arithmetic before they were bounded.
+const HUGE: [u64; 3] = [4_611_686_018_427_387_904, u64::MAX, 30 * 86_400 + 1];
+
+#[tokio::test]
+async fn timeouts_past_thirty_days_are_refused_and_the_reaper_keeps_reaping() {
+    let sd = Sandboxd::start(BIN, &["--idle-check-ms", "100"]).unwrap();
+    let api = Api::new(&sd);
+    let kept = api.create(json!({ "timeout_sec": 30 * 86_400 })).await;
+    for n in HUGE {
+        for field in ["timeout_sec", "idle_timeout_sec"] {
+            let (status, v) = api.post("/sandboxes", json!({ field: n })).await;
+            assert_eq!(status, 422, "{field} {n}: {v}");
+            assert_eq!(v["error"]["code"], "invalid_timeout", "{v}");
+            let (status, v) = api
+                .send(
+                    reqwest::Method::PATCH,
+                    &format!("/sandboxes/{kept}"),
+                    Some(json!({ field: n })),
+                )
+                .await;
+            assert_eq!(status, 422, "PATCH {field} {n}: {v}");
+            let (status, v) = api
+                .post(&format!("/sandboxes/{kept}/fork"), json!({ field: n }))
+                .await;
+            assert_eq!(status, 422, "fork {field} {n}: {v}");
+        }
+        let (status, v) = api
+            .post(
+                &format!("/sandboxes/{kept}/extend"),
+                json!({ "timeout_sec": n }),
+            )
+            .await;
+        assert_eq!(status, 422, "extend {n}: {v}");
+    }
+    // Nothing was made, and listing still shows the one sandbox, whole.
+    assert_eq!(api.count("").await, 1);
+    let (_, v) = api.get(&format!("/sandboxes/{kept}")).await;
+    assert_eq!(v["data"]["timeout_sec"], 30 * 86_400, "{v}");
+
+    // The reaper still runs: a sandbox idle past its timeout goes.
+    let idle = api.create(json!({ "idle_timeout_sec": 1 })).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, v) = api.get(&format!("/sandboxes/{idle}")).await;
+        if v["data"]["state"] == "destroyed" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle sandbox was never reaped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, v) = api.get(&format!("/sandboxes/{kept}")).await;
+    assert_eq!(v["data"]["state"], "running", "{v}");
+}
+
+/// A request to the API with `host` as its Host header (raw HTTP/1.1, so the header is exactly
+/// what the test says); the status code.
+async fn status_with_host(sd: &Sandboxd, hosts: &[&str]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = sd
+        .base_url()
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut req = String::from("GET /api/v1/sandboxes HTTP/1.1\r\n");
+    for h in hosts {
+        req.push_str(&format!("Host: {h}\r\n"));
+    }
+    req.push_str("Authorization: Bearer msk_test_key\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_api_answers_only_to_its_own_host_names() {
+    let sd = Sandboxd::start(BIN, &["--api-hostname", "sandboxd.slipway.svc"]).unwrap();
+    let port = sd
+        .base_url()
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    for ok in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+        "127.0.0.1".to_string(),
+        format!("sandboxd.slipway.svc:{port}"),
+        "SANDBOXD.slipway.svc".to_string(),
+    ] {
+        assert_eq!(status_with_host(&sd, &[&ok]).await, 200, "{ok}");
+    }
+    for refused in [
+        format!("rebind.attacker.example:{port}"),
+        "attacker.example".to_string(),
+        format!("localhost.attacker.example:{port}"),
+        format!("sandboxd.slipway.svc.evil:{port}"),
+        "[::1".to_string(),
+    ] {
+        assert_eq!(status_with_host(&sd, &[&refused]).await, 403, "{refused}");
+    }
+    // Two Host headers, even both acceptable, are refused.
+    assert_eq!(
+        status_with_host(&sd, &["127.0.0.1", "localhost"]).await,
+        403
+    );
+}
