@@ -30,6 +30,7 @@ pub const MAX_BATCH_FILES: usize = 10_000;
 
 fn path_error(e: PathError) -> ApiError {
     match e {
+        PathError::TooLong(_) => ApiError::invalid("name_too_long", e.to_string()),
         PathError::Nul | PathError::Loop(_) => {
             ApiError::new(StatusCode::BAD_REQUEST, "invalid_path", e.to_string())
         }
@@ -53,6 +54,14 @@ fn io_error(path: &str, e: std::io::Error) -> ApiError {
             "not_a_directory",
             format!("a parent of `{path}` is not a directory"),
         ),
+        std::io::ErrorKind::AlreadyExists => ApiError::new(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("`{path}` exists and is not a directory"),
+        ),
+        std::io::ErrorKind::InvalidFilename => {
+            ApiError::invalid("name_too_long", format!("`{path}`: a name is too long"))
+        }
         _ => ApiError::internal(format!("`{path}`: {e}")),
     }
 }
@@ -113,6 +122,18 @@ fn item(entry: &Entry, body: &FileBody, rules: Rules) -> Result<Item, Refusal> {
     }
     if resolved.host.is_dir() {
         return Err(Refusal::Invalid(format!("`{}` is a directory", body.path)));
+    }
+    // A parent that exists as anything but a directory would fail the batch after its commit.
+    let workspace = entry.workspace();
+    let mut parent = resolved.host.parent();
+    while let Some(p) = parent.filter(|p| p.starts_with(&workspace) && *p != workspace) {
+        if std::fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()) {
+            return Err(Refusal::Invalid(format!(
+                "a parent of `{}` is not a directory",
+                body.path
+            )));
+        }
+        parent = p.parent();
     }
     let content = body.bytes(rules).map_err(Refusal::Invalid)?;
     if content.len() > MAX_FILE_BYTES {

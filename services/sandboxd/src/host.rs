@@ -251,11 +251,7 @@ impl Host {
                 crate::journal::recover(&files, iso.jail.owner())?;
                 // Limits and ownership as this sandboxd applies them (a record from an older
                 // one gets them now).
-                let disk_bytes = record.resources.disk_size_mb.saturating_mul(1024 * 1024);
-                storage.prepare(&files, iso.jail.owner(), disk_bytes)?;
-                if let Some(owner) = iso.jail.owner() {
-                    adopt(&files.join("workspace"), owner)?;
-                }
+                storage.prepare(&files, iso.jail.owner(), disk_bytes(&record))?;
             }
             let restarted = !for_purge && matches!(record.state, State::Running | State::Paused);
             if restarted && record.state == State::Running {
@@ -442,6 +438,12 @@ impl Host {
             return Err(ApiError::invalid(
                 "invalid_env",
                 "env keys are [A-Za-z_][A-Za-z0-9_]*",
+            ));
+        }
+        if req.env.values().any(|v| v.contains('\0')) {
+            return Err(ApiError::invalid(
+                "invalid_env",
+                "an env value cannot hold a NUL byte",
             ));
         }
         let size_name = req.size.as_deref().unwrap_or(crate::model::DEFAULT_SIZE);
@@ -700,9 +702,8 @@ impl Host {
 
     /// Completes a sandbox's files (new, forked, restored or reloaded): ownership and disk limit.
     pub(crate) fn prepare_files(&self, files: &Path, record: &Sandbox) -> std::io::Result<()> {
-        let disk_bytes = record.resources.disk_size_mb.saturating_mul(1024 * 1024);
         self.storage
-            .prepare(files, self.iso.jail.owner(), disk_bytes)
+            .prepare(files, self.iso.jail.owner(), disk_bytes(record))
     }
 
     /// What confines `entry`'s processes.
@@ -907,22 +908,9 @@ fn kill_cgroup(cg: &Cgroups, id: &str) {
     }
 }
 
-/// Gives a workspace made before sandboxes had their own user (root-owned files, which root
-/// inside could no longer change) to the sandbox's root; a no-op once done.
-fn adopt(workspace: &Path, owner: crate::jail::Owner) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    if std::fs::symlink_metadata(workspace)?.uid() == owner.uid {
-        return Ok(());
-    }
-    tracing::info!(workspace = %workspace.display(), "giving the workspace to the sandbox's user");
-    crate::tools::run(&[
-        "chown",
-        "-R",
-        "-P",
-        &format!("{}:{}", owner.uid, owner.gid),
-        &workspace.display().to_string(),
-    ])
-    .map(|_| ())
+/// A sandbox's disk size in bytes.
+fn disk_bytes(record: &Sandbox) -> u64 {
+    record.resources.disk_size_mb.saturating_mul(1024 * 1024)
 }
 
 /// Creates the sandbox's cgroups and network namespace (both idempotent).

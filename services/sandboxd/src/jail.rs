@@ -82,7 +82,12 @@ impl Owner {
             at.push(part);
             match std::fs::create_dir(&at) {
                 Ok(()) => self.give(&at)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Something is there: a directory (fine), or a file, link or other (not).
+                    if !std::fs::symlink_metadata(&at)?.is_dir() {
+                        return Err(e);
+                    }
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -54,7 +54,11 @@ pub fn write_batch(
         let _ = std::fs::remove_dir_all(&tx);
         return Err(e);
     }
-    apply(&tx, workspace, owner)
+    // Committed but not appliable (the workspace changed under it): set aside now, so no
+    // restart retries it.
+    apply(&tx, workspace, owner).inspect_err(|e| {
+        let _ = quarantine(files_dir, &tx, e);
+    })
 }
 
 /// Permission bits a batch may set: no set-user-id, set-group-id or sticky bit.
@@ -121,7 +125,10 @@ fn apply(tx: &Path, workspace: &Path, owner: Option<Owner>) -> std::io::Result<(
     Ok(())
 }
 
-/// Completes committed batches and discards uncommitted ones (at start, before serving).
+/// Completes committed batches and discards uncommitted ones (at start, before serving). A
+/// committed batch that cannot be applied (the workspace changed under it) is moved aside to
+/// `<files>/quarantine/<tx>/` with the reason, and logged, so sandboxd still starts; what of
+/// it was applied stays applied.
 pub fn recover(files_dir: &Path, owner: Option<Owner>) -> std::io::Result<()> {
     let journal = files_dir.join("journal");
     let Ok(txs) = std::fs::read_dir(&journal) else {
@@ -131,11 +138,31 @@ pub fn recover(files_dir: &Path, owner: Option<Owner>) -> std::io::Result<()> {
     for tx in txs.flatten().map(|e| e.path()) {
         if tx.join(MANIFEST).exists() {
             tracing::info!(tx = %tx.display(), "rolling an interrupted file batch forward");
-            apply(&tx, &workspace, owner)?;
+            if let Err(e) = apply(&tx, &workspace, owner) {
+                quarantine(files_dir, &tx, &e)?;
+            }
         } else {
             tracing::info!(tx = %tx.display(), "discarding an uncommitted file batch");
             std::fs::remove_dir_all(&tx)?;
         }
     }
+    Ok(())
+}
+
+/// Where batches that could not be applied are kept, under a sandbox's files directory.
+pub const QUARANTINE: &str = "quarantine";
+
+fn quarantine(files_dir: &Path, tx: &Path, why: &std::io::Error) -> std::io::Result<()> {
+    let dir = files_dir.join(QUARANTINE);
+    std::fs::create_dir_all(&dir)?;
+    let name = tx.file_name().unwrap_or_default();
+    let kept = dir.join(name);
+    std::fs::rename(tx, &kept)?;
+    std::fs::write(kept.join("reason"), format!("{why}\n"))?;
+    tracing::warn!(
+        batch = %kept.display(),
+        error = %why,
+        "a committed file batch could not be applied at start; it is quarantined"
+    );
     Ok(())
 }

@@ -150,15 +150,14 @@ pub fn isolation(args: &Args, storage: &storage::Storage) -> anyhow::Result<host
     if owner.uid == 0 {
         anyhow::bail!("--sandbox-uid 0 would make root inside a sandbox root on the host");
     }
-    jail::find_bwrap()?;
-    let view = isolation::view::mount(&args.data_dir, storage.root(), owner)
-        .map_err(|e| anyhow::anyhow!("the sandboxes' view of their files: {e}"))?;
     let jail = jail::Jail::detect(
         owner,
         &args.data_dir.join("seccomp"),
         storage.root().to_path_buf(),
-        view,
+        isolation::view::path(&args.data_dir)?,
     )?;
+    isolation::view::mount(&args.data_dir, storage.root(), owner)
+        .map_err(|e| anyhow::anyhow!("the sandboxes' view of their files: {e}"))?;
     let cgroups = isolation::cgroup::Cgroups::detect(&args.cgroup_root)
         .map_err(|e| anyhow::anyhow!("cgroups: {e} (or pass --insecure-no-isolation)"))?;
     let net = isolation::net::Net::init(!args.no_outbound, &args.data_dir).map_err(|e| {

@@ -22,7 +22,14 @@ pub enum PathError {
     SymlinkEscape(String),
     #[error("`{0}`: too many levels of symlinks")]
     Loop(String),
+    #[error("`{0}` is too long: a name is at most {MAX_NAME_BYTES} bytes, a path {MAX_PATH_BYTES}")]
+    TooLong(String),
 }
+
+/// Longest name of one file or directory (the kernel's `NAME_MAX`).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest path (the kernel's `PATH_MAX`, less room for the host prefix).
+pub const MAX_PATH_BYTES: usize = 3072;
 
 /// A resolved path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +59,11 @@ pub fn sandbox_path(parts: &[String]) -> String {
 pub fn parts_of(path: &str) -> Result<Vec<String>, PathError> {
     if path.contains('\0') {
         return Err(PathError::Nul);
+    }
+    // Checked here, before anything is staged or committed: a name the kernel would refuse
+    // must never reach the write journal.
+    if path.len() > MAX_PATH_BYTES || path.split('/').any(|c| c.len() > MAX_NAME_BYTES) {
+        return Err(PathError::TooLong(path.chars().take(64).collect()));
     }
     let rest = if path.starts_with('/') {
         match path.strip_prefix(WORKSPACE) {

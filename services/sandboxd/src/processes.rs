@@ -190,7 +190,7 @@ impl Processes {
             t.0
         };
         let log_path = self.dir.join(format!("{pid}.log"));
-        let (lines, _) = broadcast::channel(1024);
+        let (lines, _) = broadcast::channel(crate::proclog::QUEUE);
         let (done_tx, done) = watch::channel(false);
         let proc = Arc::new(Proc {
             pid,

@@ -10,12 +10,13 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc};
 
 /// Longest line kept; a longer one is cut into pieces of this size.
-pub const MAX_LINE: usize = 64 * 1024;
+pub const MAX_LINE: usize = 16 * 1024;
 /// Size at which a log moves to `<log>.1` (replacing the one before), so a process holds at
 /// most twice this on disk.
 pub const ROTATE_BYTES: u64 = 8 << 20;
-/// Lines queued between a process and its log file.
-pub const QUEUE: usize = 1024;
+/// Lines queued between a process and its log file (at most `QUEUE * MAX_LINE` bytes, before
+/// lossy decoding).
+pub const QUEUE: usize = 256;
 /// Most bytes written in one batch.
 const BATCH_BYTES: usize = 256 * 1024;
 

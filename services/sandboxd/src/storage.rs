@@ -36,6 +36,28 @@ fn chmod(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// Gives a workspace to the sandbox's root: a new one at once; one made before sandboxes had
+/// their own user (root-owned files, which root inside could no longer change), whether found
+/// at start or restored from an old snapshot, whole (`chown -R`, not following links).
+fn adopt(workspace: &Path, owner: Owner) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(workspace)?.uid() == owner.uid {
+        return Ok(());
+    }
+    if std::fs::read_dir(workspace)?.next().is_none() {
+        return owner.give(workspace);
+    }
+    tracing::info!(workspace = %workspace.display(), "giving the workspace to the sandbox's user");
+    run(&[
+        "chown",
+        "-R",
+        "-P",
+        &format!("{}:{}", owner.uid, owner.gid),
+        &workspace.display().to_string(),
+    ])
+    .map(|_| ())
+}
+
 /// A write refused because the sandbox's disk is full.
 #[derive(Debug, thiserror::Error)]
 #[error("the sandbox's disk ({limit_mb} MB) is full: {used} bytes used, {incoming} more asked")]
@@ -184,7 +206,7 @@ impl Storage {
         chmod(dir, 0o711)?;
         chmod(&dir.join("journal"), 0o700)?;
         if let Some(owner) = owner {
-            owner.give(&workspace)?;
+            adopt(&workspace, owner)?;
         }
         if let Storage::Btrfs { .. } = self {
             run(&[

@@ -84,7 +84,7 @@ pub async fn update(
     }
     let name = b.name.or(b.slug);
     if let Some(n) = &name {
-        if n.is_empty() || n.len() > 128 || n.contains('/') {
+        if n.is_empty() || n.len() > 128 || n.chars().any(|c| c.is_control() || c == '/') {
             return Err(ApiError::invalid(
                 "invalid_name",
                 "a name is 1 to 128 characters, no `/`",

@@ -26,8 +26,8 @@ pub fn path(data_dir: &Path) -> std::io::Result<PathBuf> {
     Ok(key_dir(data_dir)?.join("files"))
 }
 
-/// Mounts the view of `files_root` (replacing one a previous sandboxd left).
-pub fn mount(data_dir: &Path, files_root: &Path, owner: Owner) -> std::io::Result<PathBuf> {
+/// Mounts the view of `files_root` at `path(data_dir)` (replacing one a previous sandboxd left).
+pub fn mount(data_dir: &Path, files_root: &Path, owner: Owner) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(BASE)?;
     std::fs::set_permissions(BASE, std::fs::Permissions::from_mode(0o711))?;
@@ -42,7 +42,7 @@ pub fn mount(data_dir: &Path, files_root: &Path, owner: Owner) -> std::io::Resul
     let (src, dst) = (files_root.display().to_string(), view.display().to_string());
     run(&["mount", "--bind", &src, &dst])?;
     run(&["mount", "-o", "remount,bind,nosuid,nodev", &dst])?;
-    Ok(view)
+    Ok(())
 }
 
 /// Unmounts and removes the view (`--purge`).

@@ -111,3 +111,52 @@ async fn sandboxes_and_idempotency_records_survive_a_restart() {
     assert_eq!(v["data"]["external_user_id"], "u9");
     assert_eq!(api.download(&id, "kept.txt").await.1, b"still here");
 }
+
+#[tokio::test]
+async fn a_committed_batch_that_cannot_be_applied_is_quarantined_and_sandboxd_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut sd = Sandboxd::start_in(
+        BIN,
+        &data,
+        &[],
+        &[("SLIPWAY_FAILPOINTS", "write_many.committed")],
+    )
+    .unwrap();
+    let api = Api::new(&sd);
+    let id = api.sandbox().await;
+    let sent = api
+        .http
+        .post(api.url(&format!("/sandboxes/{id}/fs/write-many")))
+        .header("Authorization", "Bearer msk_k")
+        .json(&batch(3))
+        .send()
+        .await;
+    assert!(sent.is_err(), "sandboxd died after the commit");
+    sd.kill();
+    // The workspace changes under the committed batch: `app` becomes a file, so none of the
+    // batch's `app/<n>.txt` can be applied.
+    let files = data.join("btrfs/sandboxes").join(&id);
+    std::fs::write(files.join("workspace/app"), "in the way").unwrap();
+
+    let sd = Sandboxd::start_in(BIN, &data, &[], &[]).unwrap();
+    let api = Api::new(&sd);
+    let (code, out, _) = api.exec(&id, "cat /workspace/app").await;
+    assert_eq!((code, out.as_str()), (0, "in the way"));
+    let quarantined: Vec<_> = std::fs::read_dir(files.join("quarantine"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(quarantined.len(), 1);
+    let reason = std::fs::read_to_string(quarantined[0].path().join("reason")).unwrap();
+    assert!(!reason.trim().is_empty());
+    assert_eq!(std::fs::read_dir(files.join("journal")).unwrap().count(), 0);
+    // And the sandbox takes writes again.
+    let (status, v) = api
+        .post(
+            &format!("/sandboxes/{id}/fs/write"),
+            json!({"path": "after.txt", "content": "ok"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+}

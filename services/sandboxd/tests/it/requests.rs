@@ -127,3 +127,62 @@ async fn the_api_answers_only_to_its_own_host_names() {
         403
     );
 }
+
+#[tokio::test]
+async fn names_env_values_and_directories_that_would_fail_later_are_refused_now() {
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let api = Api::new(&sd);
+    let id = api.sandbox().await;
+    // A 300-byte name is refused before anything is committed, and sandboxd restarts fine.
+    let long = "n".repeat(300);
+    for (route, body) in [
+        ("fs/write", json!({"path": long, "content": "x"})),
+        (
+            "fs/write-many",
+            json!({"files": [{"path": "ok.txt", "content": "x"}, {"path": long, "content": "x"}]}),
+        ),
+        ("fs/mkdir", json!({"path": long})),
+    ] {
+        let (status, v) = api.post(&format!("/sandboxes/{id}/{route}"), body).await;
+        assert_eq!(status, 422, "{route}: {v}");
+        assert_eq!(v["error"]["code"], "name_too_long", "{v}");
+    }
+    let (_, out, _) = api.exec(&id, "ls -A /workspace").await;
+    assert_eq!(out, "", "nothing of the refused batch was written");
+
+    // mkdir over a file: a conflict, not a 500.
+    api.post(
+        &format!("/sandboxes/{id}/fs/write"),
+        json!({"path": "f", "content": "x"}),
+    )
+    .await;
+    let (status, v) = api
+        .post(&format!("/sandboxes/{id}/fs/mkdir"), json!({"path": "f"}))
+        .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = api
+        .post(
+            &format!("/sandboxes/{id}/fs/mkdir"),
+            json!({"path": "f/sub"}),
+        )
+        .await;
+    assert!(status == 409 || status == 422, "{status} {v}");
+
+    // An env value with NUL is refused at create (it would break every exec after).
+    let (status, v) = api
+        .post("/sandboxes", json!({"env": {"A": "x\u{0}y"}}))
+        .await;
+    assert_eq!(status, 422, "{v}");
+    // PATCH refuses the names create refuses.
+    for bad in ["a\rb", "a\nb", "a\u{0}b", "a\u{1b}b", "a/b"] {
+        let (status, v) = api
+            .send(
+                reqwest::Method::PATCH,
+                &format!("/sandboxes/{id}"),
+                Some(json!({ "name": bad })),
+            )
+            .await;
+        assert_eq!(status, 422, "{bad:?}: {v}");
+    }
+    assert_eq!(api.count("").await, 1);
+}
