@@ -22,6 +22,8 @@ use crate::api::{ApiError, AppState};
 use crate::host::Entry;
 use crate::journal::{self, Item};
 use crate::paths::{self, PathError, Resolved};
+use crate::rooted::{self, ReadError, Root};
+use std::os::fd::OwnedFd;
 
 /// Largest single file accepted (MIOSA's `FILE_TOO_LARGE` limit).
 pub const MAX_FILE_BYTES: usize = 10 * 1024 * 1024;
@@ -310,18 +312,35 @@ pub struct PathQuery {
     recursive: Option<bool>,
 }
 
+/// Largest file a download returns (a whole request body's worth).
+pub const MAX_DOWNLOAD_BYTES: u64 = crate::api::MAX_BODY as u64;
+
 async fn read(state: &AppState, id: &str, path: &str) -> Result<Response, ApiError> {
     let entry = state.host.live(id)?;
     let r = resolve(&entry, path)?;
-    if r.host.is_dir() {
-        return Err(ApiError::invalid(
-            "is_a_directory",
-            format!("`{path}` is a directory"),
-        ));
-    }
-    let bytes = tokio::fs::read(&r.host)
-        .await
-        .map_err(|e| io_error(path, e))?;
+    let workspace = entry.workspace();
+    let read = tokio::task::spawn_blocking(move || {
+        Root::open(&workspace)
+            .map_err(ReadError::Io)
+            .and_then(|root| root.read(&r.parts, MAX_DOWNLOAD_BYTES))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let bytes = read.map_err(|e| match e {
+        ReadError::Io(e) => io_error(path, e),
+        ReadError::Directory => {
+            ApiError::invalid("is_a_directory", format!("`{path}` is a directory"))
+        }
+        ReadError::NotRegular(k) => ApiError::invalid(
+            "not_a_regular_file",
+            format!("`{path}` is a {k}, not a regular file"),
+        ),
+        ReadError::TooLarge(max) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "FILE_TOO_LARGE",
+            format!("`{path}` is larger than {max} bytes"),
+        ),
+    })?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -340,48 +359,41 @@ pub async fn legacy_download(
     State(s): State<AppState>,
     UrlPath((id, path)): UrlPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    read(&s, &id, &format!("/{path}")).await
+    // `/files/app.txt` is `/workspace/app.txt`; `/files/workspace/app.txt` names it too.
+    let path = if path == "workspace" || path.starts_with("workspace/") {
+        format!("/{path}")
+    } else {
+        path
+    };
+    read(&s, &id, &path).await
 }
 
-fn describe(r_path: &str, host: &Path) -> std::io::Result<Value> {
-    let meta = std::fs::symlink_metadata(host)?;
-    let ft = meta.file_type();
-    let kind = if ft.is_symlink() {
-        "symlink"
-    } else if ft.is_dir() {
-        "dir"
-    } else {
-        "file"
-    };
+fn describe(r_path: &str, meta: &std::fs::Metadata) -> Value {
+    let kind = rooted::kind(meta);
     let name = Path::new(r_path)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "workspace".into());
-    Ok(json!({
+    json!({
         "name": name,
         "path": r_path,
         "type": kind,
-        "is_dir": ft.is_dir(),
+        "is_dir": kind == "dir",
         "size": meta.len(),
         "mode": format!("{:o}", meta.permissions().mode() & 0o7777),
         "modified_at": crate::clock::rfc3339(meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000),
-    }))
+    })
 }
 
-fn listing(base: &str, host: &Path, depth: usize, out: &mut Vec<Value>) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(host)?.flatten().collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let path = format!(
-            "{}/{}",
-            base.trim_end_matches('/'),
-            e.file_name().to_string_lossy()
-        );
-        let d = describe(&path, &e.path())?;
-        let is_dir = d["is_dir"].as_bool().unwrap_or(false);
-        out.push(d);
-        if is_dir && depth > 1 {
-            listing(&path, &e.path(), depth - 1, out)?;
+fn listing(base: &str, dir: &OwnedFd, depth: usize, out: &mut Vec<Value>) -> std::io::Result<()> {
+    for (name, meta) in rooted::entries(dir)? {
+        let path = format!("{}/{name}", base.trim_end_matches('/'));
+        out.push(describe(&path, &meta));
+        if meta.is_dir() && depth > 1 {
+            // A directory swapped for something else meanwhile is listed but not entered.
+            if let Ok(sub) = rooted::subdir(dir, &name) {
+                listing(&path, &sub, depth - 1, out)?;
+            }
         }
     }
     Ok(())
@@ -402,26 +414,33 @@ pub async fn list(
     };
     let base = r.sandbox_path();
     let mut entries = Vec::new();
-    listing(&base, &r.host, depth, &mut entries).map_err(|e| io_error(&path, e))?;
+    Root::open(&entry.workspace())
+        .and_then(|root| root.dir(&r.parts))
+        .and_then(|dir| listing(&base, &dir, depth, &mut entries))
+        .map_err(|e| io_error(&path, e))?;
     Ok(Json(
         json!({ "data": { "path": base, "entries": entries } }),
     ))
 }
 
-fn tree_node(path: &str, host: &Path, depth: usize) -> std::io::Result<Value> {
-    let mut node = describe(path, host)?;
-    if node["type"] == "dir" {
+fn tree_node(
+    path: &str,
+    meta: &std::fs::Metadata,
+    dir: Option<OwnedFd>,
+    depth: usize,
+) -> std::io::Result<Value> {
+    let mut node = describe(path, meta);
+    if let Some(dir) = dir.filter(|_| meta.is_dir()) {
         let mut children = Vec::new();
         if depth > 0 {
-            let mut entries: Vec<_> = std::fs::read_dir(host)?.flatten().collect();
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let child = format!(
-                    "{}/{}",
-                    path.trim_end_matches('/'),
-                    e.file_name().to_string_lossy()
-                );
-                children.push(tree_node(&child, &e.path(), depth - 1)?);
+            for (name, m) in rooted::entries(&dir)? {
+                let child = format!("{}/{name}", path.trim_end_matches('/'));
+                let sub = if m.is_dir() {
+                    rooted::subdir(&dir, &name).ok()
+                } else {
+                    None
+                };
+                children.push(tree_node(&child, &m, sub, depth - 1)?);
             }
         }
         node["children"] = Value::Array(children);
@@ -437,7 +456,17 @@ pub async fn tree(
     let entry = s.host.live(&id)?;
     let path = q.path.unwrap_or_else(|| paths::WORKSPACE.into());
     let r = resolve(&entry, &path)?;
-    let node = tree_node(&r.sandbox_path(), &r.host, q.depth.unwrap_or(3).min(64))
+    let depth = q.depth.unwrap_or(3).min(64);
+    let node = Root::open(&entry.workspace())
+        .and_then(|root| {
+            let meta = root.stat(&r.parts, true)?;
+            let dir = if meta.is_dir() {
+                Some(root.dir(&r.parts)?)
+            } else {
+                None
+            };
+            tree_node(&r.sandbox_path(), &meta, dir, depth)
+        })
         .map_err(|e| io_error(&path, e))?;
     Ok(Json(json!({ "data": node })))
 }
@@ -450,8 +479,10 @@ pub struct PathBody {
 async fn stat_path(s: &AppState, id: &str, path: &str) -> Result<Json<Value>, ApiError> {
     let entry = s.host.live(id)?;
     let r = paths::resolve_nofollow(&entry.workspace(), path).map_err(path_error)?;
-    let d = describe(&r.sandbox_path(), &r.host).map_err(|e| io_error(path, e))?;
-    Ok(Json(json!({ "data": d })))
+    let meta = Root::open(&entry.workspace())
+        .and_then(|root| root.stat(&r.parts, false))
+        .map_err(|e| io_error(path, e))?;
+    Ok(Json(json!({ "data": describe(&r.sandbox_path(), &meta) })))
 }
 
 pub async fn stat(
@@ -480,11 +511,9 @@ pub async fn mkdir(
 ) -> Result<Json<Value>, ApiError> {
     let entry = s.host.live(&id)?;
     let r = resolve(&entry, &b.path)?;
-    match s.host.iso.jail.owner() {
-        Some(owner) => owner.create_dirs(&entry.workspace(), &r.host),
-        None => std::fs::create_dir_all(&r.host),
-    }
-    .map_err(|e| io_error(&b.path, e))?;
+    Root::open(&entry.workspace())
+        .and_then(|root| root.make_dirs(&r.parts, s.host.iso.jail.owner()))
+        .map_err(|e| io_error(&b.path, e))?;
     Ok(Json(
         json!({ "data": { "path": r.sandbox_path(), "created": true } }),
     ))
@@ -505,16 +534,7 @@ async fn delete_path(
             "cannot delete /workspace itself",
         ));
     }
-    let meta = std::fs::symlink_metadata(&r.host).map_err(|e| io_error(path, e))?;
-    let result = if meta.is_dir() {
-        if recursive {
-            std::fs::remove_dir_all(&r.host)
-        } else {
-            std::fs::remove_dir(&r.host)
-        }
-    } else {
-        std::fs::remove_file(&r.host)
-    };
+    let result = Root::open(&entry.workspace()).and_then(|root| root.remove(&r.parts, recursive));
     result.map_err(|e| match e.kind() {
         std::io::ErrorKind::DirectoryNotEmpty => ApiError::new(
             StatusCode::CONFLICT,

@@ -66,33 +66,6 @@ impl Owner {
     pub fn give(&self, path: &Path) -> std::io::Result<()> {
         std::os::unix::fs::lchown(path, Some(self.uid), Some(self.gid))
     }
-
-    /// Creates `dir` and its missing parents below `base` (which exists), each owned by the
-    /// sandbox.
-    pub fn create_dirs(&self, base: &Path, dir: &Path) -> std::io::Result<()> {
-        let Ok(rest) = dir.strip_prefix(base) else {
-            return Err(std::io::Error::other(format!(
-                "{} is not under {}",
-                dir.display(),
-                base.display()
-            )));
-        };
-        let mut at = base.to_path_buf();
-        for part in rest.components() {
-            at.push(part);
-            match std::fs::create_dir(&at) {
-                Ok(()) => self.give(&at)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    // Something is there: a directory (fine), or a file, link or other (not).
-                    if !std::fs::symlink_metadata(&at)?.is_dir() {
-                        return Err(e);
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
 }
 
 #[derive(Clone, Debug)]

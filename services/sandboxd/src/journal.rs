@@ -6,7 +6,7 @@
 //! directories above them) belongs to the sandbox's root, and never carries set-user-id,
 //! set-group-id or sticky bits.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use slipway_common::failpoint;
@@ -93,33 +93,40 @@ fn apply(tx: &Path, workspace: &Path, owner: Option<Owner>) -> std::io::Result<(
     use std::os::unix::fs::PermissionsExt;
     let manifest: Manifest = store::read_json(&tx.join(MANIFEST))?
         .ok_or_else(|| std::io::Error::other("journal manifest missing"))?;
-    let mut touched_dirs: Vec<PathBuf> = Vec::new();
+    // Every name is one plain component: a manifest can only move its own staged files to
+    // places under the workspace.
+    let plain = |n: &str| !n.is_empty() && n != "." && n != ".." && !n.contains(['/', '\0']);
+    if manifest
+        .entries
+        .iter()
+        .any(|e| !plain(&e.staged) || e.parts.is_empty() || !e.parts.iter().all(|p| plain(p)))
+    {
+        return Err(std::io::Error::other(
+            "journal manifest names a path that is not plain",
+        ));
+    }
+    let root = crate::rooted::Root::open(workspace)?;
+    let mut touched: Vec<(Vec<String>, std::os::fd::OwnedFd)> = Vec::new();
     for entry in &manifest.entries {
         let staged = tx.join(&entry.staged);
         if !staged.exists() {
             // Applied before a crash.
             continue;
         }
-        let mut target = workspace.to_path_buf();
-        for p in &entry.parts {
-            target.push(p);
-        }
-        let parent = target.parent().unwrap_or(workspace).to_path_buf();
-        match owner {
-            Some(o) => o.create_dirs(workspace, &parent)?,
-            None => std::fs::create_dir_all(&parent)?,
-        }
         if let Some(mode) = entry.mode {
             std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode & MODE_BITS))?;
         }
-        std::fs::rename(&staged, &target)?;
-        if !touched_dirs.contains(&parent) {
-            touched_dirs.push(parent);
+        // Placed through the workspace's own root: whatever a process inside did to the
+        // directories meanwhile, the file lands inside.
+        let dir = root.place(&staged, &entry.parts, owner)?;
+        let above = entry.parts[..entry.parts.len() - 1].to_vec();
+        if !touched.iter().any(|(p, _)| *p == above) {
+            touched.push((above, dir));
         }
         failpoint::hit("write_many.applying");
     }
-    for dir in touched_dirs {
-        store::sync_dir(&dir)?;
+    for (_, dir) in touched {
+        rustix::fs::fsync(&dir)?;
     }
     std::fs::remove_dir_all(tx)?;
     Ok(())

@@ -21,6 +21,7 @@ pub mod processes;
 pub mod proclog;
 pub mod quotas;
 pub mod rollup;
+pub mod rooted;
 pub mod snapshots;
 pub mod storage;
 pub mod store;

@@ -106,30 +106,39 @@ impl Artifacts {
 
     /// Copies the output directory into the blob store and writes its manifest; returns the
     /// manifest and its digest.
-    pub fn freeze(&self, root: &Path, entrypoint: &str) -> Result<(Manifest, String), String> {
+    pub fn freeze(
+        &self,
+        output: std::os::fd::OwnedFd,
+        entrypoint: &str,
+    ) -> Result<(Manifest, String), String> {
         let mut files = Vec::new();
         let mut total = 0u64;
-        let mut stack = vec![root.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            let rd = std::fs::read_dir(&dir).map_err(|e| format!("reading the output: {e}"))?;
-            for e in rd {
-                let e = e.map_err(|e| format!("reading the output: {e}"))?;
-                let path = e.path();
-                // Never followed: a link may point outside the output (or the sandbox).
-                let meta = std::fs::symlink_metadata(&path).map_err(|e| e.to_string())?;
+        // Directories open, each with its path under the output; links are never followed.
+        let mut stack = vec![(output, String::new())];
+        while let Some((dir, prefix)) = stack.pop() {
+            let listed =
+                crate::rooted::entries(&dir).map_err(|e| format!("reading the output: {e}"))?;
+            for (name, meta) in listed {
+                let rel = if prefix.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{prefix}/{name}")
+                };
                 if meta.is_dir() {
-                    stack.push(path);
+                    let sub = crate::rooted::subdir(&dir, &name)
+                        .map_err(|e| format!("reading {rel}: {e}"))?;
+                    stack.push((sub, rel));
                     continue;
                 }
                 if !meta.is_file() {
                     continue;
                 }
-                let rel = path
-                    .strip_prefix(root)
-                    .map_err(|e| e.to_string())?
-                    .to_string_lossy()
-                    .into_owned();
-                let bytes = std::fs::read(&path).map_err(|e| format!("reading {rel}: {e}"))?;
+                let bytes = match crate::rooted::read_child(&dir, &name, MAX_BYTES) {
+                    Ok(b) => b,
+                    // Replaced by something else meanwhile: not part of the output.
+                    Err(crate::rooted::ReadError::NotRegular(_)) => continue,
+                    Err(e) => return Err(format!("reading {rel}: {e}")),
+                };
                 total += bytes.len() as u64;
                 if files.len() >= MAX_FILES || total > MAX_BYTES {
                     return Err(format!(

@@ -64,14 +64,22 @@ impl Host {
             }
             // The output is read as one piece: no write batch lands halfway through it.
             let _files = entry.files_lock.lock().await;
-            let (deps, root, entrypoint) = (
+            let (deps, workspace, parts, entrypoint) = (
                 deployments.clone(),
-                resolved.host.clone(),
+                entry.workspace(),
+                resolved.parts.clone(),
                 v.entrypoint.clone(),
             );
-            tokio::task::spawn_blocking(move || deps.artifacts.freeze(&root, &entrypoint))
-                .await
-                .map_err(|e| e.to_string())?
+            tokio::task::spawn_blocking(move || {
+                // Read through the sandbox's own root: nothing a process inside does to the
+                // output meanwhile can point the freeze at a host file.
+                let output = crate::rooted::Root::open(&workspace)
+                    .and_then(|r| r.dir(&parts))
+                    .map_err(|e| format!("opening the output: {e}"))?;
+                deps.artifacts.freeze(output, &entrypoint)
+            })
+            .await
+            .map_err(|e| e.to_string())?
         }
         .await;
         match &outcome {

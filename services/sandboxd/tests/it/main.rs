@@ -12,6 +12,7 @@ mod exec;
 mod files;
 mod hostile;
 mod isolation;
+mod races;
 mod requests;
 mod sandboxes;
 mod storage;

@@ -1,0 +1,145 @@
+//! The hostile suite, races: a process inside a sandbox swaps a name between a directory and a
+//! link to a host directory (`renameat2(RENAME_EXCHANGE)` in a loop) while the API reads,
+//! lists, deletes and writes under that name. Not one host byte may come back and not one host
+//! file may change (a canary directory the test owns, outside the data dir), on both storage
+//! backends.
+
+use std::path::Path;
+
+use serde_json::json;
+use slipway_test_support::Sandboxd;
+
+use crate::api::{Api, BIN};
+
+/// Requests per operation.
+const ROUNDS: usize = 1000;
+
+const SWAPPER: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+os.makedirs('real/sub', exist_ok=True)
+open('real/secret.txt', 'w').write('inside')
+os.symlink(sys.argv[1], 'link')
+os.rename('real', 'race')
+print('ready', flush=True)
+while True:
+    libc.renameat2(-100, b'race', -100, b'link', 2)
+"#;
+
+/// Everything under `dir`, with contents, to compare before and after.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(dir).unwrap().display().to_string();
+            if p.is_dir() {
+                out.push((rel, Vec::new()));
+                stack.push(p);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn race(backend: &str) {
+    let sd = Sandboxd::start(BIN, &["--storage", backend]).unwrap();
+    let api = Api::new(&sd);
+    let id = api.sandbox().await;
+    let canary_home = tempfile::tempdir().unwrap();
+    let canary = canary_home.path().join("canary");
+    std::fs::create_dir_all(canary.join("sub")).unwrap();
+    std::fs::write(canary.join("secret.txt"), "HOST-SECRET").unwrap();
+    std::fs::write(canary.join("host-only.txt"), "HOST-ONLY").unwrap();
+    std::fs::write(canary.join("sub/keep.txt"), "HOST-KEEP").unwrap();
+    let before = snapshot(&canary);
+
+    let (status, _) = api
+        .post(
+            &format!("/sandboxes/{id}/fs/write"),
+            json!({"path": "swap.py", "content": SWAPPER}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, v) = api
+        .post(
+            &format!("/sandboxes/{id}/processes"),
+            json!({"command": format!("timeout 300 python3 swap.py {}", canary.display())}),
+        )
+        .await;
+    assert_eq!(status, 201, "{v}");
+    let pid = v["data"]["pid"].as_u64().unwrap();
+    for _ in 0..100 {
+        let (_, v) = api
+            .get(&format!("/sandboxes/{id}/processes/{pid}/logs"))
+            .await;
+        if v.to_string().contains("ready") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let mut leaked = Vec::new();
+    for n in 0..ROUNDS {
+        let (status, body) = api.download(&id, "race/secret.txt").await;
+        if status == 200 && body != b"inside" {
+            leaked.push(format!("download: {}", String::from_utf8_lossy(&body)));
+        }
+        let (_, v) = api
+            .get(&format!("/sandboxes/{id}/files?path=/workspace/race"))
+            .await;
+        if v.to_string().contains("host-only") {
+            leaked.push(format!("list: {v}"));
+        }
+        let (_, v) = api
+            .get(&format!("/sandboxes/{id}/files/tree?path=/workspace/race"))
+            .await;
+        if v.to_string().contains("host-only") {
+            leaked.push(format!("tree: {v}"));
+        }
+        api.post(
+            &format!("/sandboxes/{id}/fs/delete"),
+            json!({"path": "race/sub", "recursive": true}),
+        )
+        .await;
+        api.post(
+            &format!("/sandboxes/{id}/fs/write-many"),
+            json!({"files": [{"path": format!("race/w{n}.txt"), "content": "sandbox"}]}),
+        )
+        .await;
+        api.post(
+            &format!("/sandboxes/{id}/fs/mkdir"),
+            json!({"path": format!("race/d{n}")}),
+        )
+        .await;
+    }
+    assert!(
+        leaked.is_empty(),
+        "{backend}: host data came back: {leaked:?}"
+    );
+    assert_eq!(
+        snapshot(&canary),
+        before,
+        "{backend}: the host canary changed"
+    );
+    // The sandbox kept working all along, and its own side of the race holds what was written.
+    let (code, out, _) = api
+        .exec(&id, "ls race link 2>/dev/null | grep -c '^w' || true")
+        .await;
+    assert_eq!(code, 0);
+    assert!(out.trim().parse::<usize>().unwrap_or(0) > 0, "{out}");
+}
+
+#[tokio::test]
+async fn a_racing_swapper_gets_no_host_file_on_btrfs() {
+    race("btrfs").await;
+}
+
+#[tokio::test]
+async fn a_racing_swapper_gets_no_host_file_with_copy_storage() {
+    race("copy").await;
+}
