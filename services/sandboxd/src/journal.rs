@@ -169,7 +169,7 @@ fn quarantine(files_dir: &Path, tx: &Path, why: &std::io::Error) -> std::io::Res
     tracing::warn!(
         batch = %kept.display(),
         error = %why,
-        "a committed file batch could not be applied at start; it is quarantined"
+        "a committed file batch could not be applied; it is quarantined"
     );
     Ok(())
 }

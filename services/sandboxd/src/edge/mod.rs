@@ -131,7 +131,52 @@ pub fn router(state: EdgeState) -> Router {
 const TOKEN_PARAMS: [&str; 3] = ["mt", "ms", "preview_token"];
 const TOKEN_HEADER: &str = "x-miosa-preview-token";
 
+/// A query component as servers read it: `%XX` escapes and `+` decoded (a malformed escape is
+/// kept as it is). Token parameters are recognised by their decoded name, so `%6Dt=` is `mt=`.
+pub(crate) fn decode_component(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(u8::try_from(h * 16 + l).unwrap_or(b'%'));
+                    i += 3;
+                }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether a `key=value` query pair carries a token (by its decoded name).
+pub(crate) fn is_token_param(kv: &str) -> bool {
+    let k = kv.split_once('=').map_or(kv, |(k, _)| k);
+    TOKEN_PARAMS.contains(&decode_component(k).as_str())
+}
+
 async fn handle(State(s): State<EdgeState>, req: Request) -> Response {
+    if req.headers().get_all(header::HOST).iter().count() > 1 {
+        return page::error(
+            StatusCode::BAD_REQUEST,
+            "Bad request",
+            "A request names one host.",
+        );
+    }
     let host = req
         .headers()
         .get(header::HOST)
@@ -194,16 +239,16 @@ fn presented_tokens_match(grants: &Grants, req: &Request, grant: &Grant) -> Resu
         .query()
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .filter_map(|kv| kv.split_once('='))
-        .filter(|(k, _)| TOKEN_PARAMS.contains(k))
-        .map(|(_, v)| v);
+        .filter(|kv| is_token_param(kv))
+        .map(|kv| decode_component(kv.split_once('=').map_or("", |(_, v)| v)));
     let from_header = req
         .headers()
         .get_all(TOKEN_HEADER)
         .iter()
-        .filter_map(|v| v.to_str().ok());
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_string);
     for token in from_query.chain(from_header) {
-        let presented = grants.check_token(token)?;
+        let presented = grants.check_token(&token)?;
         if presented.id != grant.id {
             return Err(Refusal::Mismatch);
         }
@@ -245,9 +290,12 @@ async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { stop.cancelled().await })
+    .await
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 
-use super::{TOKEN_HEADER, TOKEN_PARAMS, live, page};
+use super::{TOKEN_HEADER, live, page};
 
 /// Idle connections kept per sandbox port.
 const MAX_IDLE: usize = 32;
@@ -252,10 +252,7 @@ fn upstream_request(
         .query()
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .filter(|kv| {
-            let k = kv.split_once('=').map_or(*kv, |(k, _)| k);
-            !kv.is_empty() && !TOKEN_PARAMS.contains(&k)
-        })
+        .filter(|kv| !kv.is_empty() && !super::is_token_param(kv))
         .collect();
     let uri = if query.is_empty() {
         path.to_string()
@@ -284,6 +281,17 @@ fn upstream_request(
         headers.insert("x-forwarded-host", h);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    // Where the request came from is what the edge saw, never what the client claims.
+    for claimed in ["x-forwarded-for", "x-real-ip", "forwarded"] {
+        headers.remove(claimed);
+    }
+    if let Some(peer) = parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        && let Ok(v) = HeaderValue::from_str(&peer.0.ip().to_string())
+    {
+        headers.insert("x-forwarded-for", v);
+    }
     let mut builder = Request::builder()
         .method(parts.method.clone())
         .uri(uri)

@@ -428,3 +428,64 @@ async fn a_request_for_a_paused_sandbox_resumes_it() {
     let (_, v) = api.get(&format!("/sandboxes/{id}")).await;
     assert_eq!(v["data"]["state"], "running");
 }
+
+#[tokio::test]
+async fn the_edge_reads_tokens_as_servers_do_and_says_where_requests_came_from() {
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let api = Api::new(&sd);
+    let edge = sd.edge_http();
+    let a = api.sandbox().await;
+    start_app(&api, &a, 3000).await;
+    let t = token(&api, &a, json!({})).await;
+    let url = t["url"].as_str().unwrap();
+    let tok = t["token"].as_str().unwrap();
+    get_ready(&edge, url).await;
+
+    // `%6Dt` is `mt`: a forged token under an escaped name is refused, not passed on.
+    let forged = format!("{}x", &tok[..tok.len() - 1]);
+    let r = edge
+        .get(with_path(url, &format!("/echo?%6Dt={forged}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // `m%73=x` is `ms=x`: a token parameter holding no token is refused too.
+    let r = edge
+        .get(with_path(url, &format!("/echo?a=1&%6Dt={tok}&m%73=x")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // The real token under an escaped name is checked, then stripped like any other, and the
+    // app hears where the request came from from the edge, not from the client.
+    let echo: Value = edge
+        .get(with_path(url, &format!("/echo?a=1&%6Dt={tok}")))
+        .header("X-Forwarded-For", "203.0.113.9")
+        .header("X-Real-IP", "203.0.113.9")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echo["url"], "/echo?a=1", "{echo}");
+    assert_eq!(echo["headers"]["x-forwarded-for"], "127.0.0.1", "{echo}");
+    assert!(echo["headers"].get("x-real-ip").is_none(), "{echo}");
+
+    // Two Host headers: refused, whichever comes first.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = url.split('/').nth(2).unwrap();
+    let mut s = tokio::net::TcpStream::connect(sd.edge_addr())
+        .await
+        .unwrap();
+    s.write_all(
+        format!("GET /echo HTTP/1.1\r\nHost: {host}\r\nHost: other.localhost\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let head = String::from_utf8_lossy(&out);
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+}

@@ -186,3 +186,48 @@ async fn names_env_values_and_directories_that_would_fail_later_are_refused_now(
     }
     assert_eq!(api.count("").await, 1);
 }
+
+#[tokio::test]
+async fn downloads_are_of_regular_files_only_and_capped() {
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let api = Api::new(&sd);
+    let id = api.sandbox().await;
+    let (code, _, err) = api
+        .exec(
+            &id,
+            "mkfifo /workspace/pipe && truncate -s 3G /workspace/sparse && echo hi > /workspace/app.txt",
+        )
+        .await;
+    assert_eq!(code, 0, "{err}");
+    // A FIFO is refused without blocking; many in a row leave other sandboxes' files alone.
+    for _ in 0..50 {
+        let (status, body) = api.download(&id, "pipe").await;
+        assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    }
+    let (_, v) = api
+        .post(&format!("/sandboxes/{id}/fs/stat"), json!({"path": "pipe"}))
+        .await;
+    assert_eq!(v["data"]["type"], "fifo", "{v}");
+    // A 3 GB sparse file is refused whole, not read into memory.
+    let (status, _) = api.download(&id, "sparse").await;
+    assert_eq!(status, 413);
+    let other = api.sandbox().await;
+    api.post(
+        &format!("/sandboxes/{other}/fs/write"),
+        json!({"path": "x.txt", "content": "fine"}),
+    )
+    .await;
+    assert_eq!(api.download(&other, "x.txt").await, (200, b"fine".to_vec()));
+    // The legacy route names files under /workspace, with or without the prefix.
+    for route in ["/files/app.txt", "/files/workspace/app.txt"] {
+        let resp = api
+            .http
+            .get(api.url(&format!("/sandboxes/{id}{route}")))
+            .header("Authorization", "Bearer msk_test_key")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{route}");
+        assert_eq!(resp.bytes().await.unwrap().as_ref(), b"hi\n");
+    }
+}
