@@ -22,6 +22,7 @@ pub mod proclog;
 pub mod quotas;
 pub mod rollup;
 pub mod rooted;
+pub mod serve;
 pub mod snapshots;
 pub mod storage;
 pub mod store;
@@ -55,6 +56,10 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub api_hostnames: Vec<String>,
+    /// How long a client has to send a request's headers, on the API and the edge, in
+    /// milliseconds; a connection that takes longer is closed.
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
     /// Where the edge (previews and shares, by host name) listens.
     #[arg(long, default_value = "127.0.0.1:7071", env = "SANDBOXD_EDGE_LISTEN")]
     pub edge_listen: SocketAddr,
@@ -345,6 +350,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             stop.cancel();
         });
     }
+    let header_timeout = std::time::Duration::from_millis(args.header_timeout_ms.max(1));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let addr = listener.local_addr()?;
     let edge_listener = std::net::TcpListener::bind(args.edge_listen)
@@ -380,14 +386,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             deployments,
             pool: std::sync::Arc::new(edge::Pool::default()),
         },
+        header_timeout,
         stop.clone(),
     )?;
     // Two lines callers read: the API's base URL, then the edge's address.
     println!("http://{addr}/api/v1");
     println!("edge http://{edge_addr}");
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await?;
+    serve::http1(listener, api::router(state), header_timeout, stop.clone()).await?;
     let _ = tokio::task::spawn_blocking(move || edge_thread.join()).await;
     // Sandbox processes die with sandboxd (their jails are tied to it); end them cleanly first,
     // frozen ones included.

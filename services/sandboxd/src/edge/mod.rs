@@ -262,6 +262,7 @@ fn presented_tokens_match(grants: &Grants, req: &Request, grant: &Grant) -> Resu
 pub fn spawn(
     listener: std::net::TcpListener,
     state: EdgeState,
+    header_timeout: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
@@ -272,7 +273,7 @@ pub fn spawn(
         .name("edge".into())
         .spawn(move || {
             runtime.block_on(async move {
-                if let Err(e) = serve(listener, state, stop).await {
+                if let Err(e) = serve(listener, state, header_timeout, stop).await {
                     tracing::error!(error = %e, "the edge stopped");
                 }
             });
@@ -282,20 +283,11 @@ pub fn spawn(
 async fn serve(
     listener: std::net::TcpListener,
     state: EdgeState,
+    header_timeout: std::time::Duration,
     stop: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    // Small request/response exchanges: never hold a segment back waiting for an ACK.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        router(state).into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { stop.cancelled().await })
-    .await
+    crate::serve::http1(listener, router(state), header_timeout, stop).await
 }
 
 #[cfg(test)]

@@ -231,3 +231,41 @@ async fn downloads_are_of_regular_files_only_and_capped() {
         assert_eq!(resp.bytes().await.unwrap().as_ref(), b"hi\n");
     }
 }
+
+/// Connects to `addr`, sends headers that never finish, and says how long until the server
+/// closed the connection (None: still open after 5 s).
+async fn unfinished_headers(addr: &str) -> Option<std::time::Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /api/v1/sandboxes HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await {
+        Ok(_) => Some(t.elapsed()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn connections_whose_headers_never_finish_are_closed_on_both_listeners() {
+    let sd = Sandboxd::start(BIN, &["--header-timeout-ms", "500"]).unwrap();
+    let api_addr = sd
+        .base_url()
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    for addr in [api_addr, sd.edge_addr().to_string()] {
+        let closed = unfinished_headers(&addr).await;
+        assert!(
+            closed.is_some_and(|d| d < Duration::from_secs(4)),
+            "{addr}: {closed:?}"
+        );
+    }
+    // Whole requests are served as before.
+    let api = Api::new(&sd);
+    assert_eq!(api.count("").await, 0);
+}
