@@ -319,14 +319,14 @@ async fn read(state: &AppState, id: &str, path: &str) -> Result<Response, ApiErr
     let entry = state.host.live(id)?;
     let r = resolve(&entry, path)?;
     let workspace = entry.workspace();
-    let read = tokio::task::spawn_blocking(move || {
+    let opened = tokio::task::spawn_blocking(move || {
         Root::open(&workspace)
             .map_err(ReadError::Io)
-            .and_then(|root| root.read(&r.parts, MAX_DOWNLOAD_BYTES))
+            .and_then(|root| root.open_regular(&r.parts, MAX_DOWNLOAD_BYTES))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
-    let bytes = read.map_err(|e| match e {
+    let (file, len) = opened.map_err(|e| match e {
         ReadError::Io(e) => io_error(path, e),
         ReadError::Directory => {
             ApiError::invalid("is_a_directory", format!("`{path}` is a directory"))
@@ -341,6 +341,11 @@ async fn read(state: &AppState, id: &str, path: &str) -> Result<Response, ApiErr
             format!("`{path}` is larger than {max} bytes"),
         ),
     })?;
+    // Streamed from the open file, never more than its size when opened: a file that grows
+    // meanwhile cannot make the answer larger.
+    use tokio::io::AsyncReadExt;
+    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file).take(len));
+    let bytes = axum::body::Body::from_stream(stream);
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 

@@ -106,8 +106,12 @@ fn apply(tx: &Path, workspace: &Path, owner: Option<Owner>) -> std::io::Result<(
         ));
     }
     let root = crate::rooted::Root::open(workspace)?;
-    let mut touched: Vec<(Vec<String>, std::os::fd::OwnedFd)> = Vec::new();
-    for entry in &manifest.entries {
+    // File by file, grouped by directory: each directory is open only while its files land,
+    // then synced and closed (a batch over many directories holds one descriptor at a time).
+    let mut order: Vec<&ManifestEntry> = manifest.entries.iter().collect();
+    order.sort_by(|a, b| a.parts[..a.parts.len() - 1].cmp(&b.parts[..b.parts.len() - 1]));
+    let mut open: Option<(&[String], std::os::fd::OwnedFd)> = None;
+    for entry in order {
         let staged = tx.join(&entry.staged);
         if !staged.exists() {
             // Applied before a crash.
@@ -116,16 +120,19 @@ fn apply(tx: &Path, workspace: &Path, owner: Option<Owner>) -> std::io::Result<(
         if let Some(mode) = entry.mode {
             std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode & MODE_BITS))?;
         }
+        let above = &entry.parts[..entry.parts.len() - 1];
+        if open.as_ref().is_some_and(|(p, _)| *p != above)
+            && let Some((_, dir)) = open.take()
+        {
+            rustix::fs::fsync(&dir)?;
+        }
         // Placed through the workspace's own root: whatever a process inside did to the
         // directories meanwhile, the file lands inside.
         let dir = root.place(&staged, &entry.parts, owner)?;
-        let above = entry.parts[..entry.parts.len() - 1].to_vec();
-        if !touched.iter().any(|(p, _)| *p == above) {
-            touched.push((above, dir));
-        }
+        open = Some((above, dir));
         failpoint::hit("write_many.applying");
     }
-    for (_, dir) in touched {
+    if let Some((_, dir)) = open {
         rustix::fs::fsync(&dir)?;
     }
     std::fs::remove_dir_all(tx)?;

@@ -18,6 +18,9 @@ use crate::jail::Owner;
 /// A workspace, open.
 pub struct Root(OwnedFd);
 
+/// Deepest directory a walk (size, recursive delete) goes into.
+pub const MAX_DEPTH: usize = 256;
+
 /// Why a file could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
@@ -94,26 +97,31 @@ impl Root {
         } else {
             OFlags::CLOEXEC | OFlags::NOCTTY
         };
-        Ok(rustix::fs::openat2(
-            &self.0,
-            rel(parts),
-            flags | extra,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-        )?)
+        // The kernel answers EAGAIN when a rename elsewhere races a `..` in the walk; a few
+        // tries settle it.
+        let mut tries = 0;
+        loop {
+            match rustix::fs::openat2(
+                &self.0,
+                rel(parts),
+                flags | extra,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            ) {
+                Err(rustix::io::Errno::AGAIN) if tries < 8 => tries += 1,
+                other => return Ok(other?),
+            }
+        }
     }
 
-    /// The bytes of a regular file, at most `max` of them; FIFOs, sockets and devices are
-    /// refused without being opened for reading (`O_PATH` first).
-    pub fn read(&self, parts: &[String], max: u64) -> Result<Vec<u8>, ReadError> {
+    /// A regular file, open for reading, and its size (at most `max`); FIFOs, sockets and
+    /// devices are refused without being opened for reading (`O_PATH` first).
+    pub fn open_regular(&self, parts: &[String], max: u64) -> Result<(File, u64), ReadError> {
         let meta = metadata(self.resolve(parts, OFlags::PATH)?)?;
         match kind(&meta) {
             "file" => {}
             "dir" => return Err(ReadError::Directory),
             other => return Err(ReadError::NotRegular(other)),
-        }
-        if meta.len() > max {
-            return Err(ReadError::TooLarge(max));
         }
         // Opened again to read; checked again, since the name may have changed in between.
         let file = File::from(self.resolve(parts, OFlags::RDONLY | OFlags::NONBLOCK)?);
@@ -121,7 +129,16 @@ impl Root {
         if !meta.is_file() {
             return Err(ReadError::NotRegular(kind(&meta)));
         }
-        let mut out = Vec::with_capacity(usize::try_from(meta.len().min(max)).unwrap_or(0));
+        if meta.len() > max {
+            return Err(ReadError::TooLarge(max));
+        }
+        Ok((file, meta.len()))
+    }
+
+    /// The bytes of a regular file, at most `max` of them.
+    pub fn read(&self, parts: &[String], max: u64) -> Result<Vec<u8>, ReadError> {
+        let (file, len) = self.open_regular(parts, max)?;
+        let mut out = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         file.take(max + 1).read_to_end(&mut out)?;
         if out.len() as u64 > max {
             return Err(ReadError::TooLarge(max));
@@ -137,6 +154,38 @@ impl Root {
             OFlags::PATH | OFlags::NOFOLLOW
         };
         metadata(self.resolve(parts, flags)?)
+    }
+
+    /// The directory `parts`, reached one name at a time without following any link.
+    pub fn dir_nofollow(&self, parts: &[String]) -> std::io::Result<OwnedFd> {
+        let mut cur = self.dir(&[])?;
+        for name in parts {
+            cur = child(&cur, name, OFlags::RDONLY | OFlags::DIRECTORY)?;
+        }
+        Ok(cur)
+    }
+
+    /// Bytes in the regular files under the directory `parts`, links not followed, at most
+    /// `MAX_DEPTH` levels down (for the disk meter and snapshot sizes).
+    pub fn size(&self, parts: &[String]) -> u64 {
+        let Ok(top) = self.dir_nofollow(parts) else {
+            return 0;
+        };
+        let mut total = 0;
+        let mut stack = vec![(top, 0usize)];
+        while let Some((dir, depth)) = stack.pop() {
+            for (name, meta) in entries(&dir).unwrap_or_default() {
+                if meta.is_file() {
+                    total += meta.len();
+                } else if meta.is_dir()
+                    && depth < MAX_DEPTH
+                    && let Ok(sub) = subdir(&dir, &name)
+                {
+                    stack.push((sub, depth + 1));
+                }
+            }
+        }
+        total
     }
 
     /// The directory `parts`, open for listing.
@@ -207,7 +256,7 @@ impl Root {
             )?);
         }
         if recursive {
-            remove_tree(&parent, name)
+            remove_tree(&parent, name, 0)
         } else {
             Ok(rustix::fs::unlinkat(
                 &parent,
@@ -258,11 +307,16 @@ pub fn subdir(dir: &OwnedFd, name: &str) -> std::io::Result<OwnedFd> {
     child(dir, name, OFlags::RDONLY | OFlags::DIRECTORY)
 }
 
-fn remove_tree(parent: &OwnedFd, name: &str) -> std::io::Result<()> {
+fn remove_tree(parent: &OwnedFd, name: &str, depth: usize) -> std::io::Result<()> {
+    if depth > MAX_DEPTH {
+        return Err(std::io::Error::other(format!(
+            "more than {MAX_DEPTH} directories deep"
+        )));
+    }
     let dir = subdir(parent, name)?;
     for (child_name, meta) in entries(&dir)? {
         if meta.is_dir() {
-            remove_tree(&dir, &child_name)?;
+            remove_tree(&dir, &child_name, depth + 1)?;
         } else {
             rustix::fs::unlinkat(&dir, child_name.as_str(), AtFlags::empty())?;
         }

@@ -294,21 +294,9 @@ impl Storage {
         }
     }
 
-    /// Bytes used under `dir` (for the disk meter and snapshot sizes).
+    /// Bytes used under `dir` (for the disk meter and snapshot sizes): walked from an open
+    /// descriptor of `dir`, never following a link a process inside may have put there.
     pub fn size(dir: &Path) -> u64 {
-        fn walk(p: &Path) -> u64 {
-            let Ok(entries) = std::fs::read_dir(p) else {
-                return 0;
-            };
-            entries
-                .flatten()
-                .map(|e| match e.file_type() {
-                    Ok(t) if t.is_dir() => walk(&e.path()),
-                    Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
-                    _ => 0,
-                })
-                .sum()
-        }
-        walk(dir)
+        crate::rooted::Root::open(dir).map_or(0, |r| r.size(&[]))
     }
 }

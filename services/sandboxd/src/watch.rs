@@ -52,7 +52,10 @@ const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::MOVED_FROM)
     .union(WatchMask::MOVED_TO)
     .union(WatchMask::ATTRIB)
-    .union(WatchMask::DONT_FOLLOW);
+    .union(WatchMask::ONLYDIR);
+
+/// Deepest directory watched below the workspace.
+const MAX_DEPTH: usize = 64;
 
 impl Hub {
     pub fn new(workspace: PathBuf) -> Self {
@@ -150,6 +153,10 @@ fn spawn_watcher(
     }))
 }
 
+/// Watches `dir` (a host path under `root`, used only as a label) and every directory below it.
+/// The directories are opened from the workspace's own descriptor one name at a time without
+/// following links, and each watch is added on the open directory (`/proc/self/fd/N`): a name
+/// a process inside swaps for a link meanwhile can point the walk nowhere outside.
 fn add_tree(
     watches: &inotify::Watches,
     root: &Path,
@@ -157,20 +164,45 @@ fn add_tree(
     dirs: &mut HashMap<WatchDescriptor, PathBuf>,
     report: Option<&broadcast::Sender<FileEvent>>,
 ) -> std::io::Result<()> {
-    let wd = watches.clone().add(dir, MASK)?;
+    let parts: Vec<String> = dir
+        .strip_prefix(root)
+        .map_err(|_| std::io::Error::other("outside the workspace"))?
+        .iter()
+        .map(|c| c.to_string_lossy().into_owned())
+        .collect();
+    let depth = parts.len();
+    let fd = crate::rooted::Root::open(root)?.dir_nofollow(&parts)?;
+    add_open(watches, root, dir, fd, depth, dirs, report)
+}
+
+fn add_open(
+    watches: &inotify::Watches,
+    root: &Path,
+    dir: &Path,
+    fd: std::os::fd::OwnedFd,
+    depth: usize,
+    dirs: &mut HashMap<WatchDescriptor, PathBuf>,
+    report: Option<&broadcast::Sender<FileEvent>>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let wd = watches
+        .clone()
+        .add(format!("/proc/self/fd/{}", fd.as_raw_fd()), MASK)?;
     dirs.insert(wd, dir.to_path_buf());
-    for entry in std::fs::read_dir(dir)?.flatten() {
-        let Ok(ft) = entry.file_type() else { continue };
-        let path = entry.path();
+    for (name, meta) in crate::rooted::entries(&fd)? {
+        let path = dir.join(&name);
         if let Some(tx) = report {
             let _ = tx.send(FileEvent::new(
                 "created",
                 sandbox_path(root, &path),
-                ft.is_dir(),
+                meta.is_dir(),
             ));
         }
-        if ft.is_dir() {
-            add_tree(watches, root, &path, dirs, report)?;
+        if meta.is_dir()
+            && depth < MAX_DEPTH
+            && let Ok(sub) = crate::rooted::subdir(&fd, &name)
+        {
+            add_open(watches, root, &path, sub, depth + 1, dirs, report)?;
         }
     }
     Ok(())

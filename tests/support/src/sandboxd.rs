@@ -110,6 +110,11 @@ impl Sandboxd {
             .unwrap_or_else(|_| reqwest::Client::new())
     }
 
+    /// The process id (to read its memory from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }

@@ -113,9 +113,23 @@ impl Artifacts {
     ) -> Result<(Manifest, String), String> {
         let mut files = Vec::new();
         let mut total = 0u64;
-        // Directories open, each with its path under the output; links are never followed.
-        let mut stack = vec![(output, String::new())];
-        while let Some((dir, prefix)) = stack.pop() {
+        // Directories to visit, by their names under the output, each opened from the output
+        // one name at a time when its turn comes (links never followed, one open at a time).
+        let mut stack: Vec<Vec<String>> = vec![Vec::new()];
+        let mut dirs = 0usize;
+        while let Some(names) = stack.pop() {
+            let prefix = names.join("/");
+            let mut dir = output
+                .try_clone()
+                .map_err(|e| format!("reading the output: {e}"))?;
+            for name in &names {
+                dir = crate::rooted::subdir(&dir, name)
+                    .map_err(|e| format!("reading {prefix}: {e}"))?;
+            }
+            dirs += 1;
+            if dirs > MAX_FILES {
+                return Err(format!("the output has more than {MAX_FILES} directories"));
+            }
             let listed =
                 crate::rooted::entries(&dir).map_err(|e| format!("reading the output: {e}"))?;
             for (name, meta) in listed {
@@ -125,9 +139,9 @@ impl Artifacts {
                     format!("{prefix}/{name}")
                 };
                 if meta.is_dir() {
-                    let sub = crate::rooted::subdir(&dir, &name)
-                        .map_err(|e| format!("reading {rel}: {e}"))?;
-                    stack.push((sub, rel));
+                    let mut sub = names.clone();
+                    sub.push(name);
+                    stack.push(sub);
                     continue;
                 }
                 if !meta.is_file() {

@@ -73,15 +73,18 @@ async fn race(backend: &str) {
         .await;
     assert_eq!(status, 201, "{v}");
     let pid = v["data"]["pid"].as_u64().unwrap();
-    for _ in 0..100 {
+    let mut ready = false;
+    for _ in 0..200 {
         let (_, v) = api
             .get(&format!("/sandboxes/{id}/processes/{pid}/logs"))
             .await;
         if v.to_string().contains("ready") {
+            ready = true;
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    assert!(ready, "{backend}: the swapper never started");
 
     let mut leaked = Vec::new();
     for n in 0..ROUNDS {
@@ -121,6 +124,9 @@ async fn race(backend: &str) {
         leaked.is_empty(),
         "{backend}: host data came back: {leaked:?}"
     );
+    // The swapper raced the whole time.
+    let (_, v) = api.get(&format!("/sandboxes/{id}/processes/{pid}")).await;
+    assert_eq!(v["data"]["running"], true, "{backend}: {v}");
     assert_eq!(
         snapshot(&canary),
         before,

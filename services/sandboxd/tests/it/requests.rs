@@ -208,9 +208,33 @@ async fn downloads_are_of_regular_files_only_and_capped() {
         .post(&format!("/sandboxes/{id}/fs/stat"), json!({"path": "pipe"}))
         .await;
     assert_eq!(v["data"]["type"], "fifo", "{v}");
-    // A 3 GB sparse file is refused whole, not read into memory.
+    // A 3 GB sparse file is refused whole, not read into memory; a 48 MB one is streamed, so
+    // sandboxd's peak memory does not grow by its size.
     let (status, _) = api.download(&id, "sparse").await;
     assert_eq!(status, 413);
+    let (code, _, err) = api
+        .exec(&id, "head -c 48M /dev/urandom > /workspace/big")
+        .await;
+    assert_eq!(code, 0, "{err}");
+    let peak = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", sd.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        kb * 1024
+    };
+    let before = peak();
+    for _ in 0..3 {
+        let (status, body) = api.download(&id, "big").await;
+        assert_eq!((status, body.len()), (200, 48 << 20));
+    }
+    let grew = peak().saturating_sub(before);
+    assert!(
+        grew < 24 << 20,
+        "sandboxd's peak memory grew by {grew} bytes"
+    );
     let other = api.sandbox().await;
     api.post(
         &format!("/sandboxes/{other}/fs/write"),
