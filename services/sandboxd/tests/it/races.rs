@@ -157,3 +157,62 @@ async fn a_racing_swapper_gets_no_host_file_on_btrfs() {
 async fn a_racing_swapper_gets_no_host_file_with_copy_storage() {
     race("copy").await;
 }
+
+const DIR_SWAPPER: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for n in range(2000):
+    d, l = f'd{n}'.encode(), f'l{n}'.encode()
+    os.symlink(sys.argv[1], l)
+    os.mkdir(d)
+    libc.renameat2(-100, d, -100, l, 2)
+print('done', flush=True)
+"#;
+
+/// A directory appears and is at once swapped for a link to a host directory: the watch, which
+/// lists every new directory, must list it inside the sandbox or not at all.
+#[tokio::test]
+async fn a_racing_swapper_sees_no_host_name_on_the_watch() {
+    use futures::StreamExt;
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let api = Api::new(&sd);
+    let id = api.sandbox().await;
+    let canary_home = tempfile::tempdir().unwrap();
+    let canary = canary_home.path().join("canary");
+    std::fs::create_dir_all(&canary).unwrap();
+    std::fs::write(canary.join("host-only.txt"), "HOST-ONLY").unwrap();
+    let resp = api
+        .http
+        .get(api.url(&format!("/sandboxes/{id}/files/watch?path=/workspace")))
+        .header("Authorization", "Bearer msk_k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let (status, _) = api
+        .post(
+            &format!("/sandboxes/{id}/fs/write"),
+            json!({"path": "swap.py", "content": DIR_SWAPPER}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (code, out, err) = api
+        .exec(&id, &format!("python3 swap.py {}", canary.display()))
+        .await;
+    assert_eq!((code, out.trim()), (0, "done"), "{err}");
+    // Everything the watch said while the swapper ran (and a moment after).
+    let mut text = String::new();
+    let mut body = resp.bytes_stream();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, body.next()).await {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        text.contains("/workspace/d1"),
+        "the watch saw nothing: {text:.300}"
+    );
+    assert!(
+        !text.contains("host-only"),
+        "a host name came through the watch"
+    );
+}
