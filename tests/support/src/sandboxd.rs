@@ -92,6 +92,16 @@ impl Sandboxd {
         &self.base_url
     }
 
+    /// Where the API listens (`127.0.0.1:<port>`).
+    pub fn api_addr(&self) -> String {
+        self.base_url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     /// Where the edge listens.
     pub fn edge_addr(&self) -> std::net::SocketAddr {
         self.edge_addr

@@ -70,14 +70,7 @@ async fn timeouts_past_thirty_days_are_refused_and_the_reaper_keeps_reaping() {
 /// what the test says); the status code.
 async fn status_with_host(sd: &Sandboxd, hosts: &[&str]) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = sd
-        .base_url()
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(sd.api_addr()).await.unwrap();
     let mut req = String::from("GET /api/v1/sandboxes HTTP/1.1\r\n");
     for h in hosts {
         req.push_str(&format!("Host: {h}\r\n"));
@@ -93,15 +86,8 @@ async fn status_with_host(sd: &Sandboxd, hosts: &[&str]) -> u16 {
 #[tokio::test]
 async fn the_api_answers_only_to_its_own_host_names() {
     let sd = Sandboxd::start(BIN, &["--api-hostname", "sandboxd.slipway.svc"]).unwrap();
-    let port = sd
-        .base_url()
-        .split(':')
-        .nth(2)
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let api_addr = sd.api_addr();
+    let port = api_addr.rsplit(':').next().unwrap();
     for ok in [
         format!("127.0.0.1:{port}"),
         format!("localhost:{port}"),
@@ -275,14 +261,7 @@ async fn unfinished_headers(addr: &str) -> Option<std::time::Duration> {
 #[tokio::test]
 async fn connections_whose_headers_never_finish_are_closed_on_both_listeners() {
     let sd = Sandboxd::start(BIN, &["--header-timeout-ms", "500"]).unwrap();
-    let api_addr = sd
-        .base_url()
-        .trim_start_matches("http://")
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
-    for addr in [api_addr, sd.edge_addr().to_string()] {
+    for addr in [sd.api_addr(), sd.edge_addr().to_string()] {
         let closed = unfinished_headers(&addr).await;
         assert!(
             closed.is_some_and(|d| d < Duration::from_secs(4)),
