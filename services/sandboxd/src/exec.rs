@@ -94,7 +94,10 @@ fn prepare(s: &AppState, id: &str, b: ExecBody) -> Result<Prepared, ApiError> {
         .unwrap_or_else(|| paths::WORKSPACE.into());
     let resolved = paths::resolve(&entry.workspace(), &cwd)
         .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN_PATH", e.to_string()))?;
-    if !resolved.host.is_dir() {
+    let is_dir = crate::rooted::Root::open(&entry.workspace())
+        .and_then(|r| r.stat(&resolved.parts, true))
+        .is_ok_and(|m| m.is_dir());
+    if !is_dir {
         return Err(ApiError::invalid(
             "invalid_cwd",
             format!("`{cwd}` is not a directory"),

@@ -122,20 +122,23 @@ fn item(entry: &Entry, body: &FileBody, rules: Rules) -> Result<Item, Refusal> {
     if resolved.parts.is_empty() {
         return Err(Refusal::Invalid("cannot write /workspace itself".into()));
     }
-    if resolved.host.is_dir() {
+    // Looked at through the sandbox's own root, like everything else (no host path is
+    // stat'ed on the sandbox's word).
+    let root = Root::open(&entry.workspace()).map_err(|e| Refusal::Invalid(e.to_string()))?;
+    if root.stat(&resolved.parts, true).is_ok_and(|m| m.is_dir()) {
         return Err(Refusal::Invalid(format!("`{}` is a directory", body.path)));
     }
     // A parent that exists as anything but a directory would fail the batch after its commit.
-    let workspace = entry.workspace();
-    let mut parent = resolved.host.parent();
-    while let Some(p) = parent.filter(|p| p.starts_with(&workspace) && *p != workspace) {
-        if std::fs::symlink_metadata(p).is_ok_and(|m| !m.is_dir()) {
+    for n in 1..resolved.parts.len() {
+        if root
+            .stat(&resolved.parts[..n], false)
+            .is_ok_and(|m| !m.is_dir())
+        {
             return Err(Refusal::Invalid(format!(
                 "a parent of `{}` is not a directory",
                 body.path
             )));
         }
-        parent = p.parent();
     }
     let content = body.bytes(rules).map_err(Refusal::Invalid)?;
     if content.len() > MAX_FILE_BYTES {

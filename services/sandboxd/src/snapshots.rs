@@ -114,10 +114,23 @@ impl Host {
         writable: bool,
     ) -> Result<(), ApiError> {
         let _files = entry.files_lock.lock().await;
+        // A copy walks the tree by path: nothing inside may move while it does, so the copy
+        // waits until every process is frozen, and is refused if they cannot be.
         let freeze = matches!(self.storage, crate::storage::Storage::Copy { .. })
             && entry.state() == State::Running;
         if freeze && let Some(cg) = &self.iso.cgroups {
-            let _ = cg.freeze(&entry.id, true);
+            let (cg, id) = (cg.clone(), entry.id.clone());
+            let frozen = tokio::task::spawn_blocking(move || {
+                cg.freeze_and_wait(&id, std::time::Duration::from_secs(10))
+            })
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+            if let Err(e) = frozen {
+                if let Some(cg) = &self.iso.cgroups {
+                    let _ = cg.freeze(&entry.id, false);
+                }
+                return Err(ApiError::internal(format!("freezing for the copy: {e}")));
+            }
         }
         let (storage, src) = (self.storage.clone(), entry.files.clone());
         let copied =

@@ -148,6 +148,34 @@ impl Cgroups {
         }
     }
 
+    /// Whether every process of the sandbox is frozen now (freezing takes effect
+    /// asynchronously: v1 says `FREEZING` until it has, v2 `frozen 0`).
+    pub fn is_frozen(&self, id: &str) -> std::io::Result<bool> {
+        match self {
+            Cgroups::V1 { root } => Ok(std::fs::read_to_string(
+                Self::v1_dir(root, "freezer", id).join("freezer.state"),
+            )?
+            .trim()
+                == "FROZEN"),
+            Cgroups::V2 { root } => {
+                Ok(keyed(&root.join(PARENT).join(id).join("cgroup.events"), "frozen")? == 1)
+            }
+        }
+    }
+
+    /// Freezes the sandbox and waits until it is (at most `within`).
+    pub fn freeze_and_wait(&self, id: &str, within: std::time::Duration) -> std::io::Result<()> {
+        self.freeze(id, true)?;
+        let deadline = std::time::Instant::now() + within;
+        while !self.is_frozen(id)? {
+            if std::time::Instant::now() > deadline {
+                return Err(std::io::Error::other("the sandbox did not freeze in time"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     pub fn stats(&self, id: &str) -> std::io::Result<Stats> {
         match self {
             Cgroups::V1 { root } => Ok(Stats {
@@ -340,6 +368,16 @@ mod tests {
             std::fs::read_to_string(d.join("cgroup.freeze")).unwrap(),
             "0"
         );
+        // Frozen is what the kernel reports, not what was asked.
+        std::fs::write(d.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        assert!(!cg.is_frozen("s").unwrap());
+        assert!(
+            cg.freeze_and_wait("s", std::time::Duration::from_millis(20))
+                .is_err()
+        );
+        std::fs::write(d.join("cgroup.events"), "populated 1\nfrozen 1\n").unwrap();
+        cg.freeze_and_wait("s", std::time::Duration::from_millis(20))
+            .unwrap();
         // The kernel's interface files are not removable; a fake tree has to drop them first.
         for f in std::fs::read_dir(&d).unwrap() {
             std::fs::remove_file(f.unwrap().path()).unwrap();
