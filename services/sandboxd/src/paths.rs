@@ -3,7 +3,7 @@
 //! and symlinks that lead outside are refused. Symlinks are resolved the way the sandbox sees
 //! them: an absolute target is read inside the sandbox (`/workspace/x`), never on the host.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 
 /// Where the sandbox's files live, as its processes see them.
 pub const WORKSPACE: &str = "/workspace";
@@ -31,11 +31,10 @@ pub const MAX_NAME_BYTES: usize = 255;
 /// Longest path (the kernel's `PATH_MAX`, less room for the host prefix).
 pub const MAX_PATH_BYTES: usize = 3072;
 
-/// A resolved path.
+/// A resolved path: the names under `/workspace`, for `rooted` to reach through the
+/// workspace's own descriptor (there is deliberately no host path to reopen).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
-    /// The host path.
-    pub host: PathBuf,
     /// The components under `/workspace` (empty for `/workspace` itself).
     pub parts: Vec<String>,
 }
@@ -97,10 +96,7 @@ fn normalise(base: &[String], rest: &str) -> Option<Vec<String>> {
 pub fn resolve(root: &Path, path: &str) -> Result<Resolved, PathError> {
     let parts = parts_of(path)?;
     let parts = follow(root, parts, path)?;
-    Ok(Resolved {
-        host: host_path(root, &parts),
-        parts,
-    })
+    Ok(Resolved { parts })
 }
 
 /// Like [`resolve`], but a symlink in the last component is not followed (to delete or stat the
@@ -108,47 +104,33 @@ pub fn resolve(root: &Path, path: &str) -> Result<Resolved, PathError> {
 pub fn resolve_nofollow(root: &Path, path: &str) -> Result<Resolved, PathError> {
     let mut parts = parts_of(path)?;
     let Some(last) = parts.pop() else {
-        return Ok(Resolved {
-            host: root.to_path_buf(),
-            parts,
-        });
+        return Ok(Resolved { parts });
     };
     let mut parts = follow(root, parts, path)?;
     parts.push(last);
-    Ok(Resolved {
-        host: host_path(root, &parts),
-        parts,
-    })
-}
-
-fn host_path(root: &Path, parts: &[String]) -> PathBuf {
-    let mut p = root.to_path_buf();
-    for part in parts {
-        p.push(part);
-    }
-    p
+    Ok(Resolved { parts })
 }
 
 fn follow(root: &Path, mut parts: Vec<String>, original: &str) -> Result<Vec<String>, PathError> {
+    let Ok(workspace) = crate::rooted::Root::open(root) else {
+        // No workspace (yet): nothing to follow.
+        return Ok(parts);
+    };
     let mut hops = 0;
     'restart: loop {
-        let mut host = root.to_path_buf();
         for i in 0..parts.len() {
-            host.push(&parts[i]);
-            let Ok(meta) = std::fs::symlink_metadata(&host) else {
+            // Looked at from the workspace's own descriptor, one name at a time: a name a
+            // process inside swaps for a link meanwhile never sends this walk onto the host.
+            let target = match workspace.link_target(&parts[..=i]) {
+                Ok(Some(t)) => t,
+                Ok(None) => continue,
                 // Nothing exists from here on: nothing more to follow.
-                return Ok(parts);
+                Err(_) => return Ok(parts),
             };
-            if !meta.file_type().is_symlink() {
-                continue;
-            }
             hops += 1;
             if hops > MAX_SYMLINKS {
                 return Err(PathError::Loop(original.to_string()));
             }
-            let target = std::fs::read_link(&host)
-                .map_err(|_| PathError::SymlinkEscape(original.to_string()))?;
-            let target = target.to_string_lossy().into_owned();
             let escape = || PathError::SymlinkEscape(original.to_string());
             let mut resolved = if target.starts_with('/') {
                 parts_of(&target).map_err(|_| escape())?

@@ -165,6 +165,21 @@ impl Root {
         Ok(cur)
     }
 
+    /// What the link `parts` points to, `None` if it is no link; its directories are reached
+    /// without following links (for the sandbox-view resolution in `paths`).
+    pub fn link_target(&self, parts: &[String]) -> std::io::Result<Option<String>> {
+        let Some((name, above)) = parts.split_last() else {
+            return Ok(None);
+        };
+        let parent = self.dir_nofollow(above)?;
+        let meta = metadata(child(&parent, name, OFlags::PATH)?)?;
+        if !meta.file_type().is_symlink() {
+            return Ok(None);
+        }
+        let target = rustix::fs::readlinkat(&parent, name.as_str(), Vec::new())?;
+        Ok(Some(target.to_string_lossy().into_owned()))
+    }
+
     /// Bytes in the regular files under the directory `parts`, links not followed, at most
     /// `MAX_DEPTH` levels down (for the disk meter and snapshot sizes).
     pub fn size(&self, parts: &[String]) -> u64 {

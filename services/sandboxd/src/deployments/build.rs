@@ -59,7 +59,10 @@ impl Host {
             }
             let resolved = crate::paths::resolve(&entry.workspace(), &v.output_path)
                 .map_err(|e| e.to_string())?;
-            if !resolved.host.is_dir() {
+            let is_dir = crate::rooted::Root::open(&entry.workspace())
+                .and_then(|r| r.stat(&resolved.parts, true))
+                .is_ok_and(|m| m.is_dir());
+            if !is_dir {
                 return Err(format!("`{}` is not a directory", v.output_path));
             }
             // The output is read as one piece: no write batch lands halfway through it.
