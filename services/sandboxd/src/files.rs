@@ -116,15 +116,20 @@ enum Refusal {
     Invalid(String),
 }
 
+/// The sandbox's workspace, open: one per request, whatever number of files it names.
+fn open_root(entry: &Entry) -> Result<Root, ApiError> {
+    Root::open(&entry.workspace())
+        .map_err(|e| ApiError::internal(format!("opening the workspace: {e}")))
+}
+
 /// Checks one file of a write and turns it into a batch item.
-fn item(entry: &Entry, body: &FileBody, rules: Rules) -> Result<Item, Refusal> {
+fn item(entry: &Entry, root: &Root, body: &FileBody, rules: Rules) -> Result<Item, Refusal> {
     let resolved = paths::resolve(&entry.workspace(), &body.path).map_err(Refusal::Path)?;
     if resolved.parts.is_empty() {
         return Err(Refusal::Invalid("cannot write /workspace itself".into()));
     }
     // Looked at through the sandbox's own root, like everything else (no host path is
     // stat'ed on the sandbox's word).
-    let root = Root::open(&entry.workspace()).map_err(|e| Refusal::Invalid(e.to_string()))?;
     if root.stat(&resolved.parts, true).is_ok_and(|m| m.is_dir()) {
         return Err(Refusal::Invalid(format!("`{}` is a directory", body.path)));
     }
@@ -172,8 +177,20 @@ async fn write_items(
     let (host, limit_mb) = (state.host.clone(), entry.snapshot().resources.disk_size_mb);
     let incoming = items.iter().map(|i| i.content.len() as u64).sum();
     tokio::task::spawn_blocking(move || {
+        // What the batch replaces is freed by it: counted off, so rewriting a file in a full
+        // workspace still fits.
+        let replaced = || {
+            Root::open(&workspace).map_or(0, |root| {
+                items
+                    .iter()
+                    .filter_map(|i| root.stat(&i.parts, false).ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+        };
         host.storage
-            .room(&dir, limit_mb, incoming)
+            .room(&dir, limit_mb, incoming, replaced)
             .map_err(|full| disk_full(&full.to_string()))?;
         journal::write_batch(&dir, &workspace, &items, owner).map_err(|e| {
             if is_disk_full(&e) {
@@ -228,7 +245,8 @@ async fn write_one(
     rules: Rules,
 ) -> Result<Json<Value>, ApiError> {
     let entry = state.host.live(id)?;
-    let it = item(&entry, &body, rules).map_err(|r| refuse_item(0, &body.path, r))?;
+    let root = open_root(&entry)?;
+    let it = item(&entry, &root, &body, rules).map_err(|r| refuse_item(0, &body.path, r))?;
     let size = it.content.len();
     let written = write_items(state, entry, vec![it]).await?;
     Ok(Json(
@@ -273,10 +291,11 @@ async fn write_many(
             format!("at most {MAX_BATCH_FILES} files per batch"),
         ));
     }
+    let root = open_root(&entry)?;
     let mut items = Vec::with_capacity(body.files.len());
     let mut seen = std::collections::HashSet::new();
     for (i, f) in body.files.iter().enumerate() {
-        let it = item(&entry, f, rules).map_err(|r| refuse_item(i, &f.path, r))?;
+        let it = item(&entry, &root, f, rules).map_err(|r| refuse_item(i, &f.path, r))?;
         if !seen.insert(it.parts.clone()) {
             return Err(refuse_item(
                 i,

@@ -162,8 +162,11 @@ pub fn isolation(args: &Args, storage: &storage::Storage) -> anyhow::Result<host
         storage.root().to_path_buf(),
         isolation::view::path(&args.data_dir)?,
     )?;
-    isolation::view::mount(&args.data_dir, storage.root(), owner)
-        .map_err(|e| anyhow::anyhow!("the sandboxes' view of their files: {e}"))?;
+    // `--purge` only takes things down: no view to mount for it.
+    if !args.purge {
+        isolation::view::mount(&args.data_dir, storage.root(), owner)
+            .map_err(|e| anyhow::anyhow!("the sandboxes' view of their files: {e}"))?;
+    }
     let cgroups = isolation::cgroup::Cgroups::detect(&args.cgroup_root)
         .map_err(|e| anyhow::anyhow!("cgroups: {e} (or pass --insecure-no-isolation)"))?;
     let net = isolation::net::Net::init(!args.no_outbound, &args.data_dir).map_err(|e| {

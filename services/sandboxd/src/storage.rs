@@ -222,11 +222,18 @@ impl Storage {
 
     /// Whether `incoming` more bytes fit in the workspace under `files` (sized `limit_mb`).
     /// With btrfs the kernel is the judge at write time; the copy backend counts here.
-    pub fn room(&self, files: &Path, limit_mb: u64, incoming: u64) -> Result<(), DiskFull> {
+    /// `replaced` says how many of the bytes in use the write replaces (asked only here).
+    pub fn room(
+        &self,
+        files: &Path,
+        limit_mb: u64,
+        incoming: u64,
+        replaced: impl FnOnce() -> u64,
+    ) -> Result<(), DiskFull> {
         if let Storage::Btrfs { .. } = self {
             return Ok(());
         }
-        let used = Self::size(&files.join("workspace"));
+        let used = Self::size(&files.join("workspace")).saturating_sub(replaced());
         if used.saturating_add(incoming) > limit_mb.saturating_mul(1024 * 1024) {
             return Err(DiskFull {
                 limit_mb,

@@ -92,8 +92,9 @@ fn enter(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Turns IPv6 off on a host-side link (before it is up, so it never gets an address).
-fn host_ipv6_off(interface: &str) -> std::io::Result<()> {
+/// Turns IPv6 off for `interface` in the calling thread's network namespace (on a link before
+/// it is up, so it never gets an address); a host without IPv6 has nothing to turn off.
+fn disable_ipv6(interface: &str) -> std::io::Result<()> {
     let file = Path::new(IPV6_CONF).join(interface).join("disable_ipv6");
     match std::fs::write(file, "1") {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -373,7 +374,7 @@ impl Net {
             run(&[
                 "ip", "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &ns,
             ])?;
-            host_ipv6_off(&host_if)?;
+            disable_ipv6(&host_if)?;
             Self::ipv6_off(index, "eth0")?;
             ip_batch(
                 None,
@@ -387,7 +388,7 @@ impl Net {
             )?;
         } else {
             if wants_eth0 {
-                host_ipv6_off(&host_if)?;
+                disable_ipv6(&host_if)?;
                 Self::ipv6_off(index, "default")?;
                 Self::ipv6_off(index, "eth0")?;
                 // Addresses the link already had go with IPv6.
@@ -401,11 +402,8 @@ impl Net {
     /// namespace, from a thread that enters it (network settings under `/proc/sys/net` are
     /// those of the reader's namespace).
     fn ipv6_off(index: u32, interface: &str) -> std::io::Result<()> {
-        let file = Path::new(IPV6_CONF).join(interface).join("disable_ipv6");
-        Self::in_namespace(index, move || match std::fs::write(&file, "1") {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            other => other,
-        })
+        let interface = interface.to_string();
+        Self::in_namespace(index, move || disable_ipv6(&interface))
     }
 
     /// Runs `f` on a fresh thread inside sandbox `index`'s network namespace (never a pooled

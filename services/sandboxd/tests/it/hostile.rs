@@ -522,6 +522,14 @@ async fn with_copy_storage_the_api_refuses_writes_past_the_disk_size() {
         )
         .await;
     assert_eq!(status, 507, "{v}");
+    // Rewriting a file frees what it replaces: the same 5 MB again fits.
+    let (status, v) = api
+        .post(
+            &format!("/sandboxes/{id}/fs/write"),
+            json!({"path": "a", "content": five}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
     let (code, out, _) = api.exec(&id, "ls /workspace").await;
     assert_eq!((code, out.trim()), (0, "a"));
 }
