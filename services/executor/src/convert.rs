@@ -104,6 +104,43 @@ fn first(v: &Value, keys: &[&str]) -> String {
         .unwrap_or_default()
 }
 
+/// The platform components that must all be ready before commands run (MIOSA's
+/// `command_path_ready`, as the Python SDK lists them).
+pub const READINESS_COMPONENTS: [&str; 8] = [
+    "command_agent",
+    "process_control",
+    "resource_contract",
+    "clock",
+    "identity",
+    "durability",
+    "filesystem",
+    "internal_probe",
+];
+
+/// Whether a readiness answer says commands will run, read as the SDKs read it: `ready: true`;
+/// else every component in `READINESS_COMPONENTS` ready; else, from a server that reports no
+/// components, `status: "ready"`.
+pub fn is_ready(v: &Value) -> bool {
+    if v.get("ready").and_then(Value::as_bool) == Some(true) {
+        return true;
+    }
+    let components = v
+        .get("readiness")
+        .and_then(|r| r.get("components"))
+        .or(v.get("components"))
+        .or(v.get("readiness_components"));
+    match components.and_then(Value::as_object) {
+        Some(c) => READINESS_COMPONENTS.iter().all(|name| {
+            let comp = c.get(*name);
+            let status = comp
+                .and_then(Value::as_str)
+                .or(comp.and_then(|x| x.get("status")).and_then(Value::as_str));
+            status == Some("ready")
+        }),
+        None => components.is_none() && v.get("status").and_then(Value::as_str) == Some("ready"),
+    }
+}
+
 pub fn process(v: &Value) -> slipway_proto::v1::Process {
     use slipway_proto::v1::ProcessState;
     let state = match first(v, &["state", "status"]).as_str() {
@@ -123,7 +160,7 @@ pub fn process(v: &Value) -> slipway_proto::v1::Process {
             .and_then(|c| i32::try_from(c).ok())
             .unwrap_or(0),
         started_at: timestamp(v.get("started_at")),
-        restart_on_resume: v.get("restart").and_then(Value::as_bool).unwrap_or(false),
+        restart_on_resume: false,
     }
 }
 

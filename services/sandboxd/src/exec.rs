@@ -35,7 +35,8 @@ pub struct ExecBody {
     working_dir: Option<String>,
     #[serde(default)]
     env: BTreeMap<String, String>,
-    /// Seconds (the SDKs' `timeout`); `timeout_ms` is also accepted.
+    /// Whole seconds (MIOSA's `timeout`; a fraction is refused as MIOSA's integer field would);
+    /// `timeout_ms` is also accepted (the devices route's name).
     timeout: Option<f64>,
     timeout_sec: Option<f64>,
     timeout_ms: Option<u64>,
@@ -113,13 +114,13 @@ fn prepare(s: &AppState, id: &str, b: ExecBody) -> Result<Prepared, ApiError> {
     }
     let timeout = match (b.timeout_ms, b.timeout.or(b.timeout_sec)) {
         (Some(ms), _) => Duration::from_millis(ms),
-        (None, Some(s)) if s.is_finite() && s > 0.0 => {
+        (None, Some(s)) if s.is_finite() && s > 0.0 && s.fract() == 0.0 => {
             Duration::from_secs_f64(s.min(MAX_TIMEOUT.as_secs_f64()))
         }
         (None, Some(_)) => {
             return Err(ApiError::invalid(
                 "invalid_timeout",
-                "timeout must be a positive number of seconds",
+                "timeout must be a positive whole number of seconds",
             ));
         }
         (None, None) => DEFAULT_TIMEOUT,

@@ -575,6 +575,19 @@ async fn delete_path(
     ))
 }
 
+/// `DELETE /fs?path=&recursive=`: the canonical delete.
+pub async fn delete_query(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<PathQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let path = q
+        .path
+        .ok_or_else(|| ApiError::invalid("invalid_path", "`path` is required"))?;
+    delete_path(&s, &id, &path, q.recursive.unwrap_or(false)).await
+}
+
+/// `DELETE /files` with `{path}` (the Go CLI's delete).
 pub async fn delete_body(
     State(s): State<AppState>,
     UrlPath(id): UrlPath<String>,

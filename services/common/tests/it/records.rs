@@ -12,6 +12,7 @@ fn record(id: &str) -> SandboxRecord {
         }),
         created_by: "run_1:create:1".into(),
         updated_at: None,
+        restart: Vec::new(),
     }
 }
 

@@ -79,6 +79,12 @@ impl std::fmt::Debug for MiosaClient {
     }
 }
 
+/// A successful answer.
+struct Answer {
+    body: bytes::Bytes,
+    content_type: Option<String>,
+}
+
 /// One request: what to send and how long an attempt may take.
 struct Call<'a> {
     op: &'a str,
@@ -163,6 +169,11 @@ impl MiosaClient {
 
     /// Sends a call, retrying what may succeed when repeated; returns the successful body.
     async fn send(&self, call: &Call<'_>) -> Result<bytes::Bytes, MiosaError> {
+        self.send_typed(call).await.map(|a| a.body)
+    }
+
+    /// As `send`, with the answer's content type.
+    async fn send_typed(&self, call: &Call<'_>) -> Result<Answer, MiosaError> {
         let base = call
             .base
             .as_deref()
@@ -213,7 +224,7 @@ impl MiosaClient {
         Duration::from_secs_f64(rand::rng().random_range(0.0..=cap.as_secs_f64()))
     }
 
-    async fn attempt(&self, url: &str, call: &Call<'_>) -> Result<bytes::Bytes, MiosaError> {
+    async fn attempt(&self, url: &str, call: &Call<'_>) -> Result<Answer, MiosaError> {
         self.limiter.acquire(self.priority).await;
         let mut req = self
             .http
@@ -242,6 +253,7 @@ impl MiosaClient {
                 .map(str::to_string)
         };
         let (retry_after, request_id) = (header("retry-after"), header("x-request-id"));
+        let content_type = header("content-type");
         let body = resp
             .bytes()
             .await
@@ -254,7 +266,7 @@ impl MiosaClient {
                 &body,
             ));
         }
-        Ok(body)
+        Ok(Answer { body, content_type })
     }
 
     fn transport_error(&self, call: &Call<'_>, url: &str, e: reqwest::Error) -> MiosaError {
@@ -461,15 +473,16 @@ impl MiosaClient {
         Self::sandbox("sandbox.update", self.json(c).await?)
     }
 
-    /// `pause`, `resume`, `stop` or `extend`.
+    /// `pause`, `resume`, `stop` or `extend` (`body` is `{}` but for extend's `timeout_sec`).
     pub async fn lifecycle(
         &self,
         id: &str,
         action: &'static str,
+        body: Value,
         idempotency_key: &str,
     ) -> Result<Value, MiosaError> {
         let mut c = self.call(action, Method::POST, format!("/sandboxes/{id}/{action}"));
-        c.body = Some(json!({}));
+        c.body = Some(body);
         c.idempotency_key = Some(Self::key(idempotency_key, action));
         self.json(c).await
     }
@@ -489,58 +502,128 @@ impl MiosaClient {
         }
     }
 
-    /// Writes every file in one call: `/fs/write-many` (`content_base64`), and on 404 the legacy
-    /// `/files/write-many`, whose `content` is base64.
+    /// A canonical `/fs/*` call, and on a 404 that is not about the sandbox the legacy
+    /// `/files/*` one, as the SDKs fall back. The legacy call gets its own idempotency key: a key
+    /// names one request, and the platform may have stored the 404 under the first.
+    async fn fs_or_legacy(
+        &self,
+        canonical: Call<'_>,
+        legacy: Call<'_>,
+    ) -> Result<Value, MiosaError> {
+        match self.json(canonical).await {
+            Err(e) if e.status() == Some(404) && !is_sandbox_missing(&e) => self.json(legacy).await,
+            other => other,
+        }
+    }
+
+    /// Writes every file in one call: `/fs/write-many`, and on 404 the legacy
+    /// `/files/write-many`; both with `content_base64`, as all four SDKs send it.
     pub async fn write_many(
         &self,
         id: &str,
         files: &[(String, Vec<u8>)],
         idempotency_key: &str,
     ) -> Result<Value, MiosaError> {
-        let canonical: Vec<Value> = files
+        let items: Vec<Value> = files
             .iter()
             .map(|(p, c)| json!({ "path": p, "content_base64": B64.encode(c) }))
             .collect();
-        let mut c = self.call(
-            "files.write_many",
+        let body = json!({ "files": items });
+        let op = "files.write_many";
+        let mut canonical = self.call(op, Method::POST, format!("/sandboxes/{id}/fs/write-many"));
+        canonical.body = Some(body.clone());
+        canonical.idempotency_key = Some(Self::key(idempotency_key, op));
+        let mut legacy = self.call(
+            op,
             Method::POST,
-            format!("/sandboxes/{id}/fs/write-many"),
+            format!("/sandboxes/{id}/files/write-many"),
         );
-        c.body = Some(json!({ "files": canonical }));
-        c.idempotency_key = Some(Self::key(idempotency_key, "files.write_many"));
-        match self.json(c).await {
-            Err(e) if e.status() == Some(404) && !is_sandbox_missing(&e) => {
-                let legacy: Vec<Value> = files
-                    .iter()
-                    .map(|(p, c)| json!({ "path": p, "content": B64.encode(c) }))
-                    .collect();
-                let mut c = self.call(
-                    "files.write_many",
-                    Method::POST,
-                    format!("/sandboxes/{id}/files/write-many"),
-                );
-                c.body = Some(json!({ "files": legacy }));
-                c.idempotency_key = Some(Self::key(idempotency_key, "files.write_many"));
-                self.json(c).await
-            }
-            other => other,
-        }
+        legacy.body = Some(body);
+        legacy.idempotency_key = Some(Self::key(idempotency_key, "files.write_many.legacy"));
+        self.fs_or_legacy(canonical, legacy).await
     }
 
-    /// Runs a command to completion (`POST /exec`), with the long timeout.
+    /// Reads a file: `GET /fs/download?path=`, and on 404 the legacy `GET /files/{path}`; a
+    /// JSON answer carries the content base64-encoded (`{data:{content}}`), as the SDKs decode it.
+    pub async fn read_file(&self, id: &str, path: &str) -> Result<bytes::Bytes, MiosaError> {
+        let op = "files.read";
+        let mut canonical = self.call(op, Method::GET, format!("/sandboxes/{id}/fs/download"));
+        canonical.query = vec![("path", path.to_string())];
+        let answer = match self.send_typed(&canonical).await {
+            Err(e) if e.status() == Some(404) && !is_sandbox_missing(&e) => {
+                let legacy = self.call(
+                    op,
+                    Method::GET,
+                    format!("/sandboxes/{id}/files/{}", encode_file_path(path)),
+                );
+                self.send_typed(&legacy).await?
+            }
+            other => other?,
+        };
+        let is_json = answer
+            .content_type
+            .as_deref()
+            .is_some_and(|t| t.starts_with("application/json"));
+        if !is_json {
+            return Ok(answer.body);
+        }
+        let malformed = |message: String| MiosaError::Malformed {
+            operation: op.to_string(),
+            message,
+        };
+        let value: Value =
+            serde_json::from_slice(&answer.body).map_err(|e| malformed(e.to_string()))?;
+        let content = decode::unwrap_envelope(value)
+            .get("content")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| malformed("a JSON answer without `content`".into()))?;
+        B64.decode(content.as_bytes())
+            .map(bytes::Bytes::from)
+            .map_err(|e| malformed(format!("`content` is not base64: {e}")))
+    }
+
+    /// Deletes a file or directory: `DELETE /fs?path=&recursive=`, and on 404 the Go CLI's
+    /// `DELETE /files` with `{path}`.
+    pub async fn delete_file(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        idempotency_key: &str,
+    ) -> Result<Value, MiosaError> {
+        let op = "files.delete";
+        let mut canonical = self.call(op, Method::DELETE, format!("/sandboxes/{id}/fs"));
+        canonical.query = vec![
+            ("path", path.to_string()),
+            ("recursive", recursive.to_string()),
+        ];
+        canonical.idempotency_key = Some(Self::key(idempotency_key, op));
+        let mut legacy = self.call(op, Method::DELETE, format!("/sandboxes/{id}/files"));
+        legacy.body = Some(json!({ "path": path }));
+        legacy.idempotency_key = Some(Self::key(idempotency_key, "files.delete.legacy"));
+        self.fs_or_legacy(canonical, legacy).await
+    }
+
+    /// Runs a command to completion (`POST /exec`), with the long timeout. MIOSA's `timeout` is
+    /// whole seconds: a partial second rounds up.
     pub async fn exec(
         &self,
         id: &str,
         command: &str,
         cwd: Option<&str>,
+        env: &std::collections::HashMap<String, String>,
         timeout: Option<Duration>,
     ) -> Result<Value, MiosaError> {
         let mut body = json!({ "command": command });
         if let Some(cwd) = cwd {
             body["cwd"] = json!(cwd);
         }
+        if !env.is_empty() {
+            body["env"] = json!(env);
+        }
         if let Some(t) = timeout {
-            body["timeout"] = json!(t.as_secs_f64());
+            body["timeout"] = json!(whole_seconds(t));
         }
         let mut c = self.call("exec", Method::POST, format!("/sandboxes/{id}/exec"));
         c.body = Some(body);
@@ -549,6 +632,32 @@ impl MiosaClient {
             .unwrap_or(self.config.long_timeout);
         self.json(c).await
     }
+}
+
+/// Seconds, a partial one rounded up, at least 1.
+pub fn whole_seconds(t: Duration) -> u64 {
+    let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// A file path as the legacy download route's segments, each percent-encoded (so `#`, `?`, `%`
+/// and spaces in names reach the file they name), as the SDKs encode it.
+pub fn encode_file_path(path: &str) -> String {
+    path.trim_start_matches('/')
+        .split('/')
+        .map(|segment| {
+            segment
+                .bytes()
+                .map(|b| match b {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        (b as char).to_string()
+                    }
+                    _ => format!("%{b:02X}"),
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// A 404 about the sandbox itself (no fallback can help) rather than about the route.

@@ -39,7 +39,8 @@ impl Executor {
         if req.port != 0 {
             body["port"] = json!(req.port);
         }
-        super::attribute(&mut body, req.attribution.as_ref());
+        // No attribution: MIOSA's deploy from a sandbox takes none and bills the deployment to
+        // the sandbox's end user.
         let got = self
             .client
             .request(

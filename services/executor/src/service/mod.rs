@@ -68,20 +68,6 @@ fn items(got: &Value, keys: &[&str]) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-/// Sets the end-user attribution MIOSA bills and filters by (only the parts that are set).
-fn attribute(body: &mut Value, attribution: Option<&slipway_proto::v1::Attribution>) {
-    let Some(a) = attribution else { return };
-    for (key, value) in [
-        ("external_user_id", &a.user_id),
-        ("external_project_id", &a.project_id),
-        ("external_workspace_id", &a.workspace_id),
-    ] {
-        if !value.is_empty() {
-            body[key] = json!(value);
-        }
-    }
-}
-
 fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
     slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
 }
@@ -124,38 +110,68 @@ impl Executor {
         Ok(Records::new(store))
     }
 
-    /// Records (or refreshes) a sandbox in the registry.
+    /// Records (or refreshes) a sandbox in the registry; what the record holds besides the
+    /// sandbox (who created it, processes to relaunch) is kept.
     pub(crate) async fn remember(
         &self,
         sandbox: &slipway_proto::v1::Sandbox,
         created_by: &str,
     ) -> Result<(), ServiceError> {
+        self.modify_record(&sandbox.id, |record| {
+            record.sandbox = Some(sandbox.clone());
+            if record.created_by.is_empty() {
+                record.created_by = created_by.to_string();
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Applies `change` to a sandbox's record (a new one if there is none) with a
+    /// revision-checked write, read again and retried when another writer got there first.
+    pub(crate) async fn modify_record(
+        &self,
+        sandbox_id: &str,
+        mut change: impl FnMut(&mut SandboxRecord),
+    ) -> Result<SandboxRecord, ServiceError> {
+        use slipway_common::records::RecordError;
         let records = self.registry().await?;
-        let record = SandboxRecord {
-            sandbox: Some(sandbox.clone()),
-            created_by: created_by.to_string(),
-            updated_at: Some(now()),
-        };
-        let store_err = |e: slipway_common::records::RecordError| {
-            ServiceError::unavailable(format!("sandbox registry: {e}"))
-        };
-        match records.get(&sandbox.id).await.map_err(store_err)? {
-            None => match records.create(&sandbox.id, &record).await {
-                Ok(_) | Err(slipway_common::records::RecordError::Exists { .. }) => Ok(()),
-                Err(e) => Err(store_err(e)),
-            },
-            Some((old, revision)) => {
-                let record = SandboxRecord {
-                    created_by: old.created_by,
-                    ..record
-                };
-                records
-                    .update(&sandbox.id, &record, revision)
-                    .await
-                    .map(|_| ())
-                    .map_err(store_err)
+        let store_err =
+            |e: RecordError| ServiceError::unavailable(format!("sandbox registry: {e}"));
+        for _ in 0..8 {
+            let current = records.get(sandbox_id).await.map_err(store_err)?;
+            let (mut record, revision) = match current {
+                Some((record, revision)) => (record, Some(revision)),
+                None => (SandboxRecord::default(), None),
+            };
+            change(&mut record);
+            record.updated_at = Some(now());
+            let written = match revision {
+                None => records.create(sandbox_id, &record).await,
+                Some(revision) => records.update(sandbox_id, &record, revision).await,
+            };
+            match written {
+                Ok(_) => return Ok(record),
+                Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(store_err(e)),
             }
         }
+        Err(ServiceError::unavailable(format!(
+            "sandbox registry: record `{sandbox_id}` kept changing under this write"
+        )))
+    }
+
+    /// A sandbox's record, if the registry has one.
+    pub(crate) async fn record(
+        &self,
+        sandbox_id: &str,
+    ) -> Result<Option<SandboxRecord>, ServiceError> {
+        self.registry()
+            .await?
+            .get(sandbox_id)
+            .await
+            .map(|r| r.map(|(record, _)| record))
+            .map_err(|e| ServiceError::unavailable(format!("sandbox registry: {e}")))
     }
 
     /// One `sandboxes_created` event per sandbox, its id derived from the request's key (a
@@ -321,7 +337,7 @@ impl Executor {
         let cwd = Some(req.cwd.as_str()).filter(|c| !c.is_empty());
         let ran = self
             .client
-            .exec(&req.sandbox_id, &req.command, cwd, timeout)
+            .exec(&req.sandbox_id, &req.command, cwd, &req.env, timeout)
             .await
             .map_err(platform_error)?;
         let text = |k: &str| {
@@ -383,6 +399,8 @@ pub async fn register(
         "sandbox.update" => update,
         "sandbox.pause" => pause,
         "sandbox.resume" => resume,
+        "sandbox.stop" => stop,
+        "sandbox.extend" => extend,
         "sandbox.readiness" => readiness,
         "sandbox.destroy" => destroy,
         "sandbox.fork" => fork,

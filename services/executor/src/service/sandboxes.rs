@@ -5,11 +5,15 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use slipway_common::ServiceError;
 use slipway_proto::v1::{
-    ForkSandboxRequest, ListTemplatesReply, ListTemplatesRequest, ReadinessReply, ReadinessRequest,
-    ReapReply, ReapRequest, SandboxRef, SandboxReply, SandboxState, Template, UpdateSandboxRequest,
+    ExtendSandboxRequest, ForkSandboxRequest, ListTemplatesReply, ListTemplatesRequest,
+    ReadinessReply, ReadinessRequest, ReapReply, ReapRequest, SandboxRef, SandboxReply,
+    SandboxState, Template, UpdateSandboxRequest,
 };
 
 use super::{Executor, platform_error, required, resource};
+
+/// Longest activity timeout a sandbox may be given: 30 days.
+const MAX_TIMEOUT_SEC: u64 = 30 * 86_400;
 use crate::convert::{self, BRANCH_KEY, CREATED_BY_KEY, RUN_KEY};
 
 impl Executor {
@@ -47,57 +51,145 @@ impl Executor {
         })
     }
 
+    /// A lifecycle action; the platform answers with the sandbox (read again if it does not).
     async fn lifecycle(
         &self,
-        req: SandboxRef,
+        sandbox_id: &str,
+        idempotency_key: &str,
         action: &'static str,
+        body: Value,
     ) -> Result<SandboxReply, ServiceError> {
-        resource("sandbox_id", &req.sandbox_id)?;
-        required("idempotency_key", &req.idempotency_key)?;
-        self.client
-            .lifecycle(&req.sandbox_id, action, &req.idempotency_key)
-            .await
-            .map_err(platform_error)?;
-        let got = self
+        resource("sandbox_id", sandbox_id)?;
+        required("idempotency_key", idempotency_key)?;
+        let answer = self
             .client
-            .get_sandbox(&req.sandbox_id)
+            .lifecycle(sandbox_id, action, body, idempotency_key)
             .await
             .map_err(platform_error)?;
+        let got = match answer
+            .get("id")
+            .and_then(crate::miosa::decode::string_or_number)
+        {
+            Some(_) => answer,
+            None => self
+                .client
+                .get_sandbox(sandbox_id)
+                .await
+                .map_err(platform_error)?,
+        };
         let sandbox = convert::sandbox(&got);
-        self.remember(&sandbox, &req.idempotency_key).await?;
+        self.remember(&sandbox, idempotency_key).await?;
         Ok(SandboxReply {
             sandbox: Some(sandbox),
         })
     }
 
     pub async fn pause(&self, req: SandboxRef) -> Result<SandboxReply, ServiceError> {
-        self.lifecycle(req, "pause").await
+        self.lifecycle(&req.sandbox_id, &req.idempotency_key, "pause", json!({}))
+            .await
     }
 
+    /// Resumes, then relaunches the processes started with `restart_on_resume` that are gone
+    /// (MIOSA keeps no processes across a pause or stop).
     pub async fn resume(&self, req: SandboxRef) -> Result<SandboxReply, ServiceError> {
-        self.lifecycle(req, "resume").await
+        let reply = self
+            .lifecycle(&req.sandbox_id, &req.idempotency_key, "resume", json!({}))
+            .await?;
+        self.relaunch(&req.sandbox_id, &req.idempotency_key).await?;
+        Ok(reply)
     }
 
-    /// Polls the platform's readiness until ready or `wait_ms` passes.
+    /// `POST /stop`: the disk is kept, processes are not.
+    pub async fn stop(&self, req: SandboxRef) -> Result<SandboxReply, ServiceError> {
+        self.lifecycle(&req.sandbox_id, &req.idempotency_key, "stop", json!({}))
+            .await
+    }
+
+    /// `POST /extend`: `{timeout_sec}`, or `{}` to restart the deadline with the current timeout.
+    pub async fn extend(&self, req: ExtendSandboxRequest) -> Result<SandboxReply, ServiceError> {
+        let body = match req.timeout_sec {
+            Some(t) if t == 0 || t > MAX_TIMEOUT_SEC => {
+                return Err(ServiceError::invalid_input(format!(
+                    "timeout_sec: 1 to {}",
+                    MAX_TIMEOUT_SEC
+                )));
+            }
+            Some(t) => json!({ "timeout_sec": t }),
+            None => json!({}),
+        };
+        self.lifecycle(&req.sandbox_id, &req.idempotency_key, "extend", body)
+            .await
+    }
+
+    /// Starts again each recorded restartable process whose name the platform no longer lists
+    /// as running. The start's key derives from the resume's, so a retried resume starts each
+    /// at most once.
+    async fn relaunch(&self, sandbox_id: &str, key: &str) -> Result<(), ServiceError> {
+        let Some(record) = self.record(sandbox_id).await? else {
+            return Ok(());
+        };
+        if record.restart.is_empty() {
+            return Ok(());
+        }
+        let listed = self
+            .platform_get(
+                "process.list",
+                format!("/sandboxes/{sandbox_id}/processes"),
+                vec![],
+            )
+            .await?;
+        let running: Vec<String> = super::items(&listed, &["processes"])
+            .iter()
+            .map(convert::process)
+            .filter(|p| p.state == i32::from(slipway_proto::v1::ProcessState::Running))
+            .map(|p| p.name)
+            .collect();
+        for spec in record.restart.iter().filter(|s| !running.contains(&s.name)) {
+            let key = format!("{key}:relaunch:{}", spec.name);
+            self.client
+                .request(
+                    "process.start",
+                    Method::POST,
+                    format!("/sandboxes/{sandbox_id}/processes"),
+                    vec![],
+                    Some(super::workspace::process_body(
+                        &spec.command,
+                        &spec.cwd,
+                        &spec.env,
+                        &spec.name,
+                    )),
+                    Some(&key),
+                )
+                .await
+                .map_err(platform_error)?;
+            tracing::info!(sandbox_id, process = %spec.name, "relaunched after a resume");
+        }
+        Ok(())
+    }
+
+    /// Polls the platform's `GET /readiness` until the sandbox is command-ready or `wait_ms`
+    /// passes (`ready: true`, `status: "ready"`, or every component ready, as the SDKs read it).
     pub async fn readiness(&self, req: ReadinessRequest) -> Result<ReadinessReply, ServiceError> {
         resource("sandbox_id", &req.sandbox_id)?;
         let deadline = tokio::time::Instant::now()
             + std::time::Duration::from_millis(req.wait_ms.min(300_000));
         loop {
             let got = self
-                .client
-                .get_sandbox(&req.sandbox_id)
-                .await
-                .map_err(platform_error)?;
-            let sandbox = convert::sandbox(&got);
-            let ready = got
-                .get("ready")
-                .and_then(Value::as_bool)
-                .unwrap_or(sandbox.state == i32::from(SandboxState::Running));
+                .platform_get(
+                    "sandbox.readiness",
+                    format!("/sandboxes/{}/readiness", req.sandbox_id),
+                    vec![],
+                )
+                .await?;
+            let ready = convert::is_ready(&got);
             if ready || tokio::time::Instant::now() >= deadline {
+                let state = match got.get("state") {
+                    Some(_) => convert::sandbox(&got).state,
+                    None => 0,
+                };
                 return Ok(ReadinessReply {
                     ready,
-                    state: sandbox.state,
+                    state,
                     detail: got
                         .get("status")
                         .and_then(Value::as_str)
@@ -146,30 +238,33 @@ impl Executor {
         })
     }
 
-    /// An independent sandbox from the live one or a snapshot, recorded like a create.
+    /// An independent sandbox from the live one or a snapshot, recorded like a create. The fork
+    /// goes with MIOSA's public body (`snapshot_id`, and the end user as the SDKs send it); the
+    /// run, branch, name and metadata then go onto the new sandbox with `PATCH`, where MIOSA
+    /// keeps caller data. A retry with the same key gets the same fork and patches it again.
     pub async fn fork(&self, req: ForkSandboxRequest) -> Result<SandboxReply, ServiceError> {
         resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
-        let mut metadata: serde_json::Map<String, Value> = req
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
-        if !req.run_id.is_empty() {
-            metadata.insert(RUN_KEY.into(), json!(req.run_id));
+        if !req.snapshot_id.is_empty() {
+            resource("snapshot_id", &req.snapshot_id)?;
         }
-        if !req.branch.is_empty() {
-            metadata.insert(BRANCH_KEY.into(), json!(req.branch));
+        if let Some(a) = &req.attribution
+            && (!a.project_id.is_empty() || !a.workspace_id.is_empty())
+        {
+            return Err(ServiceError::invalid_input(
+                "attribution: a fork keeps its parent's project and workspace (MIOSA's fork \
+                 takes no others); only user_id may be set",
+            ));
         }
-        metadata.insert(CREATED_BY_KEY.into(), json!(req.idempotency_key));
-        let mut body = json!({ "metadata": metadata });
+        let mut body = json!({});
         if !req.snapshot_id.is_empty() {
             body["snapshot_id"] = json!(req.snapshot_id);
         }
-        if !req.name.is_empty() {
-            body["name"] = json!(req.name);
+        if let Some(a) = &req.attribution
+            && !a.user_id.is_empty()
+        {
+            body["external_user_id"] = json!(a.user_id);
         }
-        super::attribute(&mut body, req.attribution.as_ref());
         let forked = self
             .client
             .request(
@@ -183,17 +278,62 @@ impl Executor {
             .await
             .map_err(platform_error)?;
         let forked = forked.get("sandbox").cloned().unwrap_or(forked);
-        let sandbox = convert::sandbox(&forked);
-        if sandbox.id.is_empty() {
+        let id = convert::sandbox(&forked).id;
+        if id.is_empty() {
             return Err(ServiceError::unavailable(
                 "the platform's fork answer has no sandbox id",
             ));
         }
+        let tagged = self
+            .tag(
+                &id,
+                &req.run_id,
+                &req.branch,
+                &req.name,
+                &req.metadata,
+                &req.idempotency_key,
+                "sandbox.fork",
+            )
+            .await?;
+        let sandbox = convert::sandbox(&tagged);
         self.remember(&sandbox, &req.idempotency_key).await?;
         self.count_created(&sandbox, &req.idempotency_key).await?;
         Ok(SandboxReply {
             sandbox: Some(sandbox),
         })
+    }
+
+    /// Writes Slipway's metadata (run, branch, the key that made it) and the caller's onto a
+    /// sandbox the platform made on our behalf, so reaping and adoption find it; returns the
+    /// sandbox as the platform answers.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn tag(
+        &self,
+        sandbox_id: &str,
+        run_id: &str,
+        branch: &str,
+        name: &str,
+        extra: &std::collections::HashMap<String, String>,
+        key: &str,
+        op: &str,
+    ) -> Result<Value, ServiceError> {
+        let mut metadata: serde_json::Map<String, Value> =
+            extra.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        if !run_id.is_empty() {
+            metadata.insert(RUN_KEY.into(), json!(run_id));
+        }
+        if !branch.is_empty() {
+            metadata.insert(BRANCH_KEY.into(), json!(branch));
+        }
+        metadata.insert(CREATED_BY_KEY.into(), json!(key));
+        let mut patch = json!({ "metadata": metadata });
+        if !name.is_empty() {
+            patch["name"] = json!(name);
+        }
+        self.client
+            .update_sandbox(sandbox_id, patch, &format!("{key}:{op}.tag"))
+            .await
+            .map_err(platform_error)
     }
 
     /// Destroys the run's sandboxes, or (without a run) every sandbox the registry knows that

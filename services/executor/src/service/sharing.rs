@@ -57,10 +57,22 @@ impl Executor {
             TokenScope::Interact => "interact",
             _ => "read",
         };
-        let mut body = json!({ "scope": scope, "expires_in": if req.expires_in_sec == 0 { 3600 } else { req.expires_in_sec } });
         if req.port != 0 {
-            body["port"] = json!(req.port);
+            let preview_port = self.preview_port(&req.sandbox_id).await?;
+            if req.port != preview_port {
+                return Err(ServiceError::invalid_input(format!(
+                    "port: the platform mints preview tokens for the sandbox's preview port \
+                     ({preview_port}), not {}; use preview.create for another port",
+                    req.port
+                )));
+            }
         }
+        let expires_in = if req.expires_in_sec == 0 {
+            3600
+        } else {
+            req.expires_in_sec
+        };
+        let body = json!({ "expires_in": expires_in, "scope": scope });
         let got = self
             .client
             .request(
@@ -92,6 +104,40 @@ impl Executor {
                 .to_string(),
             expires_at: convert::timestamp(got.get("expires_at")),
         })
+    }
+
+    /// The port a sandbox's preview token opens: its template's preview port.
+    async fn preview_port(&self, sandbox_id: &str) -> Result<u32, ServiceError> {
+        let template_id = match self.record(sandbox_id).await?.and_then(|r| r.sandbox) {
+            Some(s) if !s.template_id.is_empty() => s.template_id,
+            _ => {
+                convert::sandbox(
+                    &self
+                        .client
+                        .get_sandbox(sandbox_id)
+                        .await
+                        .map_err(platform_error)?,
+                )
+                .template_id
+            }
+        };
+        let catalog = self.templates(Default::default()).await?;
+        let id = if template_id.is_empty() {
+            catalog.default_template_id.clone()
+        } else {
+            template_id
+        };
+        catalog
+            .templates
+            .iter()
+            .find(|t| t.id == id)
+            .map(|t| t.preview_port)
+            .filter(|p| *p != 0)
+            .ok_or_else(|| {
+                ServiceError::invalid_input(format!(
+                    "port: template `{id}` has no preview port; leave port unset"
+                ))
+            })
     }
 
     pub async fn share_preview(

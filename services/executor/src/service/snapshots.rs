@@ -63,7 +63,10 @@ impl Executor {
         })
     }
 
-    /// Rolls the sandbox's files back to a snapshot, in place.
+    /// Restores a snapshot and answers with the sandbox the platform names: the same one rolled
+    /// back, or (MIOSA may create one from the checkpoint) a new one, which is then tagged with
+    /// the source's run and branch, recorded and counted as created like a fork, so it is
+    /// billed and reaped.
     pub async fn restore_snapshot(
         &self,
         req: RestoreSnapshotRequest,
@@ -71,30 +74,62 @@ impl Executor {
         resource("sandbox_id", &req.sandbox_id)?;
         resource("snapshot_id", &req.snapshot_id)?;
         required("idempotency_key", &req.idempotency_key)?;
-        let mut body = json!({});
-        if let Some(a) = &req.attribution
-            && !a.user_id.is_empty()
-        {
-            body["external_user_id"] = json!(a.user_id);
-        }
-        self.client
+        let answer = self
+            .client
             .request(
                 "snapshot.restore",
                 Method::POST,
                 format!("/sandboxes/{}/restore/{}", req.sandbox_id, req.snapshot_id),
                 vec![],
-                Some(body),
+                Some(json!({})),
                 Some(&req.idempotency_key),
             )
             .await
             .map_err(platform_error)?;
-        let got = self
-            .client
-            .get_sandbox(&req.sandbox_id)
-            .await
-            .map_err(platform_error)?;
+        let answer = answer.get("sandbox").cloned().unwrap_or(answer);
+        let restored = convert::sandbox(&answer);
+        if restored.id.is_empty() || restored.id == req.sandbox_id {
+            let got = if restored.id.is_empty() {
+                self.client
+                    .get_sandbox(&req.sandbox_id)
+                    .await
+                    .map_err(platform_error)?
+            } else {
+                answer
+            };
+            let sandbox = convert::sandbox(&got);
+            self.remember(&sandbox, &req.idempotency_key).await?;
+            return Ok(SandboxReply {
+                sandbox: Some(sandbox),
+            });
+        }
+        let source = match self.record(&req.sandbox_id).await?.and_then(|r| r.sandbox) {
+            Some(s) => s,
+            None => convert::sandbox(
+                &self
+                    .client
+                    .get_sandbox(&req.sandbox_id)
+                    .await
+                    .map_err(platform_error)?,
+            ),
+        };
+        let tagged = self
+            .tag(
+                &restored.id,
+                &source.run_id,
+                &source.branch,
+                "",
+                &Default::default(),
+                &req.idempotency_key,
+                "snapshot.restore",
+            )
+            .await?;
+        let sandbox = convert::sandbox(&tagged);
+        self.remember(&sandbox, &req.idempotency_key).await?;
+        self.count_created(&sandbox, &req.idempotency_key).await?;
+        tracing::info!(source = %req.sandbox_id, sandbox = %sandbox.id, "a restore made a new sandbox");
         Ok(SandboxReply {
-            sandbox: Some(convert::sandbox(&got)),
+            sandbox: Some(sandbox),
         })
     }
 }

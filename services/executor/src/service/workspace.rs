@@ -7,11 +7,14 @@ use slipway_proto::v1::{
     DeleteFileReply, DeleteFileRequest, FileEntry, FileKind, FileTreeNode, FileTreeReply,
     FileTreeRequest, ListFilesReply, ListFilesRequest, ListProcessesReply, ListProcessesRequest,
     ProcessLogsReply, ProcessLogsRequest, ProcessRef, ProcessReply, ReadFileReply, ReadFileRequest,
-    StartProcessRequest,
+    RestartSpec, StartProcessRequest,
 };
 
 use super::{Executor, platform_error, required, resource};
 use crate::convert;
+
+/// Deepest tree MIOSA documents.
+const MAX_TREE_DEPTH: u32 = 10;
 
 /// Largest file `files.read` returns over NATS (the default max payload is 1 MiB; leave room).
 const MAX_READ: usize = 900 * 1024;
@@ -23,6 +26,52 @@ fn path_of(path: &str) -> Result<String, ServiceError> {
         ));
     }
     Ok(path.to_string())
+}
+
+/// The body of `POST /processes` as the SDKs send it: `command`, `env`, `name`, and `cwd`
+/// (which the Elixir SDK and Python's background `commands.run` send).
+pub(crate) fn process_body(
+    command: &str,
+    cwd: &str,
+    env: &std::collections::HashMap<String, String>,
+    name: &str,
+) -> Value {
+    let mut body = json!({ "command": command });
+    if !env.is_empty() {
+        body["env"] = json!(env);
+    }
+    if !name.is_empty() {
+        body["name"] = json!(name);
+    }
+    if !cwd.is_empty() {
+        body["cwd"] = json!(cwd);
+    }
+    body
+}
+
+/// A stable process name from the start's key (FNV-1a), so a retried start names the same
+/// process.
+fn generated_name(key: &str) -> String {
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("slipway-{hash:016x}")
+}
+
+/// The platform's key for a stop: the caller's, or one of its own for this call (pids repeat,
+/// so a fixed key per pid would turn a later stop into a replay of an old one).
+fn stop_key(caller: &str) -> String {
+    if caller.is_empty() {
+        let n: u128 = rand::random();
+        format!("stop-{n:032x}")
+    } else {
+        caller.to_string()
+    }
+}
+
+/// Lines of a process log to ask for: MIOSA's SDKs send 200 and treat 0 or less as 200.
+fn tail(asked: u32) -> u32 {
+    if asked == 0 { 200 } else { asked }
 }
 
 fn entry(v: &Value) -> FileEntry {
@@ -65,11 +114,7 @@ impl Executor {
         let path = path_of(&req.path)?;
         let content = self
             .client
-            .bytes(
-                "files.read",
-                format!("/sandboxes/{}/fs/download", req.sandbox_id),
-                vec![("path", path)],
-            )
+            .read_file(&req.sandbox_id, &path)
             .await
             .map_err(platform_error)?;
         if content.len() > MAX_READ {
@@ -111,7 +156,15 @@ impl Executor {
         } else {
             path_of(&req.path)?
         };
-        let depth = if req.depth == 0 { 3 } else { req.depth.min(64) };
+        let depth = match req.depth {
+            0 => 3,
+            d @ 1..=MAX_TREE_DEPTH => d,
+            d => {
+                return Err(ServiceError::invalid_input(format!(
+                    "depth: 1 to {MAX_TREE_DEPTH} (got {d})"
+                )));
+            }
+        };
         let got = self
             .client
             .tree(&req.sandbox_id, &path, depth)
@@ -130,19 +183,15 @@ impl Executor {
         required("idempotency_key", &req.idempotency_key)?;
         let path = path_of(&req.path)?;
         self.client
-            .request(
-                "files.delete",
-                Method::POST,
-                format!("/sandboxes/{}/fs/delete", req.sandbox_id),
-                vec![],
-                Some(json!({ "path": path, "recursive": req.recursive })),
-                Some(&req.idempotency_key),
-            )
+            .delete_file(&req.sandbox_id, &path, req.recursive, &req.idempotency_key)
             .await
             .map_err(platform_error)?;
         Ok(DeleteFileReply {})
     }
 
+    /// Starts a background process with the SDKs' body. A process to relaunch on resume is
+    /// recorded in the executor's sandbox record first (MIOSA has no field for it), under a
+    /// name the resume can look for.
     pub async fn start_process(
         &self,
         req: StartProcessRequest,
@@ -152,13 +201,23 @@ impl Executor {
         if req.command.trim().is_empty() {
             return Err(ServiceError::invalid_input("command: is required"));
         }
-        let mut body =
-            json!({ "command": req.command, "env": req.env, "restart": req.restart_on_resume });
-        if !req.cwd.is_empty() {
-            body["cwd"] = json!(req.cwd);
-        }
-        if !req.name.is_empty() {
-            body["name"] = json!(req.name);
+        let name = if req.name.is_empty() && req.restart_on_resume {
+            generated_name(&req.idempotency_key)
+        } else {
+            req.name.clone()
+        };
+        if req.restart_on_resume {
+            let spec = RestartSpec {
+                name: name.clone(),
+                command: req.command.clone(),
+                cwd: req.cwd.clone(),
+                env: req.env.clone(),
+            };
+            self.modify_record(&req.sandbox_id, |record| {
+                record.restart.retain(|s| s.name != spec.name);
+                record.restart.push(spec.clone());
+            })
+            .await?;
         }
         let started = self
             .client
@@ -167,13 +226,15 @@ impl Executor {
                 Method::POST,
                 format!("/sandboxes/{}/processes", req.sandbox_id),
                 vec![],
-                Some(body),
+                Some(process_body(&req.command, &req.cwd, &req.env, &name)),
                 Some(&req.idempotency_key),
             )
             .await
             .map_err(platform_error)?;
+        let mut process = convert::process(&started);
+        process.restart_on_resume = req.restart_on_resume;
         Ok(ProcessReply {
-            process: Some(convert::process(&started)),
+            process: Some(process),
         })
     }
 
@@ -221,7 +282,7 @@ impl Executor {
                 format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
                 vec![],
                 None,
-                Some(&format!("stop:{}:{}", req.sandbox_id, req.process_id)),
+                Some(&stop_key(&req.idempotency_key)),
             )
             .await
             .map_err(platform_error)?;
@@ -243,7 +304,7 @@ impl Executor {
                     "/sandboxes/{}/processes/{}/logs",
                     req.sandbox_id, req.process_id
                 ),
-                vec![("tail", req.tail.to_string())],
+                vec![("tail", tail(req.tail).to_string())],
             )
             .await?;
         let (stdout, stderr) = match &got {

@@ -303,10 +303,17 @@ async fn a_404_on_fs_write_many_falls_back_to_the_legacy_route_and_its_body_rule
     let legacy = fake.requests("POST /sandboxes/sbx_1/files/write-many");
     let sent: serde_json::Value = serde_json::from_str(&legacy[0].body).unwrap();
     assert_eq!(
-        sent["files"][0]["content"], "aGk=",
-        "legacy `content` is base64"
+        sent["files"][0]["content_base64"], "aGk=",
+        "all four SDKs send `content_base64` on both routes"
     );
-    assert!(sent["files"][0].get("content_base64").is_none());
+    assert!(sent["files"][0].get("content").is_none());
+    let key = |l: &crate::fake::Logged| l.headers["idempotency-key"].to_str().unwrap().to_string();
+    assert_eq!(key(&canonical[0]), "run_1:files:1:files.write_many");
+    assert_ne!(
+        key(&legacy[0]),
+        key(&canonical[0]),
+        "the legacy request is another request: the platform may have kept the 404 under the first key"
+    );
     // A 404 about the sandbox itself is not retried on another route.
     let fake = Fake::default();
     fake.on(
@@ -404,4 +411,94 @@ async fn the_watch_goes_to_miosas_sandboxes_host_and_to_sandboxd_as_configured()
     ))
     .unwrap();
     assert_eq!(local.sandboxes_host_base(), "http://127.0.0.1:7070/api/v1");
+}
+
+#[tokio::test]
+async fn a_read_falls_back_to_the_legacy_download_and_decodes_its_json_answer() {
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/sbx_1/files/src/a%20b%23c.txt",
+        vec![reply(200, r#"{"data":{"content":"aGkK"}}"#)],
+    );
+    let c = client(&fake, |_| {}).await;
+    let got = c.read_file("sbx_1", "/src/a b#c.txt").await.unwrap();
+    assert_eq!(&got[..], b"hi\n");
+    let canonical = fake.requests("GET /sandboxes/sbx_1/fs/download");
+    assert_eq!(canonical.len(), 1, "the canonical route is tried first");
+    // A JSON answer that is not the documented shape is an error, not the JSON as the file.
+    fake.on(
+        "GET /sandboxes/sbx_1/files/x",
+        vec![reply(200, r#"{"data":{"other":1}}"#)],
+    );
+    let e = c.read_file("sbx_1", "x").await.unwrap_err();
+    assert!(matches!(e, MiosaError::Malformed { .. }), "{e}");
+    // The sandbox itself missing is not retried on the legacy route.
+    let fake = Fake::default();
+    fake.on(
+        "GET /sandboxes/gone/fs/download",
+        vec![reply(
+            404,
+            r#"{"error":{"code":"sandbox_not_found","message":"gone"}}"#,
+        )],
+    );
+    let e = client(&fake, |_| {})
+        .await
+        .read_file("gone", "a")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), ErrorCode::NotFound);
+    assert!(fake.requests("GET /sandboxes/gone/files/a").is_empty());
+}
+
+#[tokio::test]
+async fn a_delete_goes_to_the_fs_route_and_falls_back_to_the_clis() {
+    let fake = Fake::default();
+    fake.on(
+        "DELETE /sandboxes/sbx_1/files",
+        vec![reply(200, r#"{"data":{}}"#)],
+    );
+    let c = client(&fake, |_| {}).await;
+    c.delete_file("sbx_1", "src/old", true, "run_1:del:1")
+        .await
+        .unwrap();
+    let canonical = fake.requests("DELETE /sandboxes/sbx_1/fs");
+    assert_eq!(canonical.len(), 1);
+    let legacy = fake.requests("DELETE /sandboxes/sbx_1/files");
+    let body: serde_json::Value = serde_json::from_str(&legacy[0].body).unwrap();
+    assert_eq!(body, json!({"path": "src/old"}));
+    let logged = fake.log.lock().unwrap().clone();
+    assert!(logged.iter().all(|l| l.method == "DELETE"), "{logged:?}");
+}
+
+#[tokio::test]
+async fn exec_sends_env_and_whole_seconds() {
+    let fake = Fake::default();
+    fake.on(
+        "POST /sandboxes/sbx_1/exec",
+        vec![reply(
+            200,
+            r#"{"data":{"stdout":"","stderr":"","exit_code":0}}"#,
+        )],
+    );
+    let c = client(&fake, |_| {}).await;
+    let env = [("FOO".to_string(), "bar".to_string())]
+        .into_iter()
+        .collect();
+    for (timeout, sent) in [(1500, 2), (30_000, 30), (1, 1)] {
+        c.exec(
+            "sbx_1",
+            "true",
+            Some("/workspace"),
+            &env,
+            Some(Duration::from_millis(timeout)),
+        )
+        .await
+        .unwrap();
+        let last = fake.requests("POST /sandboxes/sbx_1/exec").pop().unwrap();
+        let body: serde_json::Value = serde_json::from_str(&last.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"command": "true", "cwd": "/workspace", "env": {"FOO": "bar"}, "timeout": sent})
+        );
+    }
 }

@@ -42,11 +42,11 @@ pub struct Setup {
     pub js: async_nats::jetstream::Context,
 }
 
-/// The executor's settings against `nats` and `sd` (its key in `dir`), as environment variables
-/// for a process and as loaded settings; the topology is set up on `nats`.
+/// The executor's settings against `nats` and the platform at `base_url` (its key in `dir`), as
+/// environment variables for a process and as loaded settings; the topology is set up on `nats`.
 pub async fn configure(
     nats: &NatsServer,
-    sd: &Sandboxd,
+    base_url: &str,
     dir: &std::path::Path,
     extra: &[(&str, &str)],
 ) -> (Vec<(String, String)>, Settings) {
@@ -55,7 +55,7 @@ pub async fn configure(
     let env: Vec<(String, String)> = [
         ("SLIPWAY__NATS__URL", nats.url()),
         ("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0".to_string()),
-        ("SLIPWAY__PLATFORM__BASE_URL", sd.base_url().to_string()),
+        ("SLIPWAY__PLATFORM__BASE_URL", base_url.to_string()),
         ("SLIPWAY__PLATFORM__API_KEY_FILE", key.display().to_string()),
     ]
     .into_iter()
@@ -83,7 +83,7 @@ pub async fn setup(extra: &[(&str, &str)]) -> Setup {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (env, _) = configure(&nats, &sd, dir.path(), extra).await;
+    let (env, _) = configure(&nats, sd.base_url(), dir.path(), extra).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
     let mut run = FailpointRun::new(workspace_bin("slipway-executor").unwrap())

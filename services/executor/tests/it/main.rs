@@ -12,3 +12,4 @@ mod relay;
 mod sandboxd;
 mod service;
 mod usage;
+mod wire;

@@ -184,6 +184,7 @@ async fn lifecycle_files_processes_snapshots_and_forks_over_nats() {
     let pref = ProcessRef {
         sandbox_id: id.clone(),
         process_id: p.id.clone(),
+        ..Default::default()
     };
     let mut logs = String::new();
     for _ in 0..100 {

@@ -36,7 +36,13 @@ async fn the_client_drives_a_real_sandboxd() {
     .await
     .unwrap();
     let ran = c
-        .exec(id, "cat a.txt; wc -c < b/c.txt", None, None)
+        .exec(
+            id,
+            "cat a.txt; wc -c < b/c.txt",
+            None,
+            &Default::default(),
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(ran["stdout"], "from the executor4\n");
@@ -48,11 +54,15 @@ async fn the_client_drives_a_real_sandboxd() {
         .unwrap();
     assert_eq!(updated["always_on"], true);
     assert_eq!(
-        c.lifecycle(id, "pause", "run_7:pause:1").await.unwrap()["state"],
+        c.lifecycle(id, "pause", json!({}), "run_7:pause:1")
+            .await
+            .unwrap()["state"],
         "paused"
     );
     assert_eq!(
-        c.lifecycle(id, "resume", "run_7:resume:1").await.unwrap()["state"],
+        c.lifecycle(id, "resume", json!({}), "run_7:resume:1")
+            .await
+            .unwrap()["state"],
         "running"
     );
     let e = c.get_sandbox("sbx_missing").await.unwrap_err();

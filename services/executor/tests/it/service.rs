@@ -19,8 +19,20 @@ pub(crate) async fn executor(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     tempfile::TempDir,
 ) {
+    executor_at(nats, sd.base_url()).await
+}
+
+/// The executor in this process against the platform at `base_url`.
+pub(crate) async fn executor_at(
+    nats: &NatsServer,
+    base_url: &str,
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let (_, settings) = crate::harness::configure(nats, sd, dir.path(), &[]).await;
+    let (_, settings) = crate::harness::configure(nats, base_url, dir.path(), &[]).await;
     let shutdown = Shutdown::new();
     let app = slipway_common::App::start(Service::Executor, settings, shutdown.clone())
         .await

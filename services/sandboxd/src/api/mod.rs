@@ -130,7 +130,7 @@ pub fn router(state: AppState) -> Router {
         .route("/fs/download", get(files::fs_download))
         .route("/fs/stat", post(files::stat))
         .route("/fs/mkdir", post(files::mkdir))
-        .route("/fs/delete", post(files::delete_body))
+        .route("/fs", axum::routing::delete(files::delete_query))
         // Legacy file routes; the named ones are matched before the catch-all download.
         .route(
             "/files",

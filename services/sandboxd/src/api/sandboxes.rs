@@ -185,6 +185,8 @@ fn readiness_of(sb: &Sandbox) -> Value {
         "clock",
         "identity",
         "durability",
+        "filesystem",
+        "internal_probe",
     ]
     .iter()
     .map(|c| ((*c).to_string(), json!({ "status": status })))

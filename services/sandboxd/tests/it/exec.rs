@@ -49,7 +49,7 @@ async fn exec_reports_output_exit_code_cwd_env_and_timeouts() {
     let (_, v) = api
         .post(
             &format!("/sandboxes/{id}/exec"),
-            json!({"command": "sleep 30", "timeout": 0.5}),
+            json!({"command": "sleep 30", "timeout": 1}),
         )
         .await;
     assert_eq!(v["data"]["timed_out"], true);
@@ -64,6 +64,8 @@ async fn exec_reports_output_exit_code_cwd_env_and_timeouts() {
         json!({}),
         json!({"command": ""}),
         json!({"command": "true", "timeout": -1}),
+        // MIOSA's `timeout` is whole seconds.
+        json!({"command": "true", "timeout": 0.5}),
         json!({"command": "true", "env": {"A-B": "x"}}),
         json!({"command": "true", "cwd": "missing"}),
     ] {

@@ -182,6 +182,36 @@ async fn list_stat_tree_mkdir_delete() {
     assert_eq!(del(json!({"path": "top.txt"})).await.0, 200);
     assert_eq!(del(json!({"path": "top.txt"})).await.0, 404);
     assert_eq!(del(json!({"path": "/workspace"})).await.0, 403);
+    // The canonical route takes the path and the flag in the query.
+    api.post(
+        &format!("/sandboxes/{id}/fs/write-many"),
+        json!({"files": [{"path": "q/x.txt", "content": "x"}]}),
+    )
+    .await;
+    let (status, v) = api.delete(&format!("/sandboxes/{id}/fs?path=q")).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (409, Some("directory_not_empty"))
+    );
+    assert_eq!(
+        api.delete(&format!("/sandboxes/{id}/fs?path=q&recursive=true"))
+            .await
+            .0,
+        200
+    );
+    let (status, v) = api.delete(&format!("/sandboxes/{id}/fs")).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (422, Some("invalid_path"))
+    );
+    // No SDK has `POST /fs/delete`; MIOSA would not answer it, so neither does sandboxd.
+    let (status, _) = api
+        .post(
+            &format!("/sandboxes/{id}/fs/delete"),
+            json!({"path": "new"}),
+        )
+        .await;
+    assert!(matches!(status, 404 | 405), "{status}");
     let (_, v) = api.get(&format!("/sandboxes/{id}/files")).await;
     let names: Vec<&str> = v["data"]["entries"]
         .as_array()

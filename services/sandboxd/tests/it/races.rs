@@ -104,11 +104,8 @@ async fn race(backend: &str) {
         if v.to_string().contains("host-only") {
             leaked.push(format!("tree: {v}"));
         }
-        api.post(
-            &format!("/sandboxes/{id}/fs/delete"),
-            json!({"path": "race/sub", "recursive": true}),
-        )
-        .await;
+        api.delete(&format!("/sandboxes/{id}/fs?path=race/sub&recursive=true"))
+            .await;
         api.post(
             &format!("/sandboxes/{id}/fs/write-many"),
             json!({"files": [{"path": format!("race/w{n}.txt"), "content": "sandbox"}]}),
