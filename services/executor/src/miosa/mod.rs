@@ -3,7 +3,7 @@
 //! on every mutation derived from the caller's key, retries on 429, 5xx, connection errors and
 //! timeouts (three, exponential backoff with full jitter, `Retry-After` honoured), per-operation
 //! timeouts, lenient decoding, and the SDKs' route choices (canonical `/fs/*` with the legacy
-//! `/files/*` fallback on 404, each with its own body rules).
+//! `/files/*` fallback on 404, as the SDKs fall back).
 
 pub mod decode;
 pub mod error;

@@ -8,6 +8,7 @@ mod faults;
 mod harness;
 mod hostile;
 mod operations;
+mod platform;
 mod relay;
 mod sandboxd;
 mod service;

@@ -22,7 +22,7 @@ const METERS: [&str; 5] = [
 ];
 
 /// Every usage event in the USAGE stream, read at the stream itself.
-async fn events(js: &async_nats::jetstream::Context) -> Vec<UsageEvent> {
+pub(crate) async fn events(js: &async_nats::jetstream::Context) -> Vec<UsageEvent> {
     let stream = js.get_stream("USAGE").await.unwrap();
     let info = stream.get_info().await.unwrap();
     let mut out = Vec::new();

@@ -1,0 +1,321 @@
+//! What the executor does with MIOSA's answers and inputs that MIOSA's shapes constrain: a
+//! restore that makes a new sandbox, processes relaunched after a resume, logs without a tail,
+//! and requests refused before they reach the platform.
+
+use std::time::Duration;
+
+use slipway_common::RpcClient;
+use slipway_common::records::Records;
+use slipway_common::topology::buckets;
+use slipway_proto::v1::*;
+use slipway_test_support::{NatsServer, Sandboxd, workspace_bin};
+
+use crate::fake::{Fake, reply};
+use crate::harness::op;
+
+async fn rpc(nats: &NatsServer) -> RpcClient {
+    RpcClient::new(
+        async_nats::connect(nats.url()).await.unwrap(),
+        Duration::from_secs(30),
+    )
+}
+
+#[tokio::test]
+async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once() {
+    let nats = NatsServer::start().unwrap();
+    let fake = Fake::default();
+    // MIOSA (as a local server playing it) answers the restore with another sandbox.
+    fake.on(
+        "GET /sandboxes/sbx_src",
+        vec![reply(
+            200,
+            r#"{"data":{"id":"sbx_src","state":"running","external_user_id":"u1",
+                "metadata":{"slipway_run_id":"run_1","slipway_branch":"main"}}}"#,
+        )],
+    );
+    fake.on(
+        "POST /sandboxes/sbx_src/restore/snap_1",
+        vec![reply(
+            200,
+            r#"{"data":{"id":"sbx_new","state":"running","external_user_id":"u1"}}"#,
+        )],
+    );
+    fake.on(
+        "PATCH /sandboxes/sbx_new",
+        vec![reply(
+            200,
+            r#"{"data":{"id":"sbx_new","state":"running","external_user_id":"u1",
+                "metadata":{"slipway_run_id":"run_1","slipway_branch":"main",
+                "slipway_created_by":"run_1:restore:1"}}}"#,
+        )],
+    );
+    let base = fake.serve().await;
+    let (shutdown, task, _dir) = crate::service::executor_at(&nats, &base).await;
+    let rpc = rpc(&nats).await;
+    let request = RestoreSnapshotRequest {
+        sandbox_id: "sbx_src".into(),
+        snapshot_id: "snap_1".into(),
+        idempotency_key: "run_1:restore:1".into(),
+        ..Default::default()
+    };
+    for _ in 0..2 {
+        // The caller's retry goes through the same steps and counts nothing twice.
+        let got: SandboxReply = rpc.call(&op("snapshot.restore"), &request).await.unwrap();
+        let sandbox = got.sandbox.unwrap();
+        assert_eq!(
+            (sandbox.id.as_str(), sandbox.run_id.as_str()),
+            ("sbx_new", "run_1")
+        );
+    }
+    // The restore went with MIOSA's body: nothing.
+    let restores = fake.requests("POST /sandboxes/sbx_src/restore/snap_1");
+    let body: serde_json::Value = serde_json::from_str(&restores[0].body).unwrap();
+    assert_eq!(body, serde_json::json!({}));
+    // The new sandbox carries the run, so reaping by run finds it.
+    let patch = fake.requests("PATCH /sandboxes/sbx_new");
+    let patched: serde_json::Value = serde_json::from_str(&patch[0].body).unwrap();
+    assert_eq!(patched["metadata"]["slipway_run_id"], "run_1");
+    assert_eq!(patched["metadata"]["slipway_branch"], "main");
+    // Recorded, with the key that made it.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let records: Records<SandboxRecord> =
+        Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap());
+    let (record, _) = records.get("sbx_new").await.unwrap().expect("recorded");
+    assert_eq!(record.created_by, "run_1:restore:1");
+    // Billed once, counted at the stream.
+    let created: Vec<UsageEvent> = crate::usage::events(&js)
+        .await
+        .into_iter()
+        .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
+        .collect();
+    assert_eq!(created.len(), 1, "{created:?}");
+    assert_eq!(created[0].id, "run_1:restore:1:sandboxes_created");
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_tail() {
+    let nats = NatsServer::start().unwrap();
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let (shutdown, task, _dir) = crate::service::executor(&nats, &sd).await;
+    let rpc = rpc(&nats).await;
+    let created: SandboxReply = rpc
+        .call(&op("sandbox.create"), &crate::service::create("relaunch:1"))
+        .await
+        .unwrap();
+    let id = created.sandbox.unwrap().id;
+    let start = |key: &str, restart: bool| StartProcessRequest {
+        sandbox_id: id.clone(),
+        idempotency_key: key.into(),
+        command: "echo up; sleep 300".into(),
+        restart_on_resume: restart,
+        ..Default::default()
+    };
+    let kept: ProcessReply = rpc
+        .call(&op("process.start"), &start("relaunch:p1", true))
+        .await
+        .unwrap();
+    let kept = kept.process.unwrap();
+    assert!(kept.restart_on_resume);
+    let other: ProcessReply = rpc
+        .call(&op("process.start"), &start("relaunch:p2", false))
+        .await
+        .unwrap();
+    let other = other.process.unwrap();
+    // A `tail`-less logs call returns the lines (MIOSA's default of 200, not none).
+    let mut logs = String::new();
+    for _ in 0..100 {
+        let got: ProcessLogsReply = rpc
+            .call(
+                &op("process.logs"),
+                &ProcessLogsRequest {
+                    sandbox_id: id.clone(),
+                    process_id: kept.id.clone(),
+                    tail: 0,
+                },
+            )
+            .await
+            .unwrap();
+        logs = got.stdout;
+        if logs.contains("up") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(logs.contains("up"), "{logs:?}");
+    // Both die (as all processes do across a MIOSA pause), then the sandbox resumes.
+    for p in [&kept, &other] {
+        let _: ProcessReply = rpc
+            .call(
+                &op("process.stop"),
+                &ProcessRef {
+                    sandbox_id: id.clone(),
+                    process_id: p.id.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let sandbox = |key: &str| SandboxRef {
+        sandbox_id: id.clone(),
+        idempotency_key: key.into(),
+    };
+    let _: SandboxReply = rpc
+        .call(&op("sandbox.pause"), &sandbox("relaunch:pause"))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        // A retried resume relaunches nothing twice.
+        let _: SandboxReply = rpc
+            .call(&op("sandbox.resume"), &sandbox("relaunch:resume"))
+            .await
+            .unwrap();
+    }
+    let listed: ListProcessesReply = rpc
+        .call(
+            &op("process.list"),
+            &ListProcessesRequest {
+                sandbox_id: id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let running: Vec<&Process> = listed
+        .processes
+        .iter()
+        .filter(|p| p.state == ProcessState::Running as i32)
+        .collect();
+    assert_eq!(running.len(), 1, "{:?}", listed.processes);
+    assert_eq!(
+        running[0].name, kept.name,
+        "the flagged one, under its name"
+    );
+    assert_eq!(running[0].command, "echo up; sleep 300");
+    // Nothing about restarting went to the platform: it lives in the executor's record.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let records: Records<SandboxRecord> =
+        Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap());
+    let (record, _) = records.get(&id).await.unwrap().unwrap();
+    assert_eq!(record.restart.len(), 1);
+    assert_eq!(record.restart[0].name, kept.name);
+    assert_eq!(
+        record.created_by, "relaunch:1",
+        "the record keeps who made it"
+    );
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
+    let nats = NatsServer::start().unwrap();
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let (shutdown, task, _dir) = crate::service::executor(&nats, &sd).await;
+    let rpc = rpc(&nats).await;
+    let created: SandboxReply = rpc
+        .call(&op("sandbox.create"), &crate::service::create("refuse:1"))
+        .await
+        .unwrap();
+    let id = created.sandbox.unwrap().id;
+    let refused = |e: slipway_common::RpcError| match e.service_error() {
+        Some(s) => {
+            assert_eq!(s.code, ErrorCode::InvalidInput, "{s:?}");
+            s.message.clone()
+        }
+        None => panic!("expected a refusal, got {e:?}"),
+    };
+    // Tree depth: 1 to 10, as MIOSA documents.
+    let e = rpc
+        .call::<_, FileTreeReply>(
+            &op("files.tree"),
+            &FileTreeRequest {
+                sandbox_id: id.clone(),
+                path: "/workspace".into(),
+                depth: 11,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(refused(e).contains("depth"));
+    // A preview token opens the sandbox's preview port only (the node template's 3000).
+    let token = |port: u32| PreviewTokenRequest {
+        sandbox_id: id.clone(),
+        port,
+        ..Default::default()
+    };
+    let e = rpc
+        .call::<_, PreviewTokenReply>(&op("preview.token"), &token(8080))
+        .await
+        .unwrap_err();
+    assert!(refused(e).contains("3000"));
+    let ok: PreviewTokenReply = rpc.call(&op("preview.token"), &token(3000)).await.unwrap();
+    assert!(!ok.token.is_empty());
+    // A fork keeps its parent's project and workspace.
+    let e = rpc
+        .call::<_, SandboxReply>(
+            &op("sandbox.fork"),
+            &ForkSandboxRequest {
+                sandbox_id: id.clone(),
+                idempotency_key: "refuse:fork".into(),
+                attribution: Some(Attribution {
+                    user_id: "u".into(),
+                    project_id: "other".into(),
+                    workspace_id: String::new(),
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(refused(e).contains("project"));
+    // Extend: 1 s to 30 days.
+    for t in [0, 30 * 86_400 + 1] {
+        let e = rpc
+            .call::<_, SandboxReply>(
+                &op("sandbox.extend"),
+                &ExtendSandboxRequest {
+                    sandbox_id: id.clone(),
+                    idempotency_key: "refuse:extend".into(),
+                    timeout_sec: Some(t),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(refused(e).contains("timeout_sec"));
+    }
+    // None of it reached the platform: still one sandbox, no fork.
+    let at_sandboxd = crate::harness::sandboxes_at_sandboxd(&sd).await;
+    assert_eq!(at_sandboxd.len(), 1);
+    // Extend with no timeout restarts the deadline with the current one; stop keeps the disk.
+    let extended: SandboxReply = rpc
+        .call(
+            &op("sandbox.extend"),
+            &ExtendSandboxRequest {
+                sandbox_id: id.clone(),
+                idempotency_key: "refuse:extend:ok".into(),
+                timeout_sec: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(extended.sandbox.unwrap().id, id);
+    let stopped: SandboxReply = rpc
+        .call(
+            &op("sandbox.stop"),
+            &SandboxRef {
+                sandbox_id: id.clone(),
+                idempotency_key: "refuse:stop".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_ne!(
+        stopped.sandbox.unwrap().state,
+        SandboxState::Running as i32,
+        "stopped"
+    );
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
