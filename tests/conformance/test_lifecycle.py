@@ -69,7 +69,10 @@ def test_the_agent_builds_an_app_tutorial_end_to_end(client, edge):
     usage = client.usage.get(external_user_id=user, period="month-to-date")
     (row,) = usage["results"]
     assert row["external_user_id"] == user
-    assert row["sandbox_seconds"] > 0
+    # Whole seconds in the documented fields (Go's SDK decodes them as integers), exact beside.
+    assert isinstance(row["sandbox_seconds"], int) and isinstance(row["computer_seconds"], int)
+    assert abs(row["sandbox_seconds"] - row["sandbox_seconds_exact"]) <= 0.5
+    assert row["sandbox_seconds_exact"] > 0
 
     result = sb.deploy(
         name="tutorial-app",

@@ -34,7 +34,11 @@ def test_the_app_lifecycle_with_the_official_sdk(client):
             {"path": "/workspace/public/index.html", "content": b"<h1>hi</h1>"},
         ]
     )
-    assert sorted(result["written"]) == ["/workspace/public/index.html", "/workspace/server.js"]
+    # MIOSA's documented shape: {path, size_bytes} per file.
+    assert sorted(result["written"], key=lambda w: w["path"]) == [
+        {"path": "/workspace/public/index.html", "size_bytes": len(b"<h1>hi</h1>")},
+        {"path": "/workspace/server.js", "size_bytes": len(SERVER_JS.encode())},
+    ]
     assert sb.files.read_text("/workspace/public/index.html") == "<h1>hi</h1>"
     sb.files.write("/workspace/notes.txt", "single write")
     assert sb.files.read("/workspace/notes.txt") == b"single write"
@@ -132,6 +136,14 @@ def test_snapshot_fork_restore_and_usage(client):
     assert usage["exec_count"] >= 1
     assert usage["active_cpu_ms"] > 0
     assert usage["provisioned_vcpu_ms"] > 0
+    # The documented types: whole numbers, nullable network counters, and the three documented
+    # measurement keys.
+    for key in ("runtime_sec", "provisioned_vcpu_ms", "provisioned_memory_mb_ms", "creation_count",
+                "active_cpu_ms", "estimated_cost_cents"):
+        assert isinstance(usage[key], int), (key, usage[key])
+    assert usage["network_egress_bytes"] is None and usage["network_ingress_bytes"] is None
+    assert set(usage["measurement_status"]) == {"active_cpu", "network", "provisioned_resources"}
+    assert usage["measurement_status"]["network"] == "not_measured"
     for s in (from_snapshot, fork, sb):
         s.destroy()
     assert client.sandboxes.get(sb.id).state == "destroyed"

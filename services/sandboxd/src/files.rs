@@ -305,7 +305,14 @@ async fn write_many(
         }
         items.push(it);
     }
+    let sizes: Vec<usize> = items.iter().map(|i| i.content.len()).collect();
     let written = write_items(state, entry, items).await?;
+    // MIOSA's documented shape: `written: [{path, size_bytes}]` (Go's SDK decodes it typed).
+    let written: Vec<Value> = written
+        .into_iter()
+        .zip(sizes)
+        .map(|(path, size)| json!({ "path": path, "size_bytes": size }))
+        .collect();
     Ok(Json(
         json!({ "data": { "written": written, "failed": [] } }),
     ))

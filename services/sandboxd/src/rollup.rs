@@ -255,9 +255,14 @@ pub fn rollup_view(
         .into_iter()
         .map(|(key, line)| {
             let cents = host.prices.cents(&line.usage);
+            // Whole numbers where MIOSA documents them (Go's SDK decodes them as integers), the
+            // exact figures beside them, as for the cents.
+            let seconds = seconds(&line.usage);
             let mut row = serde_json::json!({
-                "sandbox_seconds": round(seconds(&line.usage), 3),
+                "sandbox_seconds": seconds.round() as u64,
+                "sandbox_seconds_exact": round(seconds, 3),
                 "computer_seconds": 0,
+                "computer_seconds_exact": 0.0,
                 "storage_gb_hours": round(gb_hours(&line.usage), 6),
                 "credit_cents": cents.round() as i64,
                 "credit_cents_exact": round(cents, 6),

@@ -99,7 +99,15 @@ impl Counters {
             "disk_gib_ms": self.disk_gib_ms.floor() as u64,
             "exec_count": self.exec_count,
             "creation_count": 1,
-            "measurement_status": { "active_cpu_ms": "measured", "memory_mib_ms": "measured", "disk_gib_ms": "measured" },
+            // MIOSA's documented keys. Network is not measured per sandbox here (egress goes
+            // through the edge, which bills it per request).
+            "measurement_status": {
+                "active_cpu": "measured",
+                "network": "not_measured",
+                "provisioned_resources": "measured",
+            },
+            "network_ingress_bytes": null,
+            "network_egress_bytes": null,
             "estimated_cost_cents": 0,
             "timeout_sec": r.timeout_sec,
             "read_at": crate::clock::rfc3339(self.sampled_at_ms),

@@ -95,7 +95,10 @@ impl Executor {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_string(),
-                sandbox_seconds: decimal(r.get("sandbox_seconds")),
+                // The exact figure where the platform gives one beside the whole number.
+                sandbox_seconds: decimal(
+                    r.get("sandbox_seconds_exact").or(r.get("sandbox_seconds")),
+                ),
                 storage_gb_hours: decimal(r.get("storage_gb_hours")),
                 credit_cents: r.get("credit_cents").and_then(Value::as_i64).unwrap_or(0),
             })

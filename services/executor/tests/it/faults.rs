@@ -283,7 +283,7 @@ async fn a_404_on_fs_write_many_falls_back_to_the_legacy_route_and_its_body_rule
         "POST /sandboxes/sbx_1/files/write-many",
         vec![reply(
             200,
-            r#"{"data":{"written":["/workspace/a.txt"],"failed":[]}}"#,
+            r#"{"data":{"written":[{"path":"/workspace/a.txt","size_bytes":2}],"failed":[]}}"#,
         )],
     );
     let c = client(&fake, |_| {}).await;
@@ -295,7 +295,7 @@ async fn a_404_on_fs_write_many_falls_back_to_the_legacy_route_and_its_body_rule
         )
         .await
         .unwrap();
-    assert_eq!(out["written"][0], "/workspace/a.txt");
+    assert_eq!(out["written"][0]["path"], "/workspace/a.txt");
     let canonical = fake.requests("POST /sandboxes/sbx_1/fs/write-many");
     assert_eq!(canonical.len(), 1);
     let sent: serde_json::Value = serde_json::from_str(&canonical[0].body).unwrap();

@@ -440,14 +440,25 @@ async fn the_usage_rollup_groups_by_user_over_a_window_with_the_price_table() {
     assert_eq!(users, vec!["alice", "bob"], "ordered by spend: {r}");
     // Two vCPUs while running: alice ran at least from create's reply to the rollup's request,
     // at most from before the create to after the reply.
-    let alice = rows[0]["sandbox_seconds"].as_f64().unwrap();
+    // Whole seconds where MIOSA documents them, the exact figure beside.
+    for row in rows {
+        let exact = row["sandbox_seconds_exact"].as_f64().unwrap();
+        assert_eq!(
+            row["sandbox_seconds"].as_u64(),
+            Some(exact.round() as u64),
+            "{row}"
+        );
+        assert!(row["computer_seconds"].is_u64(), "{row}");
+        assert!(row["credit_cents"].is_i64(), "{row}");
+    }
+    let alice = rows[0]["sandbox_seconds_exact"].as_f64().unwrap();
     let low = 2.0 * (t_before - t_created).as_secs_f64();
     let high = 2.0 * (t_after - t0).as_secs_f64();
     assert!(
         alice >= low - 0.01 && alice <= high + 0.01,
         "{alice} not in [{low}, {high}]"
     );
-    let bob = rows[1]["sandbox_seconds"].as_f64().unwrap();
+    let bob = rows[1]["sandbox_seconds_exact"].as_f64().unwrap();
     assert!(bob < alice, "{r}");
     let cents = rows[0]["credit_cents_exact"].as_f64().unwrap();
     assert!(

@@ -73,9 +73,13 @@ async fn both_route_families_with_their_own_body_rules() {
         {"path": "src/x.js", "content": "x"}, {"path": "/workspace/src/y.js", "content_base64": B64.encode("y")}
     ]})).await;
     assert_eq!(status, 200, "{v}");
+    // MIOSA's documented shape: each written file with its size.
     assert_eq!(
         v["data"]["written"],
-        json!(["/workspace/src/x.js", "/workspace/src/y.js"])
+        json!([
+            {"path": "/workspace/src/x.js", "size_bytes": 1},
+            {"path": "/workspace/src/y.js", "size_bytes": 1}
+        ])
     );
     api.post(
         &format!("/sandboxes/{id}/files/write-many"),
