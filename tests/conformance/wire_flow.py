@@ -1,14 +1,15 @@
 """The reference side of the executor's wire-conformance test
 (`services/executor/tests/it/wire.rs`): the same flow of operations the test drives through the
 executor over NATS, here through MIOSA's official Python SDK, against the recording proxy whose
-base URL is the first argument. Each step is the SDK's own call for the executor operation named
-beside it; the proxy records what goes over the wire, the Rust test compares the two records.
+base URL is the first argument. Before each operation, `step` tells the proxy which executor
+operation the next requests stand for; each call is the SDK's own, with the same inputs.
 
 Not a pytest module (no `test_` prefix): the Rust test runs it as a program.
 """
 
 import sys
 import time
+import urllib.request
 
 from miosa import Miosa
 
@@ -16,9 +17,14 @@ USER = "wire-user"
 
 
 def main(base_url: str) -> None:
+    def step(name: str) -> None:
+        urllib.request.urlopen(f"{base_url}/__step/{name}").read()
+
     client = Miosa(api_key="msk_test_wire", base_url=base_url)
-    client.sandboxes.list_templates()  # templates.list
-    sb = client.sandboxes.create(  # sandbox.create
+    step("templates.list")
+    client.sandboxes.list_templates()
+    step("sandbox.create")
+    sb = client.sandboxes.create(
         template_id="node",
         external_user_id=USER,
         external_project_id="wire-project",
@@ -32,61 +38,112 @@ def main(base_url: str) -> None:
         always_on=False,
         idempotency_key="wire:create",
     )
-    client.sandboxes.get(sb.id)  # sandbox.get
-    client.sandboxes.list(external_user_id=USER)  # sandbox.list
-    sb.readiness()  # sandbox.readiness
-    sb.files.write_many(  # files.write_many
+    step("sandbox.get")
+    client.sandboxes.get(sb.id)
+    step("sandbox.list")
+    client.sandboxes.list(external_user_id=USER)
+    step("sandbox.readiness")
+    sb.readiness()
+    step("files.write_many")
+    sb.files.write_many(
         [
             {"path": "/workspace/site/index.html", "content": "<p>one</p>"},
             {"path": "/workspace/server.js", "content": b"require('http')"},
         ]
     )
-    sb.files.read("/workspace/site/index.html")  # files.read
-    sb.files.list("/workspace", depth=1)  # files.list
-    sb.files.tree("/workspace", depth=3)  # files.tree
-    sb.exec("echo $FOO", {"cwd": "/workspace", "env": {"FOO": "bar"}, "timeout": 30})  # exec
-    proc = sb.processes.start("echo started; sleep 30", env={"B": "two"}, name="sleeper")
-    pid = proc["pid"]  # process.start
-    sb.processes.list()  # process.list
-    sb.processes.get(pid)  # process.get
-    sb.processes.logs(pid)  # process.logs
-    sb.processes.stop(pid)  # process.stop
-    snap = sb.create_snapshot(comment="wire")  # snapshot.create
-    sb.list_snapshots()  # snapshot.list
-    sb.restore_snapshot(snap["id"])  # snapshot.restore
-    fork = sb.fork(snapshot_id=snap["id"], idempotency_key="wire:fork")  # sandbox.fork
-    fork.update(name="wire-fork", metadata={"slipway_branch": "b"})  # the fork's tag
-    preview = sb.previews.create(port=3000)  # preview.create
-    sb.preview_token(expires_in=600, scope="read")  # preview.token
-    sb.previews.share(preview["id"], ttl_seconds=600)  # preview.share
-    sb.previews.revoke_share(preview["id"])  # preview.revoke
-    share = sb.share.create(expires_in=600)  # share.create
-    sb.share.list()  # share.list
-    sb.share.revoke(share["share_id"])  # share.revoke
+    step("files.read")
+    sb.files.read("/workspace/site/index.html")
+    step("files.list")
+    sb.files.list("/workspace", depth=1)
+    step("files.tree")
+    sb.files.tree("/workspace", depth=3)
+    # MIOSA without the `/fs/*` routes (the proxy answers 404): the SDK's fallbacks.
+    odd = "/workspace/a b#c.txt"
+    step("legacy.files.write_many")
+    sb.files.write_many([{"path": odd, "content": "legacy"}])
+    step("legacy.files.read")
+    assert sb.files.read(odd) == b"legacy"
+    step("exec")
+    sb.exec("echo $FOO", {"cwd": "/workspace", "env": {"FOO": "bar"}, "timeout": 30})
+    step("process.start")
+    pid = sb.processes.start("echo started; sleep 30", env={"B": "two"}, name="sleeper")["pid"]
+    step("process.list")
+    sb.processes.list()
+    step("process.get")
+    sb.processes.get(pid)
+    step("process.logs")
+    sb.processes.logs(pid)
+    step("process.stop")
+    sb.processes.stop(pid)
+    step("snapshot.create")
+    snap = sb.create_snapshot(comment="wire")
+    step("snapshot.list")
+    sb.list_snapshots()
+    step("snapshot.restore")
+    sb.restore_snapshot(snap["id"])
+    step("sandbox.fork")
+    fork = sb.fork(
+        snapshot_id=snap["id"],
+        name="wire-fork",
+        external_user_id=USER,
+        metadata={"slipway_run_id": "run_wire", "slipway_branch": "b"},
+        idempotency_key="wire:fork",
+    )
+    step("preview.create")
+    preview = sb.previews.create(port=3000)
+    step("preview.token")
+    sb.preview_token(expires_in=600, scope="read")
+    step("preview.share")
+    sb.previews.share(preview["id"], ttl_seconds=600)
+    step("preview.revoke")
+    sb.previews.revoke_share(preview["id"])
+    step("share.create")
+    share = sb.share.create(expires_in=600)
+    step("share.list")
+    sb.share.list()
+    step("share.revoke")
+    sb.share.revoke(share["share_id"])
+    step("sandbox.update")
     sb.update(always_on=True, timeout_sec=7200, idle_timeout_sec=900, name="wire2",
-              metadata={"k": "v"})  # sandbox.update
-    sb.usage()  # usage.sandbox
-    client.usage.get(group_by="external_user_id", period="custom",  # usage.rollup
+              metadata={"k": "v"})
+    step("usage.sandbox")
+    sb.usage()
+    step("usage.rollup")
+    client.usage.get(group_by="external_user_id", period="custom",
                      start="2026-01-01T00:00:00Z", end="2026-01-02T00:00:00Z")
-    client.quotas.set(USER, max_sandboxes=50, max_concurrent=10)  # quota.set
-    client.quotas.get(USER)  # quota.get
-    first = sb.deploy(name="wire", output_path="/workspace/site",
-                      idempotency_key="wire:deploy:1")  # deploy
-    dep = first["deployment_id"]
+    step("quota.set")
+    client.quotas.set(USER, max_sandboxes=50, max_concurrent=10)
+    step("quota.get")
+    client.quotas.get(USER)
+    step("deploy")
+    dep = sb.deploy(name="wire", output_path="/workspace/site",
+                    idempotency_key="wire:deploy:1")["deployment_id"]
+    step("files.write_many")
     sb.files.write_many([{"path": "/workspace/site/index.html", "content": "<p>two</p>"}])
+    step("deploy")
     sb.deploy(deployment_id=dep, output_path="/workspace/site", idempotency_key="wire:deploy:2")
-    client.deployments.get(dep)  # deployment.get
-    versions = wait_for_versions(client, dep, 2)  # version.list
-    v1, v2 = sorted(versions, key=lambda v: v.version_number)
-    client.deployments.versions(dep).get(v1.id)  # version.get
-    client.deployments.version_logs(dep, v1.id)  # version.logs
+    step("deployment.get")
+    client.deployments.get(dep)
+    step("version.list")
+    v1, v2 = sorted(wait_for_versions(client, dep, 2), key=lambda v: v.version_number)
+    step("version.get")
+    client.deployments.versions(dep).get(v1.id)
+    step("version.logs")
+    client.deployments.version_logs(dep, v1.id)
+    step("deployment.rollback")
     client.deployments.rollback(dep, version_id=v1.id, idempotency_key="wire:rollback")
+    step("deployment.promote")
     client.deployments.versions(dep).promote(v2.id, idempotency_key="wire:promote")
-    sb.pause()  # sandbox.pause
-    sb.resume(idempotency_key="wire:resume")  # sandbox.resume
-    sb.extend(timeout_sec=5400)  # sandbox.extend
-    sb.stop()  # sandbox.stop
-    fork.destroy()  # sandbox.destroy
+    step("sandbox.pause")
+    sb.pause()
+    step("sandbox.resume")
+    sb.resume(idempotency_key="wire:resume")
+    step("sandbox.extend")
+    sb.extend(timeout_sec=5400)
+    step("sandbox.stop")
+    sb.stop()
+    step("sandbox.destroy")
+    fork.destroy()
     sb.destroy()
 
 

@@ -117,19 +117,25 @@ pub const READINESS_COMPONENTS: [&str; 8] = [
     "internal_probe",
 ];
 
-/// Whether a readiness answer says commands will run, read as the SDKs read it: `ready: true`;
-/// else every component in `READINESS_COMPONENTS` ready; else, from a server that reports no
-/// components, `status: "ready"`.
+/// Whether a readiness answer says commands will run, read as the Python SDK's
+/// `is_command_ready` reads it: `ready: true`; else every component in `READINESS_COMPONENTS`
+/// `ready` (the first non-empty of `readiness.components`, `components`,
+/// `readiness_components`). Failing both, `status: "ready"` from a server that reports no
+/// components at all (the shape MIOSA's docs show).
 pub fn is_ready(v: &Value) -> bool {
     if v.get("ready").and_then(Value::as_bool) == Some(true) {
         return true;
     }
-    let components = v
-        .get("readiness")
-        .and_then(|r| r.get("components"))
-        .or(v.get("components"))
-        .or(v.get("readiness_components"));
-    match components.and_then(Value::as_object) {
+    let components = [
+        v.get("readiness").and_then(|r| r.get("components")),
+        v.get("components"),
+        v.get("readiness_components"),
+    ]
+    .into_iter()
+    .flatten()
+    .filter_map(Value::as_object)
+    .find(|c| !c.is_empty());
+    match components {
         Some(c) => READINESS_COMPONENTS.iter().all(|name| {
             let comp = c.get(*name);
             let status = comp
@@ -137,7 +143,7 @@ pub fn is_ready(v: &Value) -> bool {
                 .or(comp.and_then(|x| x.get("status")).and_then(Value::as_str));
             status == Some("ready")
         }),
-        None => components.is_none() && v.get("status").and_then(Value::as_str) == Some("ready"),
+        None => v.get("status").and_then(Value::as_str) == Some("ready"),
     }
 }
 

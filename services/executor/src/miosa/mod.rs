@@ -163,8 +163,17 @@ impl MiosaClient {
         }
     }
 
+    /// The platform's `Idempotency-Key` for a caller's key and an operation. A header value
+    /// holds visible ASCII only, so other bytes (and `%`) are percent-encoded: any caller key
+    /// works, and the same key always gives the same header.
     fn key(caller: &str, op: &str) -> String {
         format!("{caller}:{op}")
+            .bytes()
+            .map(|b| match b {
+                b'!'..=b'~' if b != b'%' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
     }
 
     /// Sends a call, retrying what may succeed when repeated; returns the successful body.
@@ -558,7 +567,8 @@ impl MiosaClient {
                 );
                 self.send_typed(&legacy).await?
             }
-            other => other?,
+            // The canonical route answers the file's bytes, whatever they look like.
+            other => return other.map(|a| a.body),
         };
         let is_json = answer
             .content_type
@@ -573,18 +583,25 @@ impl MiosaClient {
         };
         let value: Value =
             serde_json::from_slice(&answer.body).map_err(|e| malformed(e.to_string()))?;
-        let content = decode::unwrap_envelope(value)
+        // As the SDKs read it: the object under `data` (or the answer), its `content` base64,
+        // or text when it is not.
+        let data = match value.get("data") {
+            Some(d) if d.is_object() => d.clone(),
+            _ => value,
+        };
+        let content = data
             .get("content")
             .and_then(Value::as_str)
-            .map(str::to_string)
             .ok_or_else(|| malformed("a JSON answer without `content`".into()))?;
-        B64.decode(content.as_bytes())
+        Ok(B64
+            .decode(content.as_bytes())
             .map(bytes::Bytes::from)
-            .map_err(|e| malformed(format!("`content` is not base64: {e}")))
+            .unwrap_or_else(|_| bytes::Bytes::from(content.as_bytes().to_vec())))
     }
 
-    /// Deletes a file or directory: `DELETE /fs?path=&recursive=`, and on 404 the Go CLI's
-    /// `DELETE /files` with `{path}`.
+    /// Deletes a file or directory: `DELETE /files` with `{path}` (the Go CLI's route, the only
+    /// one a MIOSA client documents; `recursive` only when asked for), and on a 404 or 405 the
+    /// `/fs` family's `DELETE /fs?path=&recursive=`.
     pub async fn delete_file(
         &self,
         id: &str,
@@ -593,16 +610,25 @@ impl MiosaClient {
         idempotency_key: &str,
     ) -> Result<Value, MiosaError> {
         let op = "files.delete";
-        let mut canonical = self.call(op, Method::DELETE, format!("/sandboxes/{id}/fs"));
-        canonical.query = vec![
-            ("path", path.to_string()),
-            ("recursive", recursive.to_string()),
-        ];
-        canonical.idempotency_key = Some(Self::key(idempotency_key, op));
-        let mut legacy = self.call(op, Method::DELETE, format!("/sandboxes/{id}/files"));
-        legacy.body = Some(json!({ "path": path }));
-        legacy.idempotency_key = Some(Self::key(idempotency_key, "files.delete.legacy"));
-        self.fs_or_legacy(canonical, legacy).await
+        let mut body = json!({ "path": path });
+        if recursive {
+            body["recursive"] = json!(true);
+        }
+        let mut documented = self.call(op, Method::DELETE, format!("/sandboxes/{id}/files"));
+        documented.body = Some(body);
+        documented.idempotency_key = Some(Self::key(idempotency_key, op));
+        match self.json(documented).await {
+            Err(e) if matches!(e.status(), Some(404 | 405)) && !is_sandbox_missing(&e) => {
+                let mut other = self.call(op, Method::DELETE, format!("/sandboxes/{id}/fs"));
+                other.query = vec![
+                    ("path", path.to_string()),
+                    ("recursive", recursive.to_string()),
+                ];
+                other.idempotency_key = Some(Self::key(idempotency_key, "files.delete.fs"));
+                self.json(other).await
+            }
+            other => other,
+        }
     }
 
     /// Runs a command to completion (`POST /exec`), with the long timeout. MIOSA's `timeout` is
@@ -660,7 +686,8 @@ pub fn encode_file_path(path: &str) -> String {
         .join("/")
 }
 
-/// A 404 about the sandbox itself (no fallback can help) rather than about the route.
+/// A 404 about the sandbox itself (no fallback can help) rather than about the route; codes
+/// come in either case (`SANDBOX_NOT_FOUND` from some servers).
 fn is_sandbox_missing(e: &MiosaError) -> bool {
-    matches!(e, MiosaError::Api { code, .. } if code == "sandbox_not_found")
+    matches!(e, MiosaError::Api { code, .. } if code.eq_ignore_ascii_case("sandbox_not_found"))
 }

@@ -161,6 +161,30 @@ impl Executor {
         )))
     }
 
+    /// Makes sure the registry holds the sandbox itself (not only data about it), reading it
+    /// from the platform when it does not, so a record never stands in for an unknown sandbox.
+    pub(crate) async fn ensure_recorded(&self, sandbox_id: &str) -> Result<(), ServiceError> {
+        if self
+            .record(sandbox_id)
+            .await?
+            .is_some_and(|r| r.sandbox.is_some())
+        {
+            return Ok(());
+        }
+        let got = self
+            .client
+            .get_sandbox(sandbox_id)
+            .await
+            .map_err(platform_error)?;
+        let created_by = got
+            .get("metadata")
+            .and_then(|m| m.get(CREATED_BY_KEY))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        self.remember(&convert::sandbox(&got), &created_by).await
+    }
+
     /// A sandbox's record, if the registry has one.
     pub(crate) async fn record(
         &self,
@@ -333,6 +357,11 @@ impl Executor {
         if req.command.trim().is_empty() {
             return Err(ServiceError::invalid_input("command: is required"));
         }
+        if req.timeout_ms > MAX_EXEC_TIMEOUT_MS {
+            return Err(ServiceError::invalid_input(format!(
+                "timeout_ms: at most {MAX_EXEC_TIMEOUT_MS} (an hour); run longer work as a process"
+            )));
+        }
         let timeout = (req.timeout_ms > 0).then(|| Duration::from_millis(req.timeout_ms));
         let cwd = Some(req.cwd.as_str()).filter(|c| !c.is_empty());
         let ran = self
@@ -363,6 +392,9 @@ impl Executor {
         })
     }
 }
+
+/// Longest command `exec` waits for: an hour (sandboxd's bound; longer work is a process).
+const MAX_EXEC_TIMEOUT_MS: u64 = 3_600_000;
 
 fn now() -> pbjson_types::Timestamp {
     let t = time::OffsetDateTime::now_utc();

@@ -12,6 +12,26 @@ use slipway_proto::v1::{
 
 use super::{Executor, platform_error, required, resource};
 
+/// Slipway's metadata on a sandbox made for a run: the caller's, then the run, branch and the
+/// key that made it (so a sandbox made just before a crash is found and adopted).
+pub(crate) fn slipway_metadata(
+    run_id: &str,
+    branch: &str,
+    extra: &std::collections::HashMap<String, String>,
+    key: &str,
+) -> serde_json::Map<String, Value> {
+    let mut metadata: serde_json::Map<String, Value> =
+        extra.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    if !run_id.is_empty() {
+        metadata.insert(RUN_KEY.into(), json!(run_id));
+    }
+    if !branch.is_empty() {
+        metadata.insert(BRANCH_KEY.into(), json!(branch));
+    }
+    metadata.insert(CREATED_BY_KEY.into(), json!(key));
+    metadata
+}
+
 /// Longest activity timeout a sandbox may be given: 30 days.
 const MAX_TIMEOUT_SEC: u64 = 30 * 86_400;
 use crate::convert::{self, BRANCH_KEY, CREATED_BY_KEY, RUN_KEY};
@@ -51,7 +71,9 @@ impl Executor {
         })
     }
 
-    /// A lifecycle action; the platform answers with the sandbox (read again if it does not).
+    /// A lifecycle action. The platform answers with the sandbox; an answer without its
+    /// attribution or metadata may be partial (the SDKs merge it into what they hold), so the
+    /// sandbox is then read again rather than recorded without its end user or run.
     async fn lifecycle(
         &self,
         sandbox_id: &str,
@@ -66,12 +88,15 @@ impl Executor {
             .lifecycle(sandbox_id, action, body, idempotency_key)
             .await
             .map_err(platform_error)?;
-        let got = match answer
+        let whole = answer
             .get("id")
             .and_then(crate::miosa::decode::string_or_number)
-        {
-            Some(_) => answer,
-            None => self
+            .is_some()
+            && answer.get("metadata").is_some_and(Value::is_object)
+            && answer.get("external_user_id").is_some();
+        let got = match whole {
+            true => answer,
+            false => self
                 .client
                 .get_sandbox(sandbox_id)
                 .await
@@ -122,13 +147,27 @@ impl Executor {
     }
 
     /// Starts again each recorded restartable process whose name the platform no longer lists
-    /// as running. The start's key derives from the resume's, so a retried resume starts each
-    /// at most once.
+    /// as running, once the sandbox is command-ready. The start's key derives from the
+    /// resume's, so a retried resume starts each at most once. A process that cannot be started
+    /// is logged and left for the next resume: the resume itself happened.
     async fn relaunch(&self, sandbox_id: &str, key: &str) -> Result<(), ServiceError> {
         let Some(record) = self.record(sandbox_id).await? else {
             return Ok(());
         };
         if record.restart.is_empty() {
+            return Ok(());
+        }
+        let ready = self
+            .readiness(ReadinessRequest {
+                sandbox_id: sandbox_id.to_string(),
+                wait_ms: 30_000,
+            })
+            .await?;
+        if !ready.ready {
+            tracing::warn!(
+                sandbox_id,
+                "not command-ready after a resume: nothing relaunched"
+            );
             return Ok(());
         }
         let listed = self
@@ -146,23 +185,28 @@ impl Executor {
             .collect();
         for spec in record.restart.iter().filter(|s| !running.contains(&s.name)) {
             let key = format!("{key}:relaunch:{}", spec.name);
-            self.client
+            let body =
+                super::workspace::process_body(&spec.command, &spec.cwd, &spec.env, &spec.name);
+            let started = self
+                .client
                 .request(
                     "process.start",
                     Method::POST,
                     format!("/sandboxes/{sandbox_id}/processes"),
                     vec![],
-                    Some(super::workspace::process_body(
-                        &spec.command,
-                        &spec.cwd,
-                        &spec.env,
-                        &spec.name,
-                    )),
+                    Some(body),
                     Some(&key),
                 )
-                .await
-                .map_err(platform_error)?;
-            tracing::info!(sandbox_id, process = %spec.name, "relaunched after a resume");
+                .await;
+            match started {
+                Ok(_) => {
+                    tracing::info!(sandbox_id, process = %spec.name, "relaunched after a resume");
+                }
+                Err(e) => tracing::warn!(
+                    sandbox_id, process = %spec.name, error = %e,
+                    "could not relaunch after a resume"
+                ),
+            }
         }
         Ok(())
     }
@@ -183,9 +227,17 @@ impl Executor {
                 .await?;
             let ready = convert::is_ready(&got);
             if ready || tokio::time::Instant::now() >= deadline {
+                // MIOSA's readiness answer may not carry the state: read the sandbox for it.
                 let state = match got.get("state") {
                     Some(_) => convert::sandbox(&got).state,
-                    None => 0,
+                    None => {
+                        let sandbox = self
+                            .client
+                            .get_sandbox(&req.sandbox_id)
+                            .await
+                            .map_err(platform_error)?;
+                        convert::sandbox(&sandbox).state
+                    }
                 };
                 return Ok(ReadinessReply {
                     ready,
@@ -238,32 +290,38 @@ impl Executor {
         })
     }
 
-    /// An independent sandbox from the live one or a snapshot, recorded like a create. The fork
-    /// goes with MIOSA's public body (`snapshot_id`, and the end user as the SDKs send it); the
-    /// run, branch, name and metadata then go onto the new sandbox with `PATCH`, where MIOSA
-    /// keeps caller data. A retry with the same key gets the same fork and patches it again.
+    /// An independent sandbox from the live one or a snapshot, recorded like a create. The body
+    /// is what the Python SDK sends (`snapshot_id`, `name`, `metadata`, `external_user_id`);
+    /// the run, branch and creating key go in `metadata`, where MIOSA keeps caller data. A
+    /// platform that takes only the public body (`timeout_sec`, `template_id`, `snapshot_id`)
+    /// answers without them: the fork is then recorded and counted first, and they are written
+    /// with `PATCH`. A retry with the same key gets the same fork and checks it again.
     pub async fn fork(&self, req: ForkSandboxRequest) -> Result<SandboxReply, ServiceError> {
         resource("sandbox_id", &req.sandbox_id)?;
         required("idempotency_key", &req.idempotency_key)?;
         if !req.snapshot_id.is_empty() {
             resource("snapshot_id", &req.snapshot_id)?;
         }
-        if let Some(a) = &req.attribution
-            && (!a.project_id.is_empty() || !a.workspace_id.is_empty())
-        {
-            return Err(ServiceError::invalid_input(
-                "attribution: a fork keeps its parent's project and workspace (MIOSA's fork \
-                 takes no others); only user_id may be set",
-            ));
+        let attribution = req.attribution.clone().unwrap_or_default();
+        if !attribution.project_id.is_empty() || !attribution.workspace_id.is_empty() {
+            self.check_parent_attribution(&req.sandbox_id, &attribution)
+                .await?;
         }
-        let mut body = json!({});
+        let metadata = slipway_metadata(
+            &req.run_id,
+            &req.branch,
+            &req.metadata,
+            &req.idempotency_key,
+        );
+        let mut body = json!({ "metadata": metadata });
         if !req.snapshot_id.is_empty() {
             body["snapshot_id"] = json!(req.snapshot_id);
         }
-        if let Some(a) = &req.attribution
-            && !a.user_id.is_empty()
-        {
-            body["external_user_id"] = json!(a.user_id);
+        if !req.name.is_empty() {
+            body["name"] = json!(req.name);
+        }
+        if !attribution.user_id.is_empty() {
+            body["external_user_id"] = json!(attribution.user_id);
         }
         let forked = self
             .client
@@ -278,24 +336,36 @@ impl Executor {
             .await
             .map_err(platform_error)?;
         let forked = forked.get("sandbox").cloned().unwrap_or(forked);
-        let id = convert::sandbox(&forked).id;
-        if id.is_empty() {
+        let mut sandbox = convert::sandbox(&forked);
+        if sandbox.id.is_empty() {
             return Err(ServiceError::unavailable(
                 "the platform's fork answer has no sandbox id",
             ));
         }
-        let tagged = self
-            .tag(
-                &id,
-                &req.run_id,
-                &req.branch,
-                &req.name,
-                &req.metadata,
-                &req.idempotency_key,
-                "sandbox.fork",
-            )
-            .await?;
-        let sandbox = convert::sandbox(&tagged);
+        let kept = forked.get("metadata");
+        let named =
+            req.name.is_empty() || forked.get("name").and_then(Value::as_str) == Some(&req.name);
+        let tagged = metadata
+            .iter()
+            .all(|(k, v)| kept.and_then(|m| m.get(k)) == Some(v));
+        if !(named && tagged) {
+            // Recorded first, so a crash before the PATCH leaves a sandbox the registry knows.
+            sandbox.run_id = req.run_id.clone();
+            sandbox.branch = req.branch.clone();
+            self.remember(&sandbox, &req.idempotency_key).await?;
+            self.count_created(&sandbox, &req.idempotency_key).await?;
+            let patched = self
+                .tag(
+                    &sandbox.id,
+                    kept,
+                    &metadata,
+                    &req.name,
+                    &req.idempotency_key,
+                    "sandbox.fork",
+                )
+                .await?;
+            sandbox = convert::sandbox(&patched);
+        }
         self.remember(&sandbox, &req.idempotency_key).await?;
         self.count_created(&sandbox, &req.idempotency_key).await?;
         Ok(SandboxReply {
@@ -303,29 +373,55 @@ impl Executor {
         })
     }
 
-    /// Writes Slipway's metadata (run, branch, the key that made it) and the caller's onto a
-    /// sandbox the platform made on our behalf, so reaping and adoption find it; returns the
+    /// A fork keeps its parent's project and workspace (MIOSA's fork has no field for them):
+    /// asking for others is refused.
+    async fn check_parent_attribution(
+        &self,
+        parent_id: &str,
+        asked: &slipway_proto::v1::Attribution,
+    ) -> Result<(), ServiceError> {
+        let parent = match self.record(parent_id).await?.and_then(|r| r.sandbox) {
+            Some(s) => s,
+            None => convert::sandbox(
+                &self
+                    .client
+                    .get_sandbox(parent_id)
+                    .await
+                    .map_err(platform_error)?,
+            ),
+        };
+        let has = parent.attribution.unwrap_or_default();
+        for (field, asked, has) in [
+            ("project_id", &asked.project_id, &has.project_id),
+            ("workspace_id", &asked.workspace_id, &has.workspace_id),
+        ] {
+            if !asked.is_empty() && asked != has {
+                return Err(ServiceError::invalid_input(format!(
+                    "attribution.{field}: a fork keeps its parent's ({has:?}), not {asked:?}; \
+                     MIOSA's fork takes no other"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes Slipway's metadata (and a name) onto a sandbox the platform made for us without
+    /// them, merged into the metadata it has (MIOSA may replace rather than merge); returns the
     /// sandbox as the platform answers.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn tag(
         &self,
         sandbox_id: &str,
-        run_id: &str,
-        branch: &str,
+        existing: Option<&Value>,
+        ours: &serde_json::Map<String, Value>,
         name: &str,
-        extra: &std::collections::HashMap<String, String>,
         key: &str,
         op: &str,
     ) -> Result<Value, ServiceError> {
-        let mut metadata: serde_json::Map<String, Value> =
-            extra.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-        if !run_id.is_empty() {
-            metadata.insert(RUN_KEY.into(), json!(run_id));
-        }
-        if !branch.is_empty() {
-            metadata.insert(BRANCH_KEY.into(), json!(branch));
-        }
-        metadata.insert(CREATED_BY_KEY.into(), json!(key));
+        let mut metadata = existing
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        metadata.extend(ours.clone());
         let mut patch = json!({ "metadata": metadata });
         if !name.is_empty() {
             patch["name"] = json!(name);

@@ -113,20 +113,37 @@ impl Executor {
                     .map_err(platform_error)?,
             ),
         };
-        let tagged = self
-            .tag(
-                &restored.id,
-                &source.run_id,
-                &source.branch,
-                "",
-                &Default::default(),
-                &req.idempotency_key,
-                "snapshot.restore",
-            )
-            .await?;
-        let sandbox = convert::sandbox(&tagged);
+        // Recorded and counted first, so a crash before the PATCH leaves a sandbox the registry
+        // knows (with the source's run), billed once whatever happens after.
+        let mut sandbox = restored;
+        sandbox.run_id = source.run_id.clone();
+        sandbox.branch = source.branch.clone();
         self.remember(&sandbox, &req.idempotency_key).await?;
         self.count_created(&sandbox, &req.idempotency_key).await?;
+        let metadata = super::sandboxes::slipway_metadata(
+            &source.run_id,
+            &source.branch,
+            &Default::default(),
+            &req.idempotency_key,
+        );
+        let kept = answer.get("metadata");
+        if !metadata
+            .iter()
+            .all(|(k, v)| kept.and_then(|m| m.get(k)) == Some(v))
+        {
+            let tagged = self
+                .tag(
+                    &sandbox.id,
+                    kept,
+                    &metadata,
+                    "",
+                    &req.idempotency_key,
+                    "snapshot.restore",
+                )
+                .await?;
+            sandbox = convert::sandbox(&tagged);
+            self.remember(&sandbox, &req.idempotency_key).await?;
+        }
         tracing::info!(source = %req.sandbox_id, sandbox = %sandbox.id, "a restore made a new sandbox");
         Ok(SandboxReply {
             sandbox: Some(sandbox),

@@ -19,14 +19,35 @@ const MAX_TREE_DEPTH: u32 = 10;
 /// Largest file `files.read` returns over NATS (the default max payload is 1 MiB; leave room).
 const MAX_READ: usize = 900 * 1024;
 
+/// A path in the sandbox. `.` and `..` segments are refused: on a route that carries the path
+/// in the URL (the legacy download), the URL parser would resolve them against the route and
+/// reach another sandbox's files under the one shared API key.
 fn path_of(path: &str) -> Result<String, ServiceError> {
     if path.is_empty() || path.contains('\0') {
         return Err(ServiceError::invalid_input(
             "path: is required, without NUL",
         ));
     }
+    if path.split('/').any(|s| s == "." || s == "..") {
+        return Err(ServiceError::invalid_input(
+            "path: `.` and `..` segments are not allowed; give the path from /workspace or as relative without them",
+        ));
+    }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(ServiceError::invalid_input(format!(
+            "path: longer than {MAX_PATH_BYTES} bytes"
+        )));
+    }
     Ok(path.to_string())
 }
+
+/// Longest path the executor passes on (Linux's PATH_MAX).
+const MAX_PATH_BYTES: usize = 4096;
+
+/// At most this many processes per sandbox are kept to relaunch on resume.
+const MAX_RESTART_SPECS: usize = 16;
+/// Largest restart spec (command, cwd and environment), in bytes.
+const MAX_RESTART_SPEC_BYTES: usize = 16 * 1024;
 
 /// The body of `POST /processes` as the SDKs send it: `command`, `env`, `name`, and `cwd`
 /// (which the Elixir SDK and Python's background `commands.run` send).
@@ -58,14 +79,15 @@ fn generated_name(key: &str) -> String {
     format!("slipway-{hash:016x}")
 }
 
-/// The platform's key for a stop: the caller's, or one of its own for this call (pids repeat,
-/// so a fixed key per pid would turn a later stop into a replay of an old one).
-fn stop_key(caller: &str) -> String {
+/// The platform's key for a stop: the caller's (tied to this sandbox and pid, so a key reused
+/// for another process is not a replay), or one of its own for this call (pids repeat, so a
+/// fixed key per pid would turn a later stop into a replay of an old one).
+fn stop_key(caller: &str, sandbox: &str, pid: &str) -> String {
     if caller.is_empty() {
         let n: u128 = rand::random();
         format!("stop-{n:032x}")
     } else {
-        caller.to_string()
+        format!("{caller}:{sandbox}:{pid}")
     }
 }
 
@@ -189,9 +211,9 @@ impl Executor {
         Ok(DeleteFileReply {})
     }
 
-    /// Starts a background process with the SDKs' body. A process to relaunch on resume is
-    /// recorded in the executor's sandbox record first (MIOSA has no field for it), under a
-    /// name the resume can look for.
+    /// Starts a background process with the SDKs' body. A process to relaunch on resume is then
+    /// recorded in the executor's sandbox record (MIOSA has no field for it), under a name the
+    /// resume can look for.
     pub async fn start_process(
         &self,
         req: StartProcessRequest,
@@ -201,23 +223,40 @@ impl Executor {
         if req.command.trim().is_empty() {
             return Err(ServiceError::invalid_input("command: is required"));
         }
+        slipway_proto::validate::check_id("name", &req.name, false).map_err(ServiceError::from)?;
         let name = if req.name.is_empty() && req.restart_on_resume {
             generated_name(&req.idempotency_key)
         } else {
             req.name.clone()
         };
+        let spec = RestartSpec {
+            name: name.clone(),
+            command: req.command.clone(),
+            cwd: req.cwd.clone(),
+            env: req.env.clone(),
+        };
         if req.restart_on_resume {
-            let spec = RestartSpec {
-                name: name.clone(),
-                command: req.command.clone(),
-                cwd: req.cwd.clone(),
-                env: req.env.clone(),
-            };
-            self.modify_record(&req.sandbox_id, |record| {
-                record.restart.retain(|s| s.name != spec.name);
-                record.restart.push(spec.clone());
-            })
-            .await?;
+            let size = spec.command.len()
+                + spec.cwd.len()
+                + spec
+                    .env
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
+            if size > MAX_RESTART_SPEC_BYTES {
+                return Err(ServiceError::invalid_input(format!(
+                    "restart_on_resume: command, cwd and env are {size} bytes; a process to \
+                     relaunch keeps at most {MAX_RESTART_SPEC_BYTES}"
+                )));
+            }
+            let kept = self.record(&req.sandbox_id).await?.map(|r| r.restart);
+            let known = kept.iter().flatten().any(|s| s.name == name);
+            if !known && kept.is_some_and(|k| k.len() >= MAX_RESTART_SPECS) {
+                return Err(ServiceError::invalid_input(format!(
+                    "restart_on_resume: the sandbox already has {MAX_RESTART_SPECS} processes \
+                     to relaunch"
+                )));
+            }
         }
         let started = self
             .client
@@ -231,6 +270,15 @@ impl Executor {
             )
             .await
             .map_err(platform_error)?;
+        if req.restart_on_resume {
+            // After the platform accepted it, so a refused start leaves nothing to relaunch.
+            self.ensure_recorded(&req.sandbox_id).await?;
+            self.modify_record(&req.sandbox_id, |record| {
+                record.restart.retain(|s| s.name != spec.name);
+                record.restart.push(spec.clone());
+            })
+            .await?;
+        }
         let mut process = convert::process(&started);
         process.restart_on_resume = req.restart_on_resume;
         Ok(ProcessReply {
@@ -271,9 +319,29 @@ impl Executor {
         })
     }
 
+    /// Stops a process; one the caller stops is no longer relaunched on resume.
     pub async fn stop_process(&self, req: ProcessRef) -> Result<ProcessReply, ServiceError> {
         resource("sandbox_id", &req.sandbox_id)?;
         resource("process_id", &req.process_id)?;
+        slipway_proto::validate::check_id("idempotency_key", &req.idempotency_key, false)
+            .map_err(ServiceError::from)?;
+        let restart = self
+            .record(&req.sandbox_id)
+            .await?
+            .map(|r| r.restart)
+            .unwrap_or_default();
+        let name = if restart.is_empty() {
+            String::new()
+        } else {
+            let got = self
+                .platform_get(
+                    "process.get",
+                    format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
+                    vec![],
+                )
+                .await?;
+            convert::process(&got).name
+        };
         let got = self
             .client
             .request(
@@ -282,10 +350,20 @@ impl Executor {
                 format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
                 vec![],
                 None,
-                Some(&stop_key(&req.idempotency_key)),
+                Some(&stop_key(
+                    &req.idempotency_key,
+                    &req.sandbox_id,
+                    &req.process_id,
+                )),
             )
             .await
             .map_err(platform_error)?;
+        if !name.is_empty() && restart.iter().any(|s| s.name == name) {
+            self.modify_record(&req.sandbox_id, |record| {
+                record.restart.retain(|s| s.name != name);
+            })
+            .await?;
+        }
         Ok(ProcessReply {
             process: Some(convert::process(&got)),
         })

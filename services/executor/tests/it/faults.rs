@@ -451,23 +451,68 @@ async fn a_read_falls_back_to_the_legacy_download_and_decodes_its_json_answer() 
 }
 
 #[tokio::test]
-async fn a_delete_goes_to_the_fs_route_and_falls_back_to_the_clis() {
+async fn a_delete_goes_to_the_documented_route_and_falls_back_to_the_fs_family() {
     let fake = Fake::default();
     fake.on(
-        "DELETE /sandboxes/sbx_1/files",
+        "DELETE /sandboxes/sbx_1/fs",
         vec![reply(200, r#"{"data":{}}"#)],
     );
     let c = client(&fake, |_| {}).await;
     c.delete_file("sbx_1", "src/old", true, "run_1:del:1")
         .await
         .unwrap();
-    let canonical = fake.requests("DELETE /sandboxes/sbx_1/fs");
-    assert_eq!(canonical.len(), 1);
-    let legacy = fake.requests("DELETE /sandboxes/sbx_1/files");
-    let body: serde_json::Value = serde_json::from_str(&legacy[0].body).unwrap();
-    assert_eq!(body, json!({"path": "src/old"}));
+    let documented = fake.requests("DELETE /sandboxes/sbx_1/files");
+    let body: serde_json::Value = serde_json::from_str(&documented[0].body).unwrap();
+    assert_eq!(body, json!({"path": "src/old", "recursive": true}));
+    assert_eq!(fake.requests("DELETE /sandboxes/sbx_1/fs").len(), 1);
+    // Where the documented route answers, there is no second request; `recursive` is sent only
+    // when asked for (the Go CLI's body is `{path}`).
+    let fake = Fake::default();
+    fake.on(
+        "DELETE /sandboxes/sbx_1/files",
+        vec![reply(200, r#"{"data":{}}"#)],
+    );
+    let c = client(&fake, |_| {}).await;
+    c.delete_file("sbx_1", "a.txt", false, "run_1:del:2")
+        .await
+        .unwrap();
     let logged = fake.log.lock().unwrap().clone();
-    assert!(logged.iter().all(|l| l.method == "DELETE"), "{logged:?}");
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    let body: serde_json::Value = serde_json::from_str(&logged[0].body).unwrap();
+    assert_eq!(body, json!({"path": "a.txt"}));
+}
+
+#[tokio::test]
+async fn a_canonical_download_is_the_files_bytes_even_when_they_look_like_json() {
+    let fake = Fake::default();
+    let file = r#"{"data":{"content":"aGk="}}"#;
+    fake.on("GET /sandboxes/sbx_1/fs/download", vec![reply(200, file)]);
+    let c = client(&fake, |_| {}).await;
+    let got = c.read_file("sbx_1", "/workspace/data.json").await.unwrap();
+    assert_eq!(&got[..], file.as_bytes());
+}
+
+#[tokio::test]
+async fn idempotency_keys_of_any_text_make_valid_headers() {
+    let fake = Fake::default();
+    fake.on("POST /sandboxes", vec![reply(201, SANDBOX)]);
+    let c = client(&fake, |_| {}).await;
+    for key in ["run_1:é:1", "a b%c", "tab\there"] {
+        c.create_sandbox(json!({}), key).await.unwrap();
+    }
+    let sent: Vec<String> = fake
+        .requests("POST /sandboxes")
+        .iter()
+        .map(|l| l.headers["idempotency-key"].to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        sent,
+        vec![
+            "run_1:%C3%A9:1:sandbox.create",
+            "a%20b%25c:sandbox.create",
+            "tab%09here:sandbox.create"
+        ]
+    );
 }
 
 #[tokio::test]

@@ -144,20 +144,23 @@ async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(logs.contains("up"), "{logs:?}");
-    // Both die (as all processes do across a MIOSA pause), then the sandbox resumes.
+    // Both die (as all processes do across a MIOSA pause; here ended at sandboxd itself, not
+    // through the executor), then the sandbox resumes.
     for p in [&kept, &other] {
-        let _: ProcessReply = rpc
-            .call(
-                &op("process.stop"),
-                &ProcessRef {
-                    sandbox_id: id.clone(),
-                    process_id: p.id.clone(),
-                    ..Default::default()
-                },
-            )
+        let status = slipway_test_support::http()
+            .delete(format!(
+                "{}/sandboxes/{id}/processes/{}",
+                sd.base_url(),
+                p.id
+            ))
+            .bearer_auth("msk_test")
+            .send()
             .await
-            .unwrap();
+            .unwrap()
+            .status();
+        assert!(status.is_success(), "{status}");
     }
+    assert_ne!(other.name, kept.name);
     let sandbox = |key: &str| SandboxRef {
         sandbox_id: id.clone(),
         idempotency_key: key.into(),
@@ -204,6 +207,20 @@ async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_
         record.created_by, "relaunch:1",
         "the record keeps who made it"
     );
+    // A process the caller stops is not relaunched again.
+    let _: ProcessReply = rpc
+        .call(
+            &op("process.stop"),
+            &ProcessRef {
+                sandbox_id: id.clone(),
+                process_id: running[0].id.clone(),
+                idempotency_key: "relaunch:stop".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let (record, _) = records.get(&id).await.unwrap().unwrap();
+    assert!(record.restart.is_empty(), "{:?}", record.restart);
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }
@@ -285,6 +302,61 @@ async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
             .unwrap_err();
         assert!(refused(e).contains("timeout_sec"));
     }
+    // Paths that would climb out of the route they ride in.
+    for path in ["../sbx_other/files/x", "/workspace/../../x", "a/./b", ".."] {
+        let e = rpc
+            .call::<_, ReadFileReply>(
+                &op("files.read"),
+                &ReadFileRequest {
+                    sandbox_id: id.clone(),
+                    path: path.into(),
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(refused(e).contains("segments"), "{path}");
+    }
+    // A process name that cannot be a name; an hour-plus exec; a snapshot id that is a path.
+    let e = rpc
+        .call::<_, ProcessReply>(
+            &op("process.start"),
+            &StartProcessRequest {
+                sandbox_id: id.clone(),
+                idempotency_key: "refuse:p".into(),
+                command: "true".into(),
+                name: "dev\nserver".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(refused(e).contains("name"));
+    let e = rpc
+        .call::<_, ExecReply>(
+            &op("exec"),
+            &ExecRequest {
+                sandbox_id: id.clone(),
+                command: "true".into(),
+                timeout_ms: 3_600_001,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(refused(e).contains("timeout_ms"));
+    let e = rpc
+        .call::<_, SandboxReply>(
+            &op("sandbox.fork"),
+            &ForkSandboxRequest {
+                sandbox_id: id.clone(),
+                snapshot_id: "../snap".into(),
+                idempotency_key: "refuse:fork:snap".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(refused(e).contains("snapshot_id"));
     // None of it reached the platform: still one sandbox, no fork.
     let at_sandboxd = crate::harness::sandboxes_at_sandboxd(&sd).await;
     assert_eq!(at_sandboxd.len(), 1);
@@ -301,6 +373,30 @@ async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
         .await
         .unwrap();
     assert_eq!(extended.sandbox.unwrap().id, id);
+    // Naming the parent's own project is no change, so the fork goes ahead, with the run's tags.
+    let forked: SandboxReply = rpc
+        .call(
+            &op("sandbox.fork"),
+            &ForkSandboxRequest {
+                sandbox_id: id.clone(),
+                idempotency_key: "refuse:fork:same".into(),
+                run_id: "run_f".into(),
+                branch: "b2".into(),
+                attribution: Some(Attribution {
+                    user_id: "a.b@c d".into(),
+                    project_id: "p1".into(),
+                    workspace_id: String::new(),
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let forked = forked.sandbox.unwrap();
+    assert_eq!(
+        (forked.run_id.as_str(), forked.branch.as_str()),
+        ("run_f", "b2")
+    );
     let stopped: SandboxReply = rpc
         .call(
             &op("sandbox.stop"),

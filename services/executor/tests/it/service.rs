@@ -31,8 +31,21 @@ pub(crate) async fn executor_at(
     tokio::task::JoinHandle<anyhow::Result<()>>,
     tempfile::TempDir,
 ) {
+    executor_with(nats, base_url, &[]).await
+}
+
+/// As `executor_at`, with `extra` settings (as environment variables).
+pub(crate) async fn executor_with(
+    nats: &NatsServer,
+    base_url: &str,
+    extra: &[(&str, &str)],
+) -> (
+    Shutdown,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
-    let (_, settings) = crate::harness::configure(nats, base_url, dir.path(), &[]).await;
+    let (_, settings) = crate::harness::configure(nats, base_url, dir.path(), extra).await;
     let shutdown = Shutdown::new();
     let app = slipway_common::App::start(Service::Executor, settings, shutdown.clone())
         .await
