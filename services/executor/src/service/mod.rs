@@ -34,6 +34,8 @@ pub struct Executor {
     pub jetstream: async_nats::jetstream::Context,
     /// Deployment id -> URL (immutable once the deployment exists).
     deployment_urls: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Template id -> preview port (a template's port does not change).
+    preview_ports: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 pub(crate) fn platform_error(e: MiosaError) -> ServiceError {
@@ -85,6 +87,7 @@ impl Executor {
             jetstream: async_nats::jetstream::new(nats.clone()),
             nats,
             deployment_urls: Default::default(),
+            preview_ports: Default::default(),
         }
     }
 
@@ -183,6 +186,19 @@ impl Executor {
             .unwrap_or_default()
             .to_string();
         self.remember(&convert::sandbox(&got), &created_by).await
+    }
+
+    fn known_port(&self, template_id: &str) -> Option<u32> {
+        self.preview_ports
+            .lock()
+            .ok()
+            .and_then(|m| m.get(template_id).copied())
+    }
+
+    fn remember_port(&self, template_id: &str, port: u32) {
+        if let Ok(mut m) = self.preview_ports.lock() {
+            m.insert(template_id.to_string(), port);
+        }
     }
 
     /// A sandbox's record, if the registry has one.

@@ -106,7 +106,9 @@ impl Executor {
         })
     }
 
-    /// The port a sandbox's preview token opens: its template's preview port.
+    /// The port a sandbox's preview token opens: its template's preview port, read from the
+    /// platform's `GET /sandbox-templates/{id}` (which resolves aliases) and kept, since a
+    /// template's port does not change.
     async fn preview_port(&self, sandbox_id: &str) -> Result<u32, ServiceError> {
         let template_id = match self.record(sandbox_id).await?.and_then(|r| r.sandbox) {
             Some(s) if !s.template_id.is_empty() => s.template_id,
@@ -121,23 +123,30 @@ impl Executor {
                 .template_id
             }
         };
-        let catalog = self.templates(Default::default()).await?;
         let id = if template_id.is_empty() {
-            catalog.default_template_id.clone()
+            "miosa-sandbox".to_string()
         } else {
             template_id
         };
-        catalog
-            .templates
-            .iter()
-            .find(|t| t.id == id)
-            .map(|t| t.preview_port)
+        if let Some(port) = self.known_port(&id) {
+            return Ok(port);
+        }
+        resource("template_id", &id)?;
+        let got = self
+            .platform_get("templates.get", format!("/sandbox-templates/{id}"), vec![])
+            .await?;
+        let port = got
+            .get("preview_port")
+            .and_then(Value::as_u64)
+            .and_then(|p| u32::try_from(p).ok())
             .filter(|p| *p != 0)
             .ok_or_else(|| {
                 ServiceError::invalid_input(format!(
                     "port: template `{id}` has no preview port; leave port unset"
                 ))
-            })
+            })?;
+        self.remember_port(&id, port);
+        Ok(port)
     }
 
     pub async fn share_preview(

@@ -184,7 +184,8 @@ fn shape(v: &Value) -> Value {
         Value::Number(n) if n.is_i64() || n.is_u64() => "integer".into(),
         Value::Number(_) => "number".into(),
         Value::Bool(_) => "bool".into(),
-        Value::Null => Value::Null,
+        // An explicit null is a value the other side may not accept.
+        Value::Null => "null".into(),
     }
 }
 
