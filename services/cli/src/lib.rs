@@ -44,6 +44,26 @@ pub enum Command {
     },
     /// Print the effective configuration, secrets masked.
     Config,
+    /// Dead letters: messages a worker gave up, with the reason (admin principal).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first: sequence, stream, subject, reason code and reason.
+    List {
+        /// Only those of this stream (`PROMPTS`, `USAGE`, `DEPLOY_JOBS`, ...).
+        stream: Option<String>,
+    },
+    /// Put dead letter SEQ back on its original subject (once the cause is fixed) and remove it
+    /// from the dead letters.
+    Replay {
+        /// Its sequence in the `DLQ` stream, as `list` shows it.
+        seq: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,6 +89,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Setup { update, check } => {
             let settings = settings()?;
             setup_command(&settings, update, check).await
+        }
+        Command::Dlq { command } => {
+            let client = connect_once(&settings()?).await?;
+            let js = async_nats::jetstream::new(client);
+            dlq_command(&js, command).await
         }
         Command::Auth {
             command: AuthCommand::Generate { out_dir },
@@ -148,6 +173,37 @@ async fn setup_command(settings: &Settings, update: bool, check: bool) -> Result
     } else {
         println!("configuration drifted: `slipway setup --update` corrects what JetStream allows");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn dlq_command(js: &async_nats::jetstream::Context, command: DlqCommand) -> Result<ExitCode> {
+    use slipway_common::deadletter;
+    match command {
+        DlqCommand::List { stream } => {
+            let entries = deadletter::list(js, stream.as_deref()).await?;
+            if entries.is_empty() {
+                println!("no dead letters");
+            }
+            for e in entries {
+                println!(
+                    "{seq}\t{stream}#{orig}\t{subject}\t{code}\tdelivered {n}\t{time}\t{message}",
+                    seq = e.sequence,
+                    stream = e.reason.stream,
+                    orig = e.reason.stream_sequence,
+                    subject = e.reason.subject,
+                    code = e.reason.code,
+                    n = e.reason.delivered,
+                    time = e.time,
+                    message = e.reason.message,
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Replay { seq } => {
+            let new = deadletter::replay(js, seq).await?;
+            println!("dead letter {seq} replayed (stream sequence {new})");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -99,6 +99,48 @@ impl App {
         Ok(host)
     }
 
+    /// What a durable-consumer worker of this service shares: its JetStream, shutdown and
+    /// metrics.
+    pub fn worker_context(&self) -> crate::worker::WorkerContext {
+        crate::worker::WorkerContext {
+            jetstream: self.jetstream.clone(),
+            shutdown: self.shutdown.clone(),
+            metrics: self.health.metrics().clone(),
+        }
+    }
+
+    /// Hands the messages of the durable consumer `spec` to `handler`, one at a time each, at
+    /// most `spec.max_in_flight` at once (see `worker`).
+    pub async fn worker<M, F, Fut>(
+        &self,
+        spec: crate::worker::WorkerSpec,
+        handler: F,
+    ) -> Result<(), crate::worker::WorkerError>
+    where
+        M: slipway_proto::WireMessage + 'static,
+        F: Fn(M, crate::worker::Delivery) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<(), crate::worker::HandlerError>> + Send + 'static,
+    {
+        crate::worker::start(self.worker_context(), spec, handler).await
+    }
+
+    /// As `worker`, with a handler for batches.
+    pub async fn batch_worker<M, F, Fut>(
+        &self,
+        spec: crate::worker::WorkerSpec,
+        batch: crate::worker::BatchSpec,
+        handler: F,
+    ) -> Result<(), crate::worker::WorkerError>
+    where
+        M: slipway_proto::WireMessage + 'static,
+        F: Fn(Vec<crate::worker::Item<M>>) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Vec<Result<(), crate::worker::HandlerError>>>
+            + Send
+            + 'static,
+    {
+        crate::worker::start_batches(self.worker_context(), spec, batch, handler).await
+    }
+
     /// Runs until shutdown is triggered, then shuts down gracefully.
     pub async fn run(self) -> anyhow::Result<()> {
         self.shutdown.triggered().await;

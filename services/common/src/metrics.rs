@@ -1,11 +1,13 @@
-//! Prometheus metrics shared by the kit: requests by operation and outcome, and their latency.
-//! Services register their own metrics in the same registry.
+//! Prometheus metrics shared by the kit: requests by operation and outcome, and their latency;
+//! consumer workers' messages by outcome, handler latency and pending counts. Services register
+//! their own metrics in the same registry.
 
 use std::sync::Mutex;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -15,6 +17,9 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<Labels, Counter>,
     latency: Family<Labels, Histogram>,
+    consumer_messages: Family<Labels, Counter>,
+    handler_latency: Family<Labels, Histogram>,
+    consumer_pending: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -46,11 +51,60 @@ impl Metrics {
             "Time to handle a service request, by operation",
             latency.clone(),
         );
+        let consumer_messages = Family::<Labels, Counter>::default();
+        let handler_latency = Family::<Labels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 20))
+        });
+        let consumer_pending = Family::<Labels, Gauge>::default();
+        registry.register(
+            "consumer_messages",
+            "Messages of a durable consumer by outcome: delivered, redelivered, acked, nakked, dead_lettered",
+            consumer_messages.clone(),
+        );
+        registry.register(
+            "consumer_handler_duration_seconds",
+            "Time a consumer's handler took, per message or batch",
+            handler_latency.clone(),
+        );
+        registry.register(
+            "consumer_pending",
+            "Messages not yet delivered to a durable consumer, from its info",
+            consumer_pending.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
+            consumer_messages,
+            handler_latency,
+            consumer_pending,
         }
+    }
+
+    fn consumer_labels(stream: &str, consumer: &str) -> Labels {
+        vec![
+            ("stream".to_string(), stream.to_string()),
+            ("consumer".to_string(), consumer.to_string()),
+        ]
+    }
+
+    /// Counts one message of a consumer by `outcome`.
+    pub fn count_consumer(&self, stream: &str, consumer: &str, outcome: &str) {
+        let mut labels = Self::consumer_labels(stream, consumer);
+        labels.push(("outcome".to_string(), outcome.to_string()));
+        self.consumer_messages.get_or_create(&labels).inc();
+    }
+
+    pub fn observe_handler(&self, stream: &str, consumer: &str, seconds: f64) {
+        self.handler_latency
+            .get_or_create(&Self::consumer_labels(stream, consumer))
+            .observe(seconds);
+    }
+
+    pub fn set_pending(&self, stream: &str, consumer: &str, pending: i64) {
+        self.consumer_pending
+            .get_or_create(&Self::consumer_labels(stream, consumer))
+            .set(pending);
     }
 
     /// Records one handled request. `outcome` is `ok` or an error code name.

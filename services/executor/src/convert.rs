@@ -2,7 +2,8 @@
 //! another shape is left at its default rather than failing the whole reply.
 
 use serde_json::Value;
-use slipway_proto::v1::{Attribution, Sandbox, SandboxState};
+use slipway_proto::meters;
+use slipway_proto::v1::{Attribution, Sandbox, SandboxState, UsageEvent};
 
 /// `slipway_run_id` and `slipway_branch` in a sandbox's metadata tie it to a run.
 pub const RUN_KEY: &str = "slipway_run_id";
@@ -126,15 +127,20 @@ pub fn is_ready(v: &Value) -> bool {
     if v.get("ready").and_then(Value::as_bool) == Some(true) {
         return true;
     }
-    let components = [
+    let reported = [
         v.get("readiness").and_then(|r| r.get("components")),
         v.get("components"),
         v.get("readiness_components"),
-    ]
-    .into_iter()
-    .flatten()
-    .filter_map(Value::as_object)
-    .find(|c| !c.is_empty());
+    ];
+    let components = reported
+        .iter()
+        .flatten()
+        .filter_map(|c| c.as_object())
+        .find(|c| !c.is_empty());
+    if components.is_none() && reported.iter().any(Option::is_some) {
+        // Components reported but empty or not an object: not ready, as the SDK reads it.
+        return false;
+    }
     match components {
         Some(c) => READINESS_COMPONENTS.iter().all(|name| {
             let comp = c.get(*name);
@@ -274,4 +280,31 @@ pub fn rfc3339(t: &pbjson_types::Timestamp) -> Option<String> {
     let t = time::OffsetDateTime::from_unix_timestamp(t.seconds).ok()?;
     t.format(&time::format_description::well_known::Rfc3339)
         .ok()
+}
+
+/// A usage event of `sandbox` for `quantity` of `meter`, attributed to its end user; the caller
+/// sets its id and time (both fixed, so a republish is the same event).
+pub fn usage_event(sandbox: &Sandbox, meter: &str, quantity: u64) -> UsageEvent {
+    let attribution = sandbox.attribution.clone().unwrap_or_default();
+    let unit = meters::CATALOGUE
+        .iter()
+        .find(|m| m.name == meter)
+        .map_or("", |m| m.unit);
+    UsageEvent {
+        id: String::new(),
+        source: "slipway/executor".into(),
+        r#type: "slipway.usage.v1".into(),
+        subject: attribution.user_id,
+        time: None,
+        spec_version: "1.0".into(),
+        meter: meter.to_string(),
+        quantity: quantity.to_string(),
+        unit: unit.to_string(),
+        run_id: sandbox.run_id.clone(),
+        sandbox_id: sandbox.id.clone(),
+        project_id: attribution.project_id,
+        workspace_id: attribution.workspace_id,
+        counter_from: 0,
+        counter_to: 0,
+    }
 }

@@ -17,13 +17,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
+use slipway_common::Shutdown;
 use slipway_common::failpoint;
 use slipway_common::records::{RecordError, Records};
 use slipway_common::topology::buckets;
-use slipway_common::{Service, Shutdown};
-use slipway_proto::codec::ContentType;
 use slipway_proto::meters;
-use slipway_proto::v1::{MeterInterval, MeterWatermark, SandboxRecord, SandboxState, UsageEvent};
+use slipway_proto::v1::{MeterInterval, MeterWatermark, SandboxRecord, SandboxState};
 
 use crate::convert;
 use crate::service::Executor;
@@ -373,58 +372,19 @@ impl Sampler {
         meter: &str,
         interval: &MeterInterval,
     ) -> Result<(), SampleError> {
-        let mut event = usage_event(sandbox, meter, interval.to - interval.from);
+        let mut event = convert::usage_event(sandbox, meter, interval.to - interval.from);
         event.id = interval.id.clone();
+        // The time the interval was read, kept with it: a republish lands in the same hour.
         event.time = interval.read_at;
         event.counter_from = interval.from;
         event.counter_to = interval.to;
-        publish_usage(&self.executor, &event).await
+        self.executor
+            .usage
+            .publish(&event)
+            .await
+            .map(|_| ())
+            .map_err(|e| SampleError::Publish(e.to_string()))
     }
-}
-
-/// A usage event of `sandbox` for `quantity` of `meter` (id and time to be set by the caller).
-pub fn usage_event(sandbox: &slipway_proto::v1::Sandbox, meter: &str, quantity: u64) -> UsageEvent {
-    let attribution = sandbox.attribution.clone().unwrap_or_default();
-    let unit = meters::CATALOGUE
-        .iter()
-        .find(|m| m.name == meter)
-        .map_or("", |m| m.unit);
-    UsageEvent {
-        id: String::new(),
-        source: "slipway/executor".into(),
-        r#type: "slipway.usage.v1".into(),
-        subject: attribution.user_id,
-        time: Some(now()),
-        spec_version: "1.0".into(),
-        meter: meter.to_string(),
-        quantity: quantity.to_string(),
-        unit: unit.to_string(),
-        run_id: sandbox.run_id.clone(),
-        sandbox_id: sandbox.id.clone(),
-        project_id: attribution.project_id,
-        workspace_id: attribution.workspace_id,
-        counter_from: 0,
-        counter_to: 0,
-    }
-}
-
-/// Publishes a usage event to JetStream with its id as `Nats-Msg-Id`, waiting for the ack.
-pub async fn publish_usage(executor: &Executor, event: &UsageEvent) -> Result<(), SampleError> {
-    let subject = slipway_common::subjects::usage(Service::Executor, &event.meter, &event.subject)
-        .map_err(|e| SampleError::Publish(e.to_string()))?;
-    let mut headers = slipway_common::rpc::message_headers::<UsageEvent>(ContentType::Protobuf);
-    headers.insert("Nats-Msg-Id", event.id.as_str());
-    let ack = executor
-        .jetstream
-        .publish_with_headers(
-            subject,
-            headers,
-            slipway_proto::codec::encode(event, ContentType::Protobuf).into(),
-        )
-        .await
-        .map_err(|e| SampleError::Publish(e.to_string()))?;
-    ack.await.map_err(|e| SampleError::Publish(e.to_string()))?;
-    Ok(())
 }
 
 /// `<sandbox>.<meter>`: KV keys allow `.`, and sandbox ids and meter names have no dots.

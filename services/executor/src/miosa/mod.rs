@@ -552,23 +552,25 @@ impl MiosaClient {
         self.fs_or_legacy(canonical, legacy).await
     }
 
-    /// Reads a file: `GET /fs/download?path=`, and on 404 the legacy `GET /files/{path}`; a
-    /// JSON answer carries the content base64-encoded (`{data:{content}}`), as the SDKs decode it.
+    /// Reads a file: `GET /fs/download?path=`, and on 404 the legacy `GET /files/{path}`. A JSON
+    /// answer that is the SDKs' envelope (`{data:{content}}`, and on the legacy route also a bare
+    /// `{content}`) carries the file base64-encoded (or as text), as the Python SDK decodes it
+    /// from either route; any other answer is the file's bytes as they came (the SDK would turn
+    /// a JSON file into nothing).
     pub async fn read_file(&self, id: &str, path: &str) -> Result<bytes::Bytes, MiosaError> {
         let op = "files.read";
         let mut canonical = self.call(op, Method::GET, format!("/sandboxes/{id}/fs/download"));
         canonical.query = vec![("path", path.to_string())];
-        let answer = match self.send_typed(&canonical).await {
+        let (answer, legacy) = match self.send_typed(&canonical).await {
             Err(e) if e.status() == Some(404) && !is_sandbox_missing(&e) => {
                 let legacy = self.call(
                     op,
                     Method::GET,
                     format!("/sandboxes/{id}/files/{}", encode_file_path(path)),
                 );
-                self.send_typed(&legacy).await?
+                (self.send_typed(&legacy).await?, true)
             }
-            // The canonical route answers the file's bytes, whatever they look like.
-            other => return other.map(|a| a.body),
+            other => (other?, false),
         };
         let is_json = answer
             .content_type
@@ -577,26 +579,21 @@ impl MiosaClient {
         if !is_json {
             return Ok(answer.body);
         }
-        let malformed = |message: String| MiosaError::Malformed {
-            operation: op.to_string(),
-            message,
+        let Ok(value) = serde_json::from_slice::<Value>(&answer.body) else {
+            return Ok(answer.body);
         };
-        let value: Value =
-            serde_json::from_slice(&answer.body).map_err(|e| malformed(e.to_string()))?;
-        // As the SDKs read it: the object under `data` (or the answer), its `content` base64,
-        // or text when it is not.
-        let data = match value.get("data") {
-            Some(d) if d.is_object() => d.clone(),
-            _ => value,
-        };
-        let content = data
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| malformed("a JSON answer without `content`".into()))?;
-        Ok(B64
-            .decode(content.as_bytes())
-            .map(bytes::Bytes::from)
-            .unwrap_or_else(|_| bytes::Bytes::from(content.as_bytes().to_vec())))
+        let content = value
+            .get("data")
+            .and_then(|d| d.get("content"))
+            .or(legacy.then(|| value.get("content")).flatten())
+            .and_then(Value::as_str);
+        Ok(match content {
+            Some(c) => B64
+                .decode(c.as_bytes())
+                .map(bytes::Bytes::from)
+                .unwrap_or_else(|_| bytes::Bytes::from(c.as_bytes().to_vec())),
+            None => answer.body,
+        })
     }
 
     /// Deletes a file or directory: `DELETE /files` with `{path}` (the Go CLI's route, the only

@@ -34,6 +34,11 @@ pub struct Executor {
     pub jetstream: async_nats::jetstream::Context,
     /// Deployment id -> URL (immutable once the deployment exists).
     deployment_urls: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Usage events, to `slipway.usage.executor.<meter>.<user>`.
+    pub usage: slipway_common::usage::UsagePublisher,
+    /// Sandboxes whose processes are being relaunched after a resume (one relaunch at a time
+    /// per sandbox in this process).
+    relaunching: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     /// Template id -> preview port (a template's port does not change).
     preview_ports: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
@@ -82,12 +87,18 @@ fn resource(field: &'static str, value: &str) -> Result<(), ServiceError> {
 
 impl Executor {
     pub fn new(client: MiosaClient, nats: async_nats::Client) -> Self {
+        let jetstream = async_nats::jetstream::new(nats.clone());
         Self {
             client,
-            jetstream: async_nats::jetstream::new(nats.clone()),
+            usage: slipway_common::usage::UsagePublisher::new(
+                jetstream.clone(),
+                slipway_common::Service::Executor,
+            ),
+            jetstream,
             nats,
             deployment_urls: Default::default(),
             preview_ports: Default::default(),
+            relaunching: Default::default(),
         }
     }
 
@@ -164,9 +175,10 @@ impl Executor {
         )))
     }
 
-    /// Makes sure the registry holds the sandbox itself (not only data about it), reading it
-    /// from the platform when it does not, so a record never stands in for an unknown sandbox.
-    pub(crate) async fn ensure_recorded(&self, sandbox_id: &str) -> Result<(), ServiceError> {
+    /// Makes sure the sandbox is one Slipway made (it carries Slipway's metadata) and that the
+    /// registry holds it, reading it from the platform when the registry does not: a record
+    /// never stands in for an unknown sandbox, nor for one that is not ours.
+    pub(crate) async fn ensure_ours(&self, sandbox_id: &str) -> Result<(), ServiceError> {
         if self
             .record(sandbox_id)
             .await?
@@ -185,6 +197,12 @@ impl Executor {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
+        if created_by.is_empty() {
+            return Err(ServiceError::invalid_input(format!(
+                "sandbox `{sandbox_id}` was not made through Slipway; it keeps no processes to \
+                 relaunch"
+            )));
+        }
         self.remember(&convert::sandbox(&got), &created_by).await
     }
 
@@ -222,10 +240,15 @@ impl Executor {
         key: &str,
     ) -> Result<(), ServiceError> {
         let meter = slipway_proto::meters::SANDBOXES_CREATED;
-        let mut event = crate::sampler::usage_event(sandbox, meter, 1);
+        let mut event = convert::usage_event(sandbox, meter, 1);
         event.id = format!("{key}:{meter}");
-        crate::sampler::publish_usage(self, &event)
+        // The sandbox's creation time, the platform's: a retried request republishes the same
+        // event, in the same hour.
+        event.time = sandbox.created_at.or_else(|| Some(now()));
+        self.usage
+            .publish(&event)
             .await
+            .map(|_| ())
             .map_err(|e| ServiceError::unavailable(e.to_string()))
     }
 

@@ -114,13 +114,40 @@ impl Executor {
             .await
     }
 
-    /// Resumes, then relaunches the processes started with `restart_on_resume` that are gone
-    /// (MIOSA keeps no processes across a pause or stop).
+    /// Resumes, then (in the background, so the reply does not wait for the sandbox to be
+    /// command-ready) relaunches the processes started with `restart_on_resume` that are gone:
+    /// MIOSA keeps no processes across a pause or stop.
     pub async fn resume(&self, req: SandboxRef) -> Result<SandboxReply, ServiceError> {
         let reply = self
             .lifecycle(&req.sandbox_id, &req.idempotency_key, "resume", json!({}))
             .await?;
-        self.relaunch(&req.sandbox_id, &req.idempotency_key).await?;
+        if self
+            .record(&req.sandbox_id)
+            .await?
+            .is_some_and(|r| !r.restart.is_empty())
+        {
+            let first = self
+                .relaunching
+                .lock()
+                .map(|mut set| set.insert(req.sandbox_id.clone()))
+                .unwrap_or(false);
+            if first {
+                let mut background = Executor::new(self.client.background(), self.nats.clone());
+                background.relaunching = self.relaunching.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = background
+                        .relaunch(&req.sandbox_id, &req.idempotency_key)
+                        .await
+                    {
+                        tracing::warn!(sandbox_id = %req.sandbox_id, error = %e,
+                            "relaunching after a resume");
+                    }
+                    if let Ok(mut set) = background.relaunching.lock() {
+                        set.remove(&req.sandbox_id);
+                    }
+                });
+            }
+        }
         Ok(reply)
     }
 
@@ -199,8 +226,16 @@ impl Executor {
                 )
                 .await;
             match started {
-                Ok(_) => {
+                Ok(answer) => {
                     tracing::info!(sandbox_id, process = %spec.name, "relaunched after a resume");
+                    // A later stop names the new process.
+                    let id = convert::process(&answer).id;
+                    self.modify_record(sandbox_id, |record| {
+                        for s in record.restart.iter_mut().filter(|s| s.name == spec.name) {
+                            s.process_id = id.clone();
+                        }
+                    })
+                    .await?;
                 }
                 Err(e) => tracing::warn!(
                     sandbox_id, process = %spec.name, error = %e,
@@ -228,9 +263,10 @@ impl Executor {
             let ready = convert::is_ready(&got);
             if ready || tokio::time::Instant::now() >= deadline {
                 // MIOSA's readiness answer may not carry the state: read the sandbox for it.
-                let state = match got.get("state") {
-                    Some(_) => convert::sandbox(&got).state,
-                    None => {
+                let stated = convert::sandbox(&got).state;
+                let state = match stated != i32::from(SandboxState::Unspecified) {
+                    true => stated,
+                    false => {
                         let sandbox = self
                             .client
                             .get_sandbox(&req.sandbox_id)
@@ -417,10 +453,20 @@ impl Executor {
         key: &str,
         op: &str,
     ) -> Result<Value, ServiceError> {
-        let mut metadata = existing
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default();
+        // Merged into what the sandbox has (read when the answer did not say): a platform that
+        // replaces metadata on PATCH keeps the rest.
+        let mut metadata = match existing.and_then(Value::as_object) {
+            Some(m) => m.clone(),
+            None => self
+                .client
+                .get_sandbox(sandbox_id)
+                .await
+                .map_err(platform_error)?
+                .get("metadata")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default(),
+        };
         metadata.extend(ours.clone());
         let mut patch = json!({ "metadata": metadata });
         if !name.is_empty() {
@@ -444,7 +490,19 @@ impl Executor {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let mut destroyed = Vec::new();
         for v in &all {
-            let s = convert::sandbox(v);
+            let mut s = convert::sandbox(v);
+            if s.run_id.is_empty() && !s.id.is_empty() {
+                // Made for a run but not tagged yet (a tag PATCH that failed): the registry
+                // knows its run.
+                if let Some(run) = self
+                    .record(&s.id)
+                    .await?
+                    .and_then(|r| r.sandbox)
+                    .map(|r| r.run_id)
+                {
+                    s.run_id = run;
+                }
+            }
             if s.state == i32::from(SandboxState::Destroyed) || s.id.is_empty() {
                 continue;
             }

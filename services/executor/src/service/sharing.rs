@@ -124,7 +124,9 @@ impl Executor {
             }
         };
         let id = if template_id.is_empty() {
-            "miosa-sandbox".to_string()
+            self.templates(Default::default())
+                .await?
+                .default_template_id
         } else {
             template_id
         };

@@ -229,11 +229,12 @@ impl Executor {
         } else {
             req.name.clone()
         };
-        let spec = RestartSpec {
+        let mut spec = RestartSpec {
             name: name.clone(),
             command: req.command.clone(),
             cwd: req.cwd.clone(),
             env: req.env.clone(),
+            process_id: String::new(),
         };
         if req.restart_on_resume {
             let size = spec.command.len()
@@ -249,6 +250,9 @@ impl Executor {
                      relaunch keeps at most {MAX_RESTART_SPEC_BYTES}"
                 )));
             }
+            // Only a sandbox Slipway made keeps processes to relaunch (a record of another
+            // would have the sampler bill it).
+            self.ensure_ours(&req.sandbox_id).await?;
             let kept = self.record(&req.sandbox_id).await?.map(|r| r.restart);
             let known = kept.iter().flatten().any(|s| s.name == name);
             if !known && kept.is_some_and(|k| k.len() >= MAX_RESTART_SPECS) {
@@ -270,16 +274,28 @@ impl Executor {
             )
             .await
             .map_err(platform_error)?;
+        let mut process = convert::process(&started);
         if req.restart_on_resume {
             // After the platform accepted it, so a refused start leaves nothing to relaunch.
-            self.ensure_recorded(&req.sandbox_id).await?;
+            spec.process_id = process.id.clone();
+            let mut full = false;
             self.modify_record(&req.sandbox_id, |record| {
                 record.restart.retain(|s| s.name != spec.name);
-                record.restart.push(spec.clone());
+                full = record.restart.len() >= MAX_RESTART_SPECS;
+                if !full {
+                    record.restart.push(spec.clone());
+                }
             })
             .await?;
+            if full {
+                // Another start filled the list meanwhile.
+                return Err(ServiceError::invalid_input(format!(
+                    "restart_on_resume: process `{}` started, but the sandbox already has \
+                     {MAX_RESTART_SPECS} processes to relaunch, so it will not be",
+                    process.id
+                )));
+            }
         }
-        let mut process = convert::process(&started);
         process.restart_on_resume = req.restart_on_resume;
         Ok(ProcessReply {
             process: Some(process),
@@ -319,30 +335,14 @@ impl Executor {
         })
     }
 
-    /// Stops a process; one the caller stops is no longer relaunched on resume.
+    /// Stops a process; one the caller stops is no longer relaunched on resume (also when the
+    /// platform no longer knows it).
     pub async fn stop_process(&self, req: ProcessRef) -> Result<ProcessReply, ServiceError> {
         resource("sandbox_id", &req.sandbox_id)?;
         resource("process_id", &req.process_id)?;
         slipway_proto::validate::check_id("idempotency_key", &req.idempotency_key, false)
             .map_err(ServiceError::from)?;
-        let restart = self
-            .record(&req.sandbox_id)
-            .await?
-            .map(|r| r.restart)
-            .unwrap_or_default();
-        let name = if restart.is_empty() {
-            String::new()
-        } else {
-            let got = self
-                .platform_get(
-                    "process.get",
-                    format!("/sandboxes/{}/processes/{}", req.sandbox_id, req.process_id),
-                    vec![],
-                )
-                .await?;
-            convert::process(&got).name
-        };
-        let got = self
+        let stopped = self
             .client
             .request(
                 "process.stop",
@@ -356,17 +356,35 @@ impl Executor {
                     &req.process_id,
                 )),
             )
-            .await
-            .map_err(platform_error)?;
-        if !name.is_empty() && restart.iter().any(|s| s.name == name) {
-            self.modify_record(&req.sandbox_id, |record| {
-                record.restart.retain(|s| s.name != name);
-            })
-            .await?;
+            .await;
+        let gone = matches!(&stopped, Err(e) if matches!(e.status(), Some(404 | 410)));
+        if stopped.is_ok() || gone {
+            self.forget_restart(&req.sandbox_id, &req.process_id).await;
         }
+        let got = stopped.map_err(platform_error)?;
         Ok(ProcessReply {
             process: Some(convert::process(&got)),
         })
+    }
+
+    /// Drops the restart spec of process `process_id`, if there is one; a failure is logged (the
+    /// stop happened).
+    async fn forget_restart(&self, sandbox_id: &str, process_id: &str) {
+        let kept = match self.record(sandbox_id).await {
+            Ok(Some(r)) => r.restart,
+            _ => return,
+        };
+        if !kept.iter().any(|s| s.process_id == process_id) {
+            return;
+        }
+        let forgot = self
+            .modify_record(sandbox_id, |record| {
+                record.restart.retain(|s| s.process_id != process_id);
+            })
+            .await;
+        if let Err(e) = forgot {
+            tracing::warn!(sandbox_id, process_id, error = %e, "could not forget a stopped process");
+        }
     }
 
     pub async fn process_logs(

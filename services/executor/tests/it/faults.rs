@@ -425,13 +425,13 @@ async fn a_read_falls_back_to_the_legacy_download_and_decodes_its_json_answer() 
     assert_eq!(&got[..], b"hi\n");
     let canonical = fake.requests("GET /sandboxes/sbx_1/fs/download");
     assert_eq!(canonical.len(), 1, "the canonical route is tried first");
-    // A JSON answer that is not the documented shape is an error, not the JSON as the file.
+    // A JSON answer that is not the envelope is the file itself (a JSON file).
     fake.on(
         "GET /sandboxes/sbx_1/files/x",
         vec![reply(200, r#"{"data":{"other":1}}"#)],
     );
-    let e = c.read_file("sbx_1", "x").await.unwrap_err();
-    assert!(matches!(e, MiosaError::Malformed { .. }), "{e}");
+    let got = c.read_file("sbx_1", "x").await.unwrap();
+    assert_eq!(&got[..], br#"{"data":{"other":1}}"#);
     // The sandbox itself missing is not retried on the legacy route.
     let fake = Fake::default();
     fake.on(
@@ -483,13 +483,22 @@ async fn a_delete_goes_to_the_documented_route_and_falls_back_to_the_fs_family()
 }
 
 #[tokio::test]
-async fn a_canonical_download_is_the_files_bytes_even_when_they_look_like_json() {
+async fn a_canonical_download_decodes_only_the_envelope() {
     let fake = Fake::default();
-    let file = r#"{"data":{"content":"aGk="}}"#;
-    fake.on("GET /sandboxes/sbx_1/fs/download", vec![reply(200, file)]);
+    // The envelope, as the Python SDK decodes it from either route.
+    fake.on(
+        "GET /sandboxes/sbx_1/fs/download",
+        vec![
+            reply(200, r#"{"data":{"content":"aGk="}}"#),
+            reply(200, r#"{"content":"aGk="}"#),
+        ],
+    );
     let c = client(&fake, |_| {}).await;
+    let got = c.read_file("sbx_1", "/workspace/a").await.unwrap();
+    assert_eq!(&got[..], b"hi");
+    // A JSON file that is not the envelope comes as it is (the SDK would return nothing).
     let got = c.read_file("sbx_1", "/workspace/data.json").await.unwrap();
-    assert_eq!(&got[..], file.as_bytes());
+    assert_eq!(&got[..], br#"{"content":"aGk="}"#);
 }
 
 #[tokio::test]

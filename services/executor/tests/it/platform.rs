@@ -40,6 +40,15 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
             r#"{"data":{"id":"sbx_new","state":"running","external_user_id":"u1"}}"#,
         )],
     );
+    // Its metadata, which the tag must keep (a platform may replace metadata on PATCH).
+    fake.on(
+        "GET /sandboxes/sbx_new",
+        vec![reply(
+            200,
+            r#"{"data":{"id":"sbx_new","state":"running","external_user_id":"u1",
+                "metadata":{"miosa_persistent":true}}}"#,
+        )],
+    );
     fake.on(
         "PATCH /sandboxes/sbx_new",
         vec![reply(
@@ -76,6 +85,10 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
     let patched: serde_json::Value = serde_json::from_str(&patch[0].body).unwrap();
     assert_eq!(patched["metadata"]["slipway_run_id"], "run_1");
     assert_eq!(patched["metadata"]["slipway_branch"], "main");
+    assert_eq!(
+        patched["metadata"]["miosa_persistent"], true,
+        "merged, not replaced"
+    );
     // Recorded, with the key that made it.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let records: Records<SandboxRecord> =
@@ -176,6 +189,28 @@ async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_
             .await
             .unwrap();
     }
+    // The resume answers at once; the relaunch follows once the sandbox is command-ready.
+    for _ in 0..300 {
+        let listed: ListProcessesReply = rpc
+            .call(
+                &op("process.list"),
+                &ListProcessesRequest {
+                    sandbox_id: id.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        if listed
+            .processes
+            .iter()
+            .any(|p| p.state == ProcessState::Running as i32)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Settled: a second relaunch would have shown by now (the first one's record is written).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let listed: ListProcessesReply = rpc
         .call(
             &op("process.list"),
@@ -412,6 +447,94 @@ async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
         SandboxState::Running as i32,
         "stopped"
     );
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_fork_from_a_platform_that_takes_only_the_public_body_is_recorded_then_tagged() {
+    let nats = NatsServer::start().unwrap();
+    let fake = Fake::default();
+    // The fork's answer has none of what was asked beyond the public body.
+    fake.on(
+        "POST /sandboxes/sbx_p/fork",
+        vec![reply(
+            201,
+            r#"{"data":{"id":"sbx_f","state":"running","external_user_id":"u1"}}"#,
+        )],
+    );
+    fake.on(
+        "GET /sandboxes/sbx_f",
+        vec![reply(
+            200,
+            r#"{"data":{"id":"sbx_f","state":"running","external_user_id":"u1",
+                "metadata":{"copied":"from the parent"}}}"#,
+        )],
+    );
+    fake.on(
+        "PATCH /sandboxes/sbx_f",
+        vec![reply(
+            200,
+            r#"{"data":{"id":"sbx_f","name":"variant","state":"running","external_user_id":"u1",
+                "metadata":{"copied":"from the parent","slipway_run_id":"run_9",
+                "slipway_branch":"b1","slipway_created_by":"run_9:fork:1"}}}"#,
+        )],
+    );
+    let base = fake.serve().await;
+    let (shutdown, task, _dir) = crate::service::executor_at(&nats, &base).await;
+    let rpc = rpc(&nats).await;
+    let got: SandboxReply = rpc
+        .call(
+            &op("sandbox.fork"),
+            &ForkSandboxRequest {
+                sandbox_id: "sbx_p".into(),
+                idempotency_key: "run_9:fork:1".into(),
+                name: "variant".into(),
+                run_id: "run_9".into(),
+                branch: "b1".into(),
+                attribution: Some(Attribution {
+                    user_id: "u1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let sandbox = got.sandbox.unwrap();
+    assert_eq!(
+        (
+            sandbox.id.as_str(),
+            sandbox.run_id.as_str(),
+            sandbox.branch.as_str()
+        ),
+        ("sbx_f", "run_9", "b1")
+    );
+    // The fork went with the Python SDK's body.
+    let fork = fake.requests("POST /sandboxes/sbx_p/fork");
+    let body: serde_json::Value = serde_json::from_str(&fork[0].body).unwrap();
+    let mut fields: Vec<&String> = body.as_object().unwrap().keys().collect();
+    fields.sort();
+    assert_eq!(fields, ["external_user_id", "metadata", "name"]);
+    // The tag: the run's metadata merged into what the sandbox had, and the name.
+    let patch = fake.requests("PATCH /sandboxes/sbx_f");
+    let patched: serde_json::Value = serde_json::from_str(&patch[0].body).unwrap();
+    assert_eq!(patched["metadata"]["copied"], "from the parent");
+    assert_eq!(patched["metadata"]["slipway_run_id"], "run_9");
+    assert_eq!(patched["metadata"]["slipway_created_by"], "run_9:fork:1");
+    assert_eq!(patched["name"], "variant");
+    // Recorded and billed once.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let records: Records<SandboxRecord> =
+        Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap());
+    let (record, _) = records.get("sbx_f").await.unwrap().expect("recorded");
+    assert_eq!(record.sandbox.unwrap().run_id, "run_9");
+    let created = crate::usage::events(&js)
+        .await
+        .into_iter()
+        .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
+        .count();
+    assert_eq!(created, 1);
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }

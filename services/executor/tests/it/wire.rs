@@ -228,7 +228,12 @@ struct Sent {
     unkeyed: bool,
     /// File paths on the legacy download route, as encoded.
     tails: BTreeSet<String>,
+    /// Requests on the route in the step.
+    count: usize,
 }
+
+/// Steps that poll until something is so: their call counts are the platform's timing.
+const POLLING: [&str; 2] = ["sandbox.readiness", "version.list"];
 
 /// Per step, per route, what was sent. Requests before the first step (the executor's
 /// start-up work) are not part of the flow.
@@ -256,6 +261,7 @@ fn by_step(seen: &[Seen]) -> BTreeMap<String, BTreeMap<String, Sent>> {
             sent.unkeyed = true;
         }
         sent.tails.extend(file_tail(s));
+        sent.count += 1;
     }
     out
 }
@@ -343,6 +349,12 @@ fn differences(
                         )
                     }),
             );
+            if o.count != t.count && !POLLING.contains(&step.as_str()) {
+                out.push(format!(
+                    "{at}: {} calls where the SDK makes {}",
+                    o.count, t.count
+                ));
+            }
             if o.tails != t.tails {
                 out.push(format!(
                     "{at}: file path sent as {:?}, the SDK as {:?}",

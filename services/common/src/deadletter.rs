@@ -1,0 +1,222 @@
+//! Dead letters and refusals, with their reasons: a message a worker can never handle goes to
+//! `slipway.dlq.<STREAM>` (a refused usage event to `slipway.rejected.usage.<service>`) as it
+//! came, with headers saying why and where it was. `list` and `replay` serve `slipway dlq`.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+
+use crate::subjects::{self, streams};
+
+/// A stable code for the reason (`malformed`, `max_deliver`, a handler's own code).
+pub const REASON_CODE: &str = "Slipway-Reason-Code";
+/// The reason, for a person.
+pub const REASON: &str = "Slipway-Reason";
+/// The subject the message was published on.
+pub const ORIGINAL_SUBJECT: &str = "Slipway-Original-Subject";
+/// The stream it was read from.
+pub const ORIGINAL_STREAM: &str = "Slipway-Original-Stream";
+/// Its sequence in that stream.
+pub const STREAM_SEQUENCE: &str = "Slipway-Stream-Sequence";
+/// How many times it had been delivered.
+pub const DELIVERY_COUNT: &str = "Slipway-Delivery-Count";
+/// The durable consumer that gave up on it.
+pub const CONSUMER: &str = "Slipway-Consumer";
+
+/// Every header a dead letter adds, removed again on replay.
+pub const HEADERS: [&str; 7] = [
+    REASON_CODE,
+    REASON,
+    ORIGINAL_SUBJECT,
+    ORIGINAL_STREAM,
+    STREAM_SEQUENCE,
+    DELIVERY_COUNT,
+    CONSUMER,
+];
+
+/// Why and where a message was given up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reason {
+    pub code: String,
+    pub message: String,
+    pub subject: String,
+    pub stream: String,
+    pub stream_sequence: u64,
+    pub delivered: i64,
+    pub consumer: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("publishing the dead letter to `{subject}`: {message}")]
+    Publish { subject: String, message: String },
+    #[error("dead letter {sequence}: {message}")]
+    Read { sequence: u64, message: String },
+    #[error("dead letter {sequence} is not a dead letter: it has no `{header}` header")]
+    NotADeadLetter { sequence: u64, header: &'static str },
+}
+
+/// Where a message of `stream` published on `subject` goes when it is given up: refused usage
+/// to `slipway.rejected.usage.<service>` when the handler refused it, everything else to
+/// `slipway.dlq.<stream>`.
+pub fn target(stream: &str, subject: &str, refused: bool) -> String {
+    if refused && stream == streams::USAGE {
+        // `slipway.usage.<service>.<meter>.<user>`: the publishing service.
+        if let Some(service) = subject.split('.').nth(2)
+            && let Ok(t) = subjects::usage_rejected(service)
+        {
+            return t;
+        }
+    }
+    subjects::dlq(stream).unwrap_or_else(|_| format!("slipway.dlq.{}", streams::DLQ))
+}
+
+/// Publishes `payload` (with its `headers`) to `target` with the reason's headers, and waits for
+/// the stream's ack. Its `Nats-Msg-Id` names the original message, so giving the same message up
+/// twice (a crash between this and the `Term`) stores one dead letter.
+pub async fn publish(
+    js: &jetstream::Context,
+    target: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    reason: &Reason,
+) -> Result<(), DeadLetterError> {
+    let mut out = HeaderMap::new();
+    if let Some(h) = headers {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            if name.eq_ignore_ascii_case("Nats-Msg-Id") || HEADERS.contains(&name) {
+                continue;
+            }
+            for v in values {
+                out.append(name, v.as_str());
+            }
+        }
+    }
+    // A header value is one line.
+    let line = |s: &str| s.replace(['\r', '\n'], " ");
+    out.insert(REASON_CODE, line(&reason.code).as_str());
+    out.insert(REASON, line(&reason.message).as_str());
+    out.insert(ORIGINAL_SUBJECT, reason.subject.as_str());
+    out.insert(ORIGINAL_STREAM, reason.stream.as_str());
+    out.insert(STREAM_SEQUENCE, reason.stream_sequence.to_string().as_str());
+    out.insert(DELIVERY_COUNT, reason.delivered.to_string().as_str());
+    out.insert(CONSUMER, reason.consumer.as_str());
+    out.insert(
+        "Nats-Msg-Id",
+        format!("dead:{}:{}", reason.stream, reason.stream_sequence).as_str(),
+    );
+    let failed = |e: &dyn std::fmt::Display| DeadLetterError::Publish {
+        subject: target.to_string(),
+        message: e.to_string(),
+    };
+    js.publish_with_headers(target.to_string(), out, payload)
+        .await
+        .map_err(|e| failed(&e))?
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(())
+}
+
+/// A dead letter as `slipway dlq list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its sequence in the `DLQ` stream (what `replay` takes).
+    pub sequence: u64,
+    pub reason: Reason,
+    pub time: String,
+}
+
+fn header(headers: &HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
+
+fn reason_of(headers: &HeaderMap) -> Reason {
+    Reason {
+        code: header(headers, REASON_CODE),
+        message: header(headers, REASON),
+        subject: header(headers, ORIGINAL_SUBJECT),
+        stream: header(headers, ORIGINAL_STREAM),
+        stream_sequence: header(headers, STREAM_SEQUENCE).parse().unwrap_or(0),
+        delivered: header(headers, DELIVERY_COUNT).parse().unwrap_or(0),
+        consumer: header(headers, CONSUMER),
+    }
+}
+
+/// The dead letters in the `DLQ` stream, oldest first; only those of `stream` when given.
+pub async fn list(
+    js: &jetstream::Context,
+    stream: Option<&str>,
+) -> Result<Vec<Entry>, DeadLetterError> {
+    let read = |sequence: u64, e: &dyn std::fmt::Display| DeadLetterError::Read {
+        sequence,
+        message: e.to_string(),
+    };
+    let mut dlq = js.get_stream(streams::DLQ).await.map_err(|e| read(0, &e))?;
+    let info = dlq.info().await.map_err(|e| read(0, &e))?;
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return Ok(out);
+    }
+    for sequence in first..=last {
+        // Replayed ones are deleted: gaps are expected.
+        let Ok(m) = dlq.get_raw_message(sequence).await else {
+            continue;
+        };
+        let reason = reason_of(&m.headers);
+        if stream.is_some_and(|s| s != reason.stream) {
+            continue;
+        }
+        out.push(Entry {
+            sequence,
+            reason,
+            time: m.time.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Puts dead letter `sequence` back on its original subject, as it was first published (the
+/// reason's headers taken off, a new `Nats-Msg-Id` so the stream's duplicate window does not
+/// drop it), then deletes it from the `DLQ` stream. Returns the new stream sequence.
+pub async fn replay(js: &jetstream::Context, sequence: u64) -> Result<u64, DeadLetterError> {
+    let read = |e: &dyn std::fmt::Display| DeadLetterError::Read {
+        sequence,
+        message: e.to_string(),
+    };
+    let dlq = js.get_stream(streams::DLQ).await.map_err(|e| read(&e))?;
+    let m = dlq.get_raw_message(sequence).await.map_err(|e| read(&e))?;
+    let reason = reason_of(&m.headers);
+    if reason.subject.is_empty() {
+        return Err(DeadLetterError::NotADeadLetter {
+            sequence,
+            header: ORIGINAL_SUBJECT,
+        });
+    }
+    let mut headers = HeaderMap::new();
+    for (name, values) in m.headers.iter() {
+        let name: &str = name.as_ref();
+        if name.eq_ignore_ascii_case("Nats-Msg-Id") || HEADERS.contains(&name) {
+            continue;
+        }
+        for v in values {
+            headers.append(name, v.as_str());
+        }
+    }
+    headers.insert(
+        "Nats-Msg-Id",
+        format!("replay:{}:{sequence}", streams::DLQ).as_str(),
+    );
+    let ack = js
+        .publish_with_headers(reason.subject.clone(), headers, m.payload.clone())
+        .await
+        .map_err(|e| read(&e))?
+        .await
+        .map_err(|e| read(&e))?;
+    dlq.delete_message(sequence).await.map_err(|e| read(&e))?;
+    Ok(ack.sequence)
+}
