@@ -368,9 +368,10 @@ async fn spawn_puller(
     limits: Limits,
     tx: mpsc::Sender<Held>,
 ) -> Result<(), WorkerError> {
+    let batch_size = spec.max_in_flight.max(1);
     let mut messages = consumer
         .stream()
-        .max_messages_per_batch(spec.max_in_flight.max(1))
+        .max_messages_per_batch(batch_size)
         .heartbeat(Duration::from_secs(5))
         .expires(Duration::from_secs(30))
         .messages()
@@ -390,7 +391,22 @@ async fn spawn_puller(
         loop {
             let next = tokio::select! {
                 biased;
-                _ = token.cancelled() => break,
+                _ = token.cancelled() => {
+                    // What the server already sent (at most one pull batch) goes back now, for
+                    // another replica, rather than after its ack_wait. With a delay, so it is not
+                    // sent straight back here; and no more than the batch, so the drain does not
+                    // pull the backlog through.
+                    let settle_every = Duration::from_millis(200);
+                    for _ in 0..batch_size {
+                        let Ok(Some(Ok(m))) = tokio::time::timeout(settle_every, messages.next()).await else {
+                            break;
+                        };
+                        if let Some(held) = hold(&ctx, m, &stream, &durable, limits) {
+                            held.settle(AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        }
+                    }
+                    break;
+                }
                 next = messages.next() => next,
             };
             let message = match next {

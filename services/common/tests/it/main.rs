@@ -4,8 +4,10 @@
 mod auth;
 mod config;
 mod helpers;
+mod publish;
 mod records;
 mod rpc;
 mod setup;
 mod shutdown;
 mod subjects;
+mod worker;

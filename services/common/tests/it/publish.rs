@@ -1,0 +1,180 @@
+//! The run-event and usage publishers over a real nats-server, counted in the streams.
+
+use async_nats::jetstream;
+use slipway_common::Service;
+use slipway_common::run_events::{PublishError, RunEventPublisher, Step};
+use slipway_common::usage::UsagePublisher;
+use slipway_proto::v1::run_event::Payload;
+use slipway_proto::v1::{Attribution, DeployProgress, PreviewReady, RunEvent, UsageEvent};
+use slipway_test_support::NatsServer;
+
+async fn setup() -> (NatsServer, jetstream::Context) {
+    let nats = NatsServer::start().unwrap();
+    crate::helpers::admin_setup(&nats.url()).await;
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    (nats, js)
+}
+
+/// Every message of `stream`, decoded as `M`, with its `Nats-Msg-Id`.
+async fn stored<M: slipway_proto::WireMessage>(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<(String, M)> {
+    let mut s = js.get_stream(stream).await.unwrap();
+    let info = s.info().await.unwrap().clone();
+    let mut out = Vec::new();
+    if info.state.messages == 0 {
+        return out;
+    }
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        let m = s.get_raw_message(seq).await.unwrap();
+        let id = m
+            .headers
+            .get("Nats-Msg-Id")
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        out.push((
+            id,
+            slipway_common::rpc::decode_message::<M>(Some(&m.headers), &m.payload).unwrap(),
+        ));
+    }
+    out
+}
+
+fn progress(phase: &str) -> Payload {
+    Payload::DeployProgress(DeployProgress {
+        phase: phase.into(),
+        ..Default::default()
+    })
+}
+
+#[tokio::test]
+async fn run_events_get_their_id_and_repeating_kinds_are_not_dropped() {
+    let (_nats, js) = setup().await;
+    let deployer = RunEventPublisher::new(js.clone(), Service::Deployer);
+    let who = Some(Attribution {
+        user_id: "u1".into(),
+        ..Default::default()
+    });
+    for phase in ["build", "verify"] {
+        let (event, published) = deployer
+            .publish(
+                "run_1",
+                &Step::deploy_phase("job_7", phase),
+                "",
+                who.clone(),
+                progress(phase),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            event.event_id,
+            format!("run_1:job_7-{phase}:deploy_progress")
+        );
+        assert!(!published.duplicate);
+    }
+    // The same fact again (a retry): stored once.
+    let (_, again) = deployer
+        .publish(
+            "run_1",
+            &Step::deploy_phase("job_7", "build"),
+            "",
+            who.clone(),
+            progress("build"),
+        )
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    let events: Vec<(String, RunEvent)> = stored(&js, "RUN_EVENTS").await;
+    let ids: Vec<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "run_1:job_7-build:deploy_progress",
+            "run_1:job_7-verify:deploy_progress"
+        ]
+    );
+    let (_, first) = &events[0];
+    assert_eq!(first.branch, "main");
+    assert_eq!(first.attribution.as_ref().unwrap().user_id, "u1");
+    assert!(first.time.is_some());
+}
+
+#[tokio::test]
+async fn a_kind_another_service_owns_is_refused_and_nothing_is_stored() {
+    let (_nats, js) = setup().await;
+    let deployer = RunEventPublisher::new(js.clone(), Service::Deployer);
+    let e = deployer
+        .publish(
+            "run_1",
+            &Step::once("preview"),
+            "main",
+            None,
+            Payload::PreviewReady(PreviewReady::default()),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PublishError::ForeignKind { .. }), "{e}");
+    // A step that would make the id ambiguous.
+    let e = deployer
+        .publish("run_1", &Step::once("a:b"), "main", None, progress("x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, PublishError::Invalid(_)), "{e}");
+    assert!(stored::<RunEvent>(&js, "RUN_EVENTS").await.is_empty());
+}
+
+fn usage(id: &str) -> UsageEvent {
+    UsageEvent {
+        id: id.into(),
+        subject: "user 1".into(),
+        time: Some(pbjson_types::Timestamp {
+            seconds: 1_790_000_000,
+            nanos: 0,
+        }),
+        meter: slipway_proto::meters::SANDBOXES_CREATED.into(),
+        unit: "sandbox".into(),
+        quantity: "1".into(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_republished_usage_event_is_the_same_event_stored_once() {
+    let (_nats, js) = setup().await;
+    let executor = UsagePublisher::new(js.clone(), Service::Executor);
+    let unit = slipway_proto::meters::CATALOGUE
+        .iter()
+        .find(|m| m.name == slipway_proto::meters::SANDBOXES_CREATED)
+        .unwrap()
+        .unit;
+    let mut event = usage("k1:sandboxes_created");
+    event.unit = unit.into();
+    assert!(!executor.publish(&event).await.unwrap().duplicate);
+    assert!(executor.publish(&event).await.unwrap().duplicate);
+    let events: Vec<(String, UsageEvent)> = stored(&js, "USAGE").await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].1, event, "bit for bit what was published");
+    // Refused before the stream: no id, no time, an unknown meter, a wrong unit, no user.
+    let mut bad = Vec::new();
+    let mut e = event.clone();
+    e.id.clear();
+    bad.push(e);
+    let mut e = event.clone();
+    e.time = None;
+    bad.push(e);
+    let mut e = event.clone();
+    e.meter = "free_lunch".into();
+    bad.push(e);
+    let mut e = event.clone();
+    e.unit = "furlong".into();
+    bad.push(e);
+    let mut e = event.clone();
+    e.subject.clear();
+    bad.push(e);
+    for e in bad {
+        let err = executor.publish(&e).await.unwrap_err();
+        assert!(matches!(err, PublishError::Invalid(_)), "{err}");
+    }
+    assert_eq!(stored::<UsageEvent>(&js, "USAGE").await.len(), 1);
+}
