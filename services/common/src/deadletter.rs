@@ -54,6 +54,8 @@ pub enum DeadLetterError {
     Read { sequence: u64, message: String },
     #[error("dead letter {sequence} is not a dead letter: it has no `{header}` header")]
     NotADeadLetter { sequence: u64, header: &'static str },
+    #[error("dead letter {sequence} is not replayed: {why}")]
+    Refused { sequence: u64, why: String },
 }
 
 /// Where a message of `stream` published on `subject` goes when it is given up: refused usage
@@ -71,21 +73,14 @@ pub fn target(stream: &str, subject: &str, refused: bool) -> String {
     subjects::dlq(stream).unwrap_or_else(|_| format!("slipway.dlq.{}", streams::DLQ))
 }
 
-/// Publishes `payload` (with its `headers`) to `target` with the reason's headers, and waits for
-/// the stream's ack. Its `Nats-Msg-Id` names the original message, so giving the same message up
-/// twice (a crash between this and the `Term`) stores one dead letter.
-pub async fn publish(
-    js: &jetstream::Context,
-    target: &str,
-    headers: Option<&HeaderMap>,
-    payload: Bytes,
-    reason: &Reason,
-) -> Result<(), DeadLetterError> {
+/// The headers of a copy: the original's, without NATS's own (`Nats-Msg-Id`, `Nats-Expected-*`,
+/// `Nats-TTL`, which would make the copy be dropped, refused or expire) or a dead letter's.
+fn copied(headers: Option<&HeaderMap>) -> HeaderMap {
     let mut out = HeaderMap::new();
     if let Some(h) = headers {
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();
-            if name.eq_ignore_ascii_case("Nats-Msg-Id") || HEADERS.contains(&name) {
+            if name.to_ascii_lowercase().starts_with("nats-") || HEADERS.contains(&name) {
                 continue;
             }
             for v in values {
@@ -93,6 +88,20 @@ pub async fn publish(
             }
         }
     }
+    out
+}
+
+/// Publishes `payload` (with its `headers`) to `target` with the reason's headers, and waits for
+/// the stream's ack. Its `Nats-Msg-Id` names the original message and the consumer, so giving the
+/// same message up twice (a crash between this and the `Term`) stores one dead letter.
+pub async fn publish(
+    js: &jetstream::Context,
+    target: &str,
+    headers: Option<&HeaderMap>,
+    payload: Bytes,
+    reason: &Reason,
+) -> Result<(), DeadLetterError> {
+    let mut out = copied(headers);
     // A header value is one line.
     let line = |s: &str| s.replace(['\r', '\n'], " ");
     out.insert(REASON_CODE, line(&reason.code).as_str());
@@ -104,17 +113,29 @@ pub async fn publish(
     out.insert(CONSUMER, reason.consumer.as_str());
     out.insert(
         "Nats-Msg-Id",
-        format!("dead:{}:{}", reason.stream, reason.stream_sequence).as_str(),
+        format!(
+            "dead:{}:{}:{}",
+            reason.stream, reason.consumer, reason.stream_sequence
+        )
+        .as_str(),
     );
     let failed = |e: &dyn std::fmt::Display| DeadLetterError::Publish {
         subject: target.to_string(),
         message: e.to_string(),
     };
-    js.publish_with_headers(target.to_string(), out, payload)
+    let ack = js
+        .publish_with_headers(target.to_string(), out, payload)
         .await
         .map_err(|e| failed(&e))?
         .await
         .map_err(|e| failed(&e))?;
+    if ack.duplicate {
+        tracing::info!(
+            target,
+            sequence = reason.stream_sequence,
+            "the dead letter was already stored"
+        );
+    }
     Ok(())
 }
 
@@ -146,43 +167,74 @@ fn reason_of(headers: &HeaderMap) -> Reason {
     }
 }
 
-/// The dead letters in the `DLQ` stream, oldest first; only those of `stream` when given.
+/// The dead letters in the `DLQ` stream, oldest first; only those of `stream` when given. Read
+/// with an ordered consumer filtered on their subject, so the stream's other dead letters and
+/// the gaps replays leave cost nothing.
 pub async fn list(
     js: &jetstream::Context,
     stream: Option<&str>,
 ) -> Result<Vec<Entry>, DeadLetterError> {
-    let read = |sequence: u64, e: &dyn std::fmt::Display| DeadLetterError::Read {
-        sequence,
+    use futures::StreamExt;
+    let read = |e: &dyn std::fmt::Display| DeadLetterError::Read {
+        sequence: 0,
         message: e.to_string(),
     };
-    let mut dlq = js.get_stream(streams::DLQ).await.map_err(|e| read(0, &e))?;
-    let info = dlq.info().await.map_err(|e| read(0, &e))?;
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let dlq = js.get_stream(streams::DLQ).await.map_err(|e| read(&e))?;
+    let filter = match stream {
+        Some(s) => subjects::dlq(s).map_err(|e| read(&e))?,
+        None => format!("{}.dlq.*", subjects::ROOT),
+    };
     let mut out = Vec::new();
-    if info.state.messages == 0 {
+    let consumer = dlq
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: filter,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| read(&e))?;
+    if consumer.cached_info().num_pending == 0 {
         return Ok(out);
     }
-    for sequence in first..=last {
-        // Replayed ones are deleted: gaps are expected.
-        let Ok(m) = dlq.get_raw_message(sequence).await else {
-            continue;
-        };
-        let reason = reason_of(&m.headers);
-        if stream.is_some_and(|s| s != reason.stream) {
-            continue;
+    let mut messages = consumer.messages().await.map_err(|e| read(&e))?;
+    while let Some(m) = messages.next().await {
+        let m = m.map_err(|e| read(&e))?;
+        let meta = m.info().map_err(|e| read(&e))?;
+        let (sequence, pending) = (meta.stream_sequence, meta.pending);
+        let time = meta.published.to_string();
+        if let Some(h) = &m.headers {
+            out.push(Entry {
+                sequence,
+                reason: reason_of(h),
+                time,
+            });
         }
-        out.push(Entry {
-            sequence,
-            reason,
-            time: m.time.to_string(),
-        });
+        if pending == 0 {
+            break;
+        }
     }
     Ok(out)
 }
 
+/// Whether `subject` matches the NATS subject pattern `pattern` (`*` one token, `>` the rest).
+pub fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut tokens = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    tokens.next().is_none()
+}
+
 /// Puts dead letter `sequence` back on its original subject, as it was first published (the
 /// reason's headers taken off, a new `Nats-Msg-Id` so the stream's duplicate window does not
-/// drop it), then deletes it from the `DLQ` stream. Returns the new stream sequence.
+/// drop it), then deletes it from the `DLQ` stream. Returns the new stream sequence. Every
+/// consumer of that stream gets it again, not only the one that gave up: on a stream several
+/// services read (`RUN_COMMANDS`, `USAGE`) their handlers must take a repeat as a no-op, as
+/// they must for any redelivery.
 pub async fn replay(js: &jetstream::Context, sequence: u64) -> Result<u64, DeadLetterError> {
     let read = |e: &dyn std::fmt::Display| DeadLetterError::Read {
         sequence,
@@ -197,16 +249,33 @@ pub async fn replay(js: &jetstream::Context, sequence: u64) -> Result<u64, DeadL
             header: ORIGINAL_SUBJECT,
         });
     }
-    let mut headers = HeaderMap::new();
-    for (name, values) in m.headers.iter() {
-        let name: &str = name.as_ref();
-        if name.eq_ignore_ascii_case("Nats-Msg-Id") || HEADERS.contains(&name) {
-            continue;
-        }
-        for v in values {
-            headers.append(name, v.as_str());
-        }
+    // Any consuming service may write `slipway.dlq.<its stream>`: replay only a dead letter of the
+    // stream its subject names, back onto a subject of that stream, so a forged header cannot
+    // make the admin's replay publish anywhere else.
+    let (stream_name, patterns) = subjects::stream_subjects()
+        .into_iter()
+        .find(|(name, _)| *name == reason.stream)
+        .ok_or_else(|| DeadLetterError::Refused {
+            sequence,
+            why: format!("`{}` is not one of Slipway's streams", reason.stream),
+        })?;
+    if subjects::dlq(stream_name).ok().as_deref() != Some(m.subject.as_str()) {
+        return Err(DeadLetterError::Refused {
+            sequence,
+            why: format!(
+                "it was filed on `{}`, not on `{stream_name}`'s dead letters",
+                m.subject
+            ),
+        });
     }
+    if !patterns.iter().any(|p| subject_matches(p, &reason.subject)) {
+        return Err(DeadLetterError::Refused {
+            sequence,
+            why: format!("`{}` is not a subject of `{stream_name}`", reason.subject),
+        });
+    }
+    let mut headers = copied(Some(&m.headers));
+    headers.insert("Nats-Expected-Stream", stream_name);
     headers.insert(
         "Nats-Msg-Id",
         format!("replay:{}:{sequence}", streams::DLQ).as_str(),

@@ -86,7 +86,9 @@ impl RunEventPublisher {
     }
 
     /// Builds the event of `payload` for `run_id` at `step` and publishes it, waiting for the
-    /// stream's ack. Refuses a kind this service does not own.
+    /// stream's ack. Refuses a kind this service does not own. A caller that may publish the
+    /// same fact again (a retry after a crash) keeps the event from [`event`](Self::event) and
+    /// republishes it with [`publish_event`](Self::publish_event), so its `time` is the same.
     pub async fn publish(
         &self,
         run_id: &str,
@@ -95,23 +97,27 @@ impl RunEventPublisher {
         attribution: Option<Attribution>,
         payload: Payload,
     ) -> Result<(RunEvent, Published), PublishError> {
+        let event = self.event(run_id, step, branch, attribution, payload)?;
+        let published = self.publish_event(&event).await?;
+        Ok((event, published))
+    }
+
+    /// The event of `payload` for `run_id` at `step`, stamped now: its id
+    /// `<run>:<step>:<kind>`, the branch (`main` when empty), the attribution. Checks that this
+    /// service owns the kind and that a repeating kind's step carries its discriminator.
+    pub fn event(
+        &self,
+        run_id: &str,
+        step: &Step,
+        branch: &str,
+        attribution: Option<Attribution>,
+        payload: Payload,
+    ) -> Result<RunEvent, PublishError> {
         let kind = payload.kind();
-        if kind.publisher() != publisher_of(self.service) {
-            return Err(PublishError::ForeignKind {
-                kind,
-                owner: kind.publisher(),
-                by: self.service,
-            });
-        }
-        if step.as_str().is_empty() || step.as_str().contains(':') {
-            return Err(PublishError::Invalid(format!(
-                "step {:?}: non-empty, without `:`",
-                step.as_str()
-            )));
-        }
-        let subject =
-            subjects::run_event(run_id, kind).map_err(|e| PublishError::Invalid(e.to_string()))?;
-        let event = RunEvent {
+        self.owns(kind)?;
+        check_step(step, &payload)?;
+        subjects::run_event(run_id, kind).map_err(|e| PublishError::Invalid(e.to_string()))?;
+        Ok(RunEvent {
             event_id: format!("{run_id}:{}:{kind}", step.as_str()),
             run_id: run_id.to_string(),
             time: Some(now()),
@@ -122,7 +128,38 @@ impl RunEventPublisher {
                 branch.to_string()
             },
             payload: Some(payload),
-        };
+        })
+    }
+
+    fn owns(&self, kind: EventKind) -> Result<(), PublishError> {
+        if kind.publisher() == publisher_of(self.service) {
+            Ok(())
+        } else {
+            Err(PublishError::ForeignKind {
+                kind,
+                owner: kind.publisher(),
+                by: self.service,
+            })
+        }
+    }
+
+    /// Publishes a built event as it is (`Nats-Msg-Id` = its id, `traceparent` the current
+    /// span's), waiting for the stream's ack.
+    pub async fn publish_event(&self, event: &RunEvent) -> Result<Published, PublishError> {
+        let kind = event
+            .kind()
+            .ok_or_else(|| PublishError::Invalid("an event without a payload".into()))?;
+        self.owns(kind)?;
+        let suffix = format!(":{kind}");
+        let prefix = format!("{}:", event.run_id);
+        if !event.event_id.starts_with(&prefix) || !event.event_id.ends_with(&suffix) {
+            return Err(PublishError::Invalid(format!(
+                "event id {:?} is not `<run>:<step>:{kind}` of run {:?}",
+                event.event_id, event.run_id
+            )));
+        }
+        let subject = subjects::run_event(&event.run_id, kind)
+            .map_err(|e| PublishError::Invalid(e.to_string()))?;
         let mut headers = message_headers::<RunEvent>(ContentType::Protobuf);
         headers.insert("Nats-Msg-Id", event.event_id.as_str());
         let failed = |e: &dyn std::fmt::Display| PublishError::Publish {
@@ -134,19 +171,51 @@ impl RunEventPublisher {
             .publish_with_headers(
                 subject.clone(),
                 headers,
-                codec::encode(&event, ContentType::Protobuf).into(),
+                codec::encode(event, ContentType::Protobuf).into(),
             )
             .await
             .map_err(|e| failed(&e))?
             .await
             .map_err(|e| failed(&e))?;
-        Ok((
-            event,
-            Published {
-                sequence: ack.sequence,
-                duplicate: ack.duplicate,
-            },
-        ))
+        Ok(Published {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+}
+
+/// A step is non-empty and has no `:`; a kind that repeats in a run carries its discriminator
+/// in it, or the stream's duplicate window would drop the second fact as a copy of the first:
+/// `deploy_progress` its job and phase, `self_checked` its round, `queued` and `files_changed`
+/// a number (`Step::nth`).
+fn check_step(step: &Step, payload: &Payload) -> Result<(), PublishError> {
+    let s = step.as_str();
+    if s.is_empty() || s.contains(':') {
+        return Err(PublishError::Invalid(format!(
+            "step {s:?}: non-empty, without `:`"
+        )));
+    }
+    let numbered = |s: &str| {
+        s.rsplit_once('-')
+            .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    };
+    let ok = match payload {
+        Payload::DeployProgress(p) => {
+            !p.job_id.is_empty()
+                && !p.phase.is_empty()
+                && step == &Step::deploy_phase(&p.job_id, &p.phase)
+        }
+        Payload::SelfChecked(c) => s.ends_with(&format!("-{}", c.round)),
+        Payload::Queued(_) | Payload::FilesChanged(_) => numbered(s),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(PublishError::Invalid(format!(
+            "step {s:?} does not tell this `{}` from the run's others (see `Step`)",
+            payload.kind()
+        )))
     }
 }
 

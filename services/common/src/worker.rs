@@ -2,21 +2,26 @@
 //! handler for the messages of one of the topology's durable consumers, and the kit pulls
 //! them, decodes them with the codec, restores their trace, runs the handler under a bound on
 //! work in flight, and settles each message by the handler's outcome: ack, nak with a delay, or
-//! dead letter (with its reason) and terminate. Every message it holds, also one queued behind
-//! a long handler, gets an in-progress ack every third of the consumer's `ack_wait`, so a
-//! handler longer than `ack_wait` (a deploy build) is not redelivered meanwhile. On shutdown it
-//! stops pulling, finishes and settles what is running, and hands back what it held unstarted.
+//! dead letter (with its reason) and terminate.
+//!
+//! The worker asks the server only for as many messages as it has room to hold (pull requests
+//! sized to the free slots), so every message it has is held, and every held message, also one
+//! queued behind a long handler, gets an in-progress ack every third of the consumer's
+//! `ack_wait`: a handler longer than `ack_wait` (a deploy build) is not redelivered meanwhile.
+//! On shutdown it stops asking, finishes and settles what is running, and hands back what it
+//! held unstarted (a message on its last delivery is handled instead: handed back, it would be
+//! lost).
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind};
-use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use slipway_proto::WireMessage;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -24,6 +29,7 @@ use crate::deadletter::{self, Reason};
 use crate::metrics::Metrics;
 use crate::rpc::decode_message;
 use crate::shutdown::Shutdown;
+use crate::topology::ConsumerSpec;
 
 /// A handler's outcome other than success.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,8 +65,14 @@ pub struct Delivery {
     pub stream_sequence: u64,
     /// 1 on the first delivery.
     pub delivered: i64,
+    /// This is the consumer's last delivery of it: a `Retry` now dead-letters it (a deployer
+    /// publishes its failure event here rather than leave the run waiting).
+    pub last_attempt: bool,
     pub headers: Option<async_nats::HeaderMap>,
     pub payload_len: usize,
+    /// Triggered when the service shuts down: a long handler may checkpoint and stop early
+    /// (its `Retry` hands the message on).
+    pub shutdown: CancellationToken,
 }
 
 /// One decoded message of a batch.
@@ -77,8 +89,8 @@ pub struct WorkerSpec {
     pub durable: String,
     /// Handlers running at once (per-message workers).
     pub max_in_flight: usize,
-    /// Messages held (running or waiting, each kept alive with in-progress acks); the worker
-    /// stops pulling beyond it.
+    /// Messages held at once (running or queued, each kept alive with in-progress acks). The
+    /// worker asks for no more, so a replica does not hoard work other replicas could do.
     pub max_held: usize,
 }
 
@@ -88,8 +100,13 @@ impl WorkerSpec {
             stream: stream.to_string(),
             durable: durable.to_string(),
             max_in_flight: 16,
-            max_held: 64,
+            max_held: 16,
         }
+    }
+
+    /// The worker of one of the topology's durable consumers.
+    pub fn for_consumer(consumer: &ConsumerSpec) -> Self {
+        Self::new(consumer.stream, consumer.durable)
     }
 
     pub fn max_in_flight(mut self, n: usize) -> Self {
@@ -139,23 +156,58 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
 }
 
-/// A message held by the worker: its acker, with the in-progress ticker that keeps it alive
-/// until it is settled.
+/// How a held message's acks go out: one at a time, and none after the final one (an
+/// in-progress ack after a nak would restart its `ack_wait` and undo the nak's delay).
+struct Acks {
+    acker: jetstream::message::Acker,
+    settled: tokio::sync::Mutex<bool>,
+}
+
+impl Acks {
+    /// An in-progress ack, unless settled. Returns whether the message is still held.
+    async fn progress(&self) -> bool {
+        let settled = self.settled.lock().await;
+        if *settled {
+            return false;
+        }
+        self.acker.ack_with(AckKind::Progress).await.is_ok()
+    }
+
+    async fn settle(&self, kind: AckKind, sequence: u64) {
+        let mut settled = self.settled.lock().await;
+        if *settled {
+            return;
+        }
+        *settled = true;
+        if let Err(e) = self.acker.ack_with(kind).await {
+            tracing::warn!(error = %e, sequence, "settling a message");
+        }
+    }
+}
+
+/// A message held by the worker: its acks, kept alive by a ticker until settled, and its slot.
 struct Held {
     message: async_nats::Message,
-    acker: Arc<jetstream::message::Acker>,
+    acks: Arc<Acks>,
     delivery: Delivery,
     stream: String,
     consumer: String,
     alive: CancellationToken,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Held {
-    async fn settle(self, kind: AckKind) {
+    async fn settle(&self, kind: AckKind) {
         self.alive.cancel();
-        if let Err(e) = self.acker.ack_with(kind).await {
-            tracing::warn!(error = %e, sequence = self.delivery.stream_sequence, "settling a message");
-        }
+        self.acks.settle(kind, self.delivery.stream_sequence).await;
+    }
+}
+
+impl Drop for Held {
+    /// However a handler ends (a panic too), the ticker stops, so an unsettled message is
+    /// redelivered after its `ack_wait` instead of being kept alive for ever.
+    fn drop(&mut self) {
+        self.alive.cancel();
     }
 }
 
@@ -196,7 +248,7 @@ async fn open(
 }
 
 /// Starts pulling for `spec` and hands each message to `handler`, at most `max_in_flight` at
-/// once. Returns once the pull is open.
+/// once. Returns once the consumer is found.
 pub async fn start<M, F, Fut>(
     ctx: WorkerContext,
     spec: WorkerSpec,
@@ -208,12 +260,40 @@ where
     Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
 {
     let (consumer, limits) = open(&ctx, &spec).await?;
-    let (tx, mut rx) = mpsc::channel::<Held>(spec.max_held);
-    spawn_puller(&ctx, &spec, consumer, limits, tx).await?;
+    let mut rx = spawn_puller(&ctx, &spec, consumer, limits);
     let handler = Arc::new(handler);
     let permits = Arc::new(Semaphore::new(spec.max_in_flight));
     let tracker = ctx.shutdown.tracker().clone();
     let token = ctx.shutdown.token().clone();
+    let run = move |held: Held, permit: Option<OwnedSemaphorePermit>, ctx: WorkerContext| {
+        let handler = handler.clone();
+        async move {
+            let started = Instant::now();
+            let outcome =
+                match decode_message::<M>(held.message.headers.as_ref(), &held.message.payload) {
+                    Ok(m) => {
+                        let span = handler_span(&held);
+                        let call =
+                            AssertUnwindSafe(handler(m, held.delivery.clone()).instrument(span));
+                        match call.catch_unwind().await {
+                            Ok(outcome) => outcome,
+                            Err(_) => Err(HandlerError::retry(
+                                Duration::from_secs(1),
+                                "the handler panicked",
+                            )),
+                        }
+                    }
+                    Err(e) => Err(HandlerError::permanent("malformed", e.to_string())),
+                };
+            ctx.metrics.observe_handler(
+                &held.stream,
+                &held.consumer,
+                started.elapsed().as_secs_f64(),
+            );
+            settle(&ctx, held, outcome, limits).await;
+            drop(permit);
+        }
+    };
     tracker.clone().spawn(async move {
         loop {
             let held = tokio::select! {
@@ -223,41 +303,43 @@ where
             };
             let permit = tokio::select! {
                 biased;
-                _ = token.cancelled() => { held.settle(AckKind::Nak(None)).await; break; }
+                _ = token.cancelled() => { hand_back(held, &tracker, &run, &ctx).await; break; }
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
-            let (handler, ctx) = (handler.clone(), ctx.clone());
-            tracker.spawn(async move {
-                let started = Instant::now();
-                let outcome =
-                    match decode_message::<M>(held.message.headers.as_ref(), &held.message.payload)
-                    {
-                        Ok(m) => {
-                            let span = handler_span(&held);
-                            handler(m, held.delivery.clone()).instrument(span).await
-                        }
-                        Err(e) => Err(HandlerError::permanent("malformed", e.to_string())),
-                    };
-                ctx.metrics.observe_handler(
-                    &held.stream,
-                    &held.consumer,
-                    started.elapsed().as_secs_f64(),
-                );
-                settle(&ctx, held, outcome, limits).await;
-                drop(permit);
-            });
+            tracker.spawn(run(held, Some(permit), ctx.clone()));
         }
-        // Held but never started: back to the stream at once, for another replica.
         rx.close();
         while let Some(held) = rx.recv().await {
-            held.settle(AckKind::Nak(None)).await;
+            hand_back(held, &tracker, &run, &ctx).await;
         }
     });
     Ok(())
 }
 
+/// On shutdown, a held message that never started goes back to the stream (with a short delay,
+/// so it is not sent straight back to this worker's still-open pull); one on its last delivery
+/// is handled instead, since a nak would use up that delivery and lose it.
+async fn hand_back<R, Fut>(
+    held: Held,
+    tracker: &tokio_util::task::TaskTracker,
+    run: &R,
+    ctx: &WorkerContext,
+) where
+    R: Fn(Held, Option<OwnedSemaphorePermit>, WorkerContext) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    if held.delivery.last_attempt {
+        tracker.spawn(run(held, None, ctx.clone()));
+    } else {
+        held.settle(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+    }
+}
+
+/// How long a handed-back message waits before it is delivered again.
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+
 /// As `start`, with a handler for batches (bounded by `batch`), one batch at a time. It returns
-/// one outcome per item, in order; a missing outcome counts as a retry.
+/// one outcome per item, in order; a mismatch is logged, and items without one are retried.
 pub async fn start_batches<M, F, Fut>(
     ctx: WorkerContext,
     spec: WorkerSpec,
@@ -269,11 +351,10 @@ where
     F: Fn(Vec<Item<M>>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<Result<(), HandlerError>>> + Send + 'static,
 {
-    let held = spec.max_held.max(batch.max_messages);
-    let spec = spec.max_held(held);
+    let room = spec.max_held.max(batch.max_messages);
+    let spec = spec.max_held(room);
     let (consumer, limits) = open(&ctx, &spec).await?;
-    let (tx, mut rx) = mpsc::channel::<Held>(spec.max_held);
-    spawn_puller(&ctx, &spec, consumer, limits, tx).await?;
+    let mut rx = spawn_puller(&ctx, &spec, consumer, limits);
     let token = ctx.shutdown.token().clone();
     let inner = ctx.clone();
     ctx.shutdown.tracker().spawn(async move {
@@ -296,55 +377,82 @@ where
                     _ => break,
                 }
             }
-            let started = Instant::now();
-            let mut items = Vec::new();
-            let mut slots = Vec::new();
-            let mut settled = Vec::new();
-            for held in gathered {
-                match decode_message::<M>(held.message.headers.as_ref(), &held.message.payload) {
-                    Ok(message) => {
-                        items.push(Item {
-                            message,
-                            delivery: held.delivery.clone(),
-                        });
-                        slots.push(held);
-                    }
-                    Err(e) => settled.push((
-                        held,
-                        Err(HandlerError::permanent("malformed", e.to_string())),
-                    )),
-                }
-            }
-            let mut outcomes = if items.is_empty() {
-                Vec::new()
-            } else {
-                handler(items).await
-            };
-            outcomes.resize(
-                slots.len(),
-                Err(HandlerError::retry(
-                    Duration::from_secs(1),
-                    "the batch handler gave no outcome",
-                )),
-            );
-            if let Some(h) = slots.first() {
-                ctx.metrics.observe_handler(
-                    &h.stream,
-                    &h.consumer,
-                    started.elapsed().as_secs_f64(),
-                );
-            }
-            settled.extend(slots.into_iter().zip(outcomes));
-            for (held, outcome) in settled {
-                settle(&ctx, held, outcome, limits).await;
-            }
+            run_batch(&ctx, gathered, &handler, limits).await;
         }
         rx.close();
+        // Unstarted: back to the stream, except those on their last delivery, run as a batch.
+        let mut last = Vec::new();
         while let Some(held) = rx.recv().await {
-            held.settle(AckKind::Nak(None)).await;
+            if held.delivery.last_attempt {
+                last.push(held);
+            } else {
+                held.settle(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+            }
+        }
+        if !last.is_empty() {
+            run_batch(&ctx, last, &handler, limits).await;
         }
     });
     Ok(())
+}
+
+async fn run_batch<M, F, Fut>(ctx: &WorkerContext, gathered: Vec<Held>, handler: &F, limits: Limits)
+where
+    M: WireMessage,
+    F: Fn(Vec<Item<M>>) -> Fut,
+    Fut: Future<Output = Vec<Result<(), HandlerError>>>,
+{
+    let started = Instant::now();
+    let mut items = Vec::new();
+    let mut slots = Vec::new();
+    let mut settled = Vec::new();
+    for held in gathered {
+        match decode_message::<M>(held.message.headers.as_ref(), &held.message.payload) {
+            Ok(message) => {
+                items.push(Item {
+                    message,
+                    delivery: held.delivery.clone(),
+                });
+                slots.push(held);
+            }
+            Err(e) => settled.push((
+                held,
+                Err(HandlerError::permanent("malformed", e.to_string())),
+            )),
+        }
+    }
+    let count = items.len();
+    let mut outcomes = if items.is_empty() {
+        Vec::new()
+    } else {
+        // A panicking batch handler leaves every item without an outcome: retried.
+        AssertUnwindSafe(handler(items))
+            .catch_unwind()
+            .await
+            .unwrap_or_default()
+    };
+    if outcomes.len() != count {
+        tracing::error!(
+            items = count,
+            outcomes = outcomes.len(),
+            "the batch handler's outcomes do not match its items: those without one are retried"
+        );
+    }
+    outcomes.resize(
+        count,
+        Err(HandlerError::retry(
+            Duration::from_secs(1),
+            "the batch handler gave no outcome for it",
+        )),
+    );
+    if let Some(h) = slots.first() {
+        ctx.metrics
+            .observe_handler(&h.stream, &h.consumer, started.elapsed().as_secs_f64());
+    }
+    settled.extend(slots.into_iter().zip(outcomes));
+    for (held, outcome) in settled {
+        settle(ctx, held, outcome, limits).await;
+    }
 }
 
 fn handler_span(held: &Held) -> tracing::Span {
@@ -359,75 +467,108 @@ fn handler_span(held: &Held) -> tracing::Span {
     span
 }
 
-/// Pulls from `consumer` into `tx` until shutdown; each message gets its in-progress ticker as
-/// soon as it arrives.
-async fn spawn_puller(
+/// How long one pull request waits for messages before the worker asks again.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Pulls from `consumer` until shutdown, asking each time for as many messages as there are free
+/// slots (so none waits unheld in a client buffer); each message gets its slot and its
+/// in-progress ticker as it arrives. A consumer that cannot be read (deleted, recreated by
+/// setup, a server restart) is opened again with backoff.
+fn spawn_puller(
     ctx: &WorkerContext,
     spec: &WorkerSpec,
     consumer: PullConsumer,
     limits: Limits,
-    tx: mpsc::Sender<Held>,
-) -> Result<(), WorkerError> {
-    let batch_size = spec.max_in_flight.max(1);
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(batch_size)
-        .heartbeat(Duration::from_secs(5))
-        .expires(Duration::from_secs(30))
-        .messages()
-        .await
-        .map_err(|e| WorkerError {
-            stream: spec.stream.clone(),
-            durable: spec.durable.clone(),
-            message: format!("pulling: {e}"),
-        })?;
+) -> mpsc::UnboundedReceiver<Held> {
+    // Unbounded, but never holding more than `max_held`: each message takes a slot first.
+    let (tx, rx) = mpsc::unbounded_channel::<Held>();
+    let slots = Arc::new(Semaphore::new(spec.max_held));
     let (stream, durable) = (spec.stream.clone(), spec.durable.clone());
     let ctx = ctx.clone();
+    let spec = spec.clone();
     let token = ctx.shutdown.token().clone();
-    let pending_every = Duration::from_secs(15);
-    tokio::spawn(report_pending(ctx.clone(), consumer, pending_every));
-    // Not tracked: it only feeds the dispatcher, which is; it ends with the token.
+    tokio::spawn(report_pending(ctx.clone(), consumer.clone()));
     tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
+        let mut consumer = consumer;
+        let mut backoff = Duration::from_millis(100);
+        'pull: loop {
+            let first = tokio::select! {
                 biased;
-                _ = token.cancelled() => {
-                    // What the server already sent (at most one pull batch) goes back now, for
-                    // another replica, rather than after its ack_wait. With a delay, so it is not
-                    // sent straight back here; and no more than the batch, so the drain does not
-                    // pull the backlog through.
-                    let settle_every = Duration::from_millis(200);
-                    for _ in 0..batch_size {
-                        let Ok(Some(Ok(m))) = tokio::time::timeout(settle_every, messages.next()).await else {
-                            break;
-                        };
-                        if let Some(held) = hold(&ctx, m, &stream, &durable, limits) {
-                            held.settle(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                        }
-                    }
-                    break;
-                }
-                next = messages.next() => next,
+                _ = token.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
-            let message = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => {
-                    tracing::warn!(%stream, %durable, error = %e, "pulling messages");
+            let mut free = vec![first];
+            while let Ok(p) = slots.clone().try_acquire_owned() {
+                free.push(p);
+            }
+            let batch = consumer
+                .batch()
+                .max_messages(free.len())
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await;
+            let mut batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(%stream, %durable, error = %e, ?backoff, "pulling; trying again");
+                    drop(free);
+                    tokio::select! {
+                        _ = token.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    if let Ok((c, _)) = open(&ctx, &spec).await {
+                        consumer = c;
+                    }
                     continue;
                 }
-                None => break,
             };
-            let Some(held) = hold(&ctx, message, &stream, &durable, limits) else {
-                continue;
-            };
-            // Back-pressure: a full channel stops the pull until the handlers catch up.
-            if let Err(mpsc::error::SendError(held)) = tx.send(held).await {
-                held.settle(AckKind::Nak(None)).await;
-                break;
+            backoff = Duration::from_millis(100);
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = token.cancelled() => {
+                        // What the server already sent for this request (no more than its
+                        // slots) goes back now rather than after its ack_wait.
+                        while let Ok(Some(Ok(m))) =
+                            tokio::time::timeout(Duration::from_millis(200), batch.next()).await
+                        {
+                            let Some(slot) = free.pop() else { break };
+                            if let Some(held) = hold(&ctx, m, &stream, &durable, limits, slot) {
+                                if held.delivery.last_attempt {
+                                    let _ = tx.send(held);
+                                } else {
+                                    held.settle(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                                }
+                            }
+                        }
+                        break 'pull;
+                    }
+                    next = batch.next() => next,
+                };
+                let message = match next {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        tracing::debug!(%stream, %durable, error = %e, "a pull request ended");
+                        break;
+                    }
+                    None => break,
+                };
+                let Some(slot) = free.pop() else {
+                    // More than asked for: not held, so back at once.
+                    let _ = message.ack_with(AckKind::Nak(None)).await;
+                    continue;
+                };
+                if let Some(held) = hold(&ctx, message, &stream, &durable, limits, slot)
+                    && let Err(mpsc::error::SendError(held)) = tx.send(held)
+                {
+                    held.settle(AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                    break 'pull;
+                }
             }
         }
     });
-    Ok(())
+    rx
 }
 
 fn hold(
@@ -436,6 +577,7 @@ fn hold(
     stream: &str,
     durable: &str,
     limits: Limits,
+    slot: OwnedSemaphorePermit,
 ) -> Option<Held> {
     let (delivered, sequence) = match message.info() {
         Ok(info) => (info.delivered, info.stream_sequence),
@@ -445,21 +587,23 @@ fn hold(
         }
     };
     let (message, acker) = message.split();
-    let acker = Arc::new(acker);
+    let acks = Arc::new(Acks {
+        acker,
+        settled: tokio::sync::Mutex::new(false),
+    });
     ctx.metrics.count_consumer(stream, durable, "delivered");
     if delivered > 1 {
         ctx.metrics.count_consumer(stream, durable, "redelivered");
     }
     let alive = CancellationToken::new();
-    let ticker = acker.clone();
-    let stop = alive.clone();
+    let (ticker, stop) = (acks.clone(), alive.clone());
     let every = limits.ack_wait / 3;
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(every) => {
-                    if ticker.ack_with(AckKind::Progress).await.is_err() {
+                    if !ticker.progress().await {
                         break;
                     }
                 }
@@ -471,14 +615,17 @@ fn hold(
             subject: message.subject.to_string(),
             stream_sequence: sequence,
             delivered,
+            last_attempt: limits.max_deliver > 0 && delivered >= limits.max_deliver,
             headers: message.headers.clone(),
             payload_len: message.payload.len(),
+            shutdown: ctx.shutdown.token().clone(),
         },
         message,
-        acker,
+        acks,
         stream: stream.to_string(),
         consumer: durable.to_string(),
         alive,
+        _slot: slot,
     })
 }
 
@@ -490,14 +637,13 @@ async fn settle(
     limits: Limits,
 ) {
     let (stream, consumer) = (held.stream.clone(), held.consumer.clone());
-    let last_try = limits.max_deliver > 0 && held.delivery.delivered >= limits.max_deliver;
     let give_up = match outcome {
         Ok(()) => {
             ctx.metrics.count_consumer(&stream, &consumer, "acked");
             held.settle(AckKind::Ack).await;
             return;
         }
-        Err(HandlerError::Retry { delay, reason }) if !last_try => {
+        Err(HandlerError::Retry { delay, reason }) if !held.delivery.last_attempt => {
             tracing::info!(%stream, %consumer, sequence = held.delivery.stream_sequence, %reason, ?delay, "retrying later");
             ctx.metrics.count_consumer(&stream, &consumer, "nakked");
             held.settle(AckKind::Nak(Some(delay))).await;
@@ -506,12 +652,16 @@ async fn settle(
         Err(HandlerError::Retry { reason, .. }) => (
             "max_deliver".to_string(),
             format!(
-                "delivered {} times (max_deliver); last: {reason}",
-                held.delivery.delivered
+                "delivered {} times (max_deliver {}); last: {reason}",
+                held.delivery.delivered, limits.max_deliver
             ),
             false,
         ),
-        Err(HandlerError::Permanent { code, message }) => (code, message, true),
+        // Refused usage goes to the refusals, except what is not usage at all.
+        Err(HandlerError::Permanent { code, message }) => {
+            let refused = code != "malformed";
+            (code, message, refused)
+        }
     };
     let (code, message, refused) = give_up;
     let reason = Reason {
@@ -524,33 +674,48 @@ async fn settle(
         consumer: consumer.clone(),
     };
     let target = deadletter::target(&stream, &held.delivery.subject, refused);
-    let payload: Bytes = held.message.payload.clone();
-    match deadletter::publish(
-        &ctx.jetstream,
-        &target,
-        held.message.headers.as_ref(),
-        payload,
-        &reason,
-    )
-    .await
-    {
-        Ok(()) => {
-            tracing::warn!(%stream, %consumer, sequence = reason.stream_sequence, code = %reason.code, reason = %reason.message, %target, "dead-lettered");
-            ctx.metrics
-                .count_consumer(&stream, &consumer, "dead_lettered");
-            held.settle(AckKind::Term).await;
-        }
-        Err(e) => {
-            // Not lost: it comes back and is given up again.
-            tracing::warn!(error = %e, "could not dead-letter; retrying later");
-            held.settle(AckKind::Nak(Some(Duration::from_secs(5))))
-                .await;
+    // The ticker keeps the message held while this tries: on its last delivery a nak would
+    // lose it, so the dead letter is retried until it is stored (or shutdown's grace ends).
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match deadletter::publish(
+            &ctx.jetstream,
+            &target,
+            held.message.headers.as_ref(),
+            held.message.payload.clone(),
+            &reason,
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::warn!(%stream, %consumer, sequence = reason.stream_sequence, code = %reason.code, reason = %reason.message, %target, "dead-lettered");
+                ctx.metrics
+                    .count_consumer(&stream, &consumer, "dead_lettered");
+                held.settle(AckKind::Term).await;
+                return;
+            }
+            Err(e) if !held.delivery.last_attempt => {
+                // Not lost: it comes back and is given up again.
+                tracing::warn!(error = %e, "could not dead-letter; delivered again later");
+                held.settle(AckKind::Nak(Some(Duration::from_secs(5))))
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?wait, "could not dead-letter on the last delivery; trying again");
+                if ctx.shutdown.is_triggered() && wait >= Duration::from_secs(5) {
+                    tracing::error!(%stream, %consumer, sequence = reason.stream_sequence, "shutting down with a dead letter unsent: its message will not be delivered again");
+                    return;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
         }
     }
 }
 
 /// Keeps `slipway_consumer_pending` current from the consumer's info.
-async fn report_pending(ctx: WorkerContext, mut consumer: PullConsumer, every: Duration) {
+async fn report_pending(ctx: WorkerContext, mut consumer: PullConsumer) {
     loop {
         if let Ok(info) = consumer.info().await {
             ctx.metrics.set_pending(
@@ -561,7 +726,7 @@ async fn report_pending(ctx: WorkerContext, mut consumer: PullConsumer, every: D
         }
         tokio::select! {
             _ = ctx.shutdown.triggered() => break,
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
         }
     }
 }

@@ -160,3 +160,66 @@ fn each_service_publishes_only_its_own_event_kinds_and_usage() {
         "only services call the executor"
     );
 }
+
+#[tokio::test]
+async fn consumers_may_file_their_dead_letters_and_billing_its_refusals() {
+    use slipway_common::deadletter::{self, Reason};
+    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
+    let keys = Keys::new();
+    let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
+    let (admin, _) = connect_as(&server, &keys, Principal::Admin).await;
+    let admin_js = async_nats::jetstream::new(admin.clone());
+    slipway_common::setup::apply(&admin_js, &topo, slipway_common::setup::Mode::CreateMissing)
+        .await
+        .unwrap();
+    let reason = |stream: &str, subject: &str| Reason {
+        code: "test".into(),
+        message: "filed by its consumer".into(),
+        subject: subject.into(),
+        stream: stream.into(),
+        stream_sequence: 1,
+        delivered: 1,
+        consumer: "c".into(),
+    };
+    for (service, stream, subject, refused) in [
+        (
+            Service::Billing,
+            "USAGE",
+            "slipway.usage.executor.exec_count.u",
+            true,
+        ),
+        (
+            Service::Billing,
+            "USAGE",
+            "slipway.usage.executor.exec_count.u",
+            false,
+        ),
+        (
+            Service::Deployer,
+            "DEPLOY_JOBS",
+            "slipway.deploys.jobs",
+            false,
+        ),
+        (Service::Planner, "PROMPTS", "slipway.prompts", false),
+    ] {
+        let (client, _) = connect_as(&server, &keys, Principal::Service(service)).await;
+        let js = async_nats::jetstream::new(client);
+        let target = deadletter::target(stream, subject, refused);
+        deadletter::publish(&js, &target, None, "x".into(), &reason(stream, subject))
+            .await
+            .unwrap_or_else(|e| panic!("{service:?} filing on {target}: {e}"));
+    }
+    // What they filed is there: one refusal, three dead letters.
+    let mut rejected = admin_js.get_stream("USAGE_REJECTED").await.unwrap();
+    assert_eq!(rejected.info().await.unwrap().state.messages, 1);
+    let listed = deadletter::list(&admin_js, None).await.unwrap();
+    assert_eq!(listed.len(), 3);
+    // The platform files nothing there.
+    let (platform, mut errors) = connect_as(&server, &keys, Principal::Platform).await;
+    platform
+        .publish("slipway.dlq.PROMPTS", "x".into())
+        .await
+        .unwrap();
+    platform.flush().await.unwrap();
+    assert!(violation(&mut errors).await.contains("slipway.dlq.PROMPTS"));
+}

@@ -43,6 +43,7 @@ async fn stored<M: slipway_proto::WireMessage>(
 
 fn progress(phase: &str) -> Payload {
     Payload::DeployProgress(DeployProgress {
+        job_id: "job_7".into(),
         phase: phase.into(),
         ..Default::default()
     })
@@ -85,15 +86,29 @@ async fn run_events_get_their_id_and_repeating_kinds_are_not_dropped() {
         .await
         .unwrap();
     assert!(again.duplicate);
+    // A kept event republished is the same event, bit for bit, and stored once.
+    let kept = deployer
+        .event(
+            "run_1",
+            &Step::deploy_phase("job_7", "done"),
+            "",
+            who.clone(),
+            progress("done"),
+        )
+        .unwrap();
+    assert!(!deployer.publish_event(&kept).await.unwrap().duplicate);
+    assert!(deployer.publish_event(&kept).await.unwrap().duplicate);
     let events: Vec<(String, RunEvent)> = stored(&js, "RUN_EVENTS").await;
     let ids: Vec<&str> = events.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
         ids,
         [
             "run_1:job_7-build:deploy_progress",
-            "run_1:job_7-verify:deploy_progress"
+            "run_1:job_7-verify:deploy_progress",
+            "run_1:job_7-done:deploy_progress"
         ]
     );
+    assert_eq!(events[2].1, kept, "as it was built");
     let (_, first) = &events[0];
     assert_eq!(first.branch, "main");
     assert_eq!(first.attribution.as_ref().unwrap().user_id, "u1");
@@ -115,13 +130,44 @@ async fn a_kind_another_service_owns_is_refused_and_nothing_is_stored() {
         .await
         .unwrap_err();
     assert!(matches!(e, PublishError::ForeignKind { .. }), "{e}");
-    // A step that would make the id ambiguous.
-    let e = deployer
-        .publish("run_1", &Step::once("a:b"), "main", None, progress("x"))
+    // A step that would make the id ambiguous, or not tell a repeating kind's facts apart (the
+    // second would be dropped as a copy of the first).
+    for step in [
+        Step::once("a:b"),
+        Step::once("deploy"),
+        Step::deploy_phase("job_8", "x"),
+    ] {
+        let e = deployer
+            .publish("run_1", &step, "main", None, progress("x"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PublishError::Invalid(_)), "{step:?}: {e}");
+    }
+    let planner = RunEventPublisher::new(js.clone(), Service::Planner);
+    let e = planner
+        .publish(
+            "run_1",
+            &Step::once("queued"),
+            "main",
+            None,
+            Payload::Queued(Default::default()),
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, PublishError::Invalid(_)), "{e}");
-    assert!(stored::<RunEvent>(&js, "RUN_EVENTS").await.is_empty());
+    planner
+        .publish(
+            "run_1",
+            &Step::nth("queued", 2),
+            "main",
+            None,
+            Payload::Queued(Default::default()),
+        )
+        .await
+        .unwrap();
+    let stored_now: Vec<(String, RunEvent)> = stored(&js, "RUN_EVENTS").await;
+    assert_eq!(stored_now.len(), 1);
+    assert_eq!(stored_now[0].0, "run_1:queued-2:queued");
 }
 
 fn usage(id: &str) -> UsageEvent {

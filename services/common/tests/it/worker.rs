@@ -32,6 +32,12 @@ async fn setup(ack_wait: Duration, max_deliver: i64) -> (NatsServer, jetstream::
         })
         .await
         .unwrap();
+    tester(&s, ack_wait, max_deliver).await;
+    (nats, js)
+}
+
+/// The `tester` durable consumer on `s`.
+async fn tester(s: &jetstream::stream::Stream, ack_wait: Duration, max_deliver: i64) {
     s.create_consumer(consumer::pull::Config {
         durable_name: Some("tester".into()),
         ack_policy: consumer::AckPolicy::Explicit,
@@ -41,7 +47,6 @@ async fn setup(ack_wait: Duration, max_deliver: i64) -> (NatsServer, jetstream::
     })
     .await
     .unwrap();
-    (nats, js)
 }
 
 fn context(js: &jetstream::Context, shutdown: &Shutdown) -> WorkerContext {
@@ -71,8 +76,12 @@ async fn publish(js: &jetstream::Context, name: &str) {
 
 /// The consumer's view: (acknowledged floor, pending, redelivered, ack-pending).
 async fn consumer_state(js: &jetstream::Context) -> (u64, u64, usize, usize) {
+    consumer_state_of(js, STREAM).await
+}
+
+async fn consumer_state_of(js: &jetstream::Context, stream: &str) -> (u64, u64, usize, usize) {
     let mut c: consumer::PullConsumer = js
-        .get_stream(STREAM)
+        .get_stream(stream)
         .await
         .unwrap()
         .get_consumer("tester")
@@ -210,26 +219,64 @@ async fn a_handler_three_times_longer_than_ack_wait_is_not_redelivered() {
         floor == 2 && ack_pending == 0
     })
     .await;
-    let (_, _, redelivered, _) = consumer_state(&js).await;
-    assert_eq!(redelivered, 0, "nothing was redelivered");
+    // Delivered exactly twice in all: neither was delivered again.
+    let mut c: consumer::PullConsumer = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .get_consumer("tester")
+        .await
+        .unwrap();
+    assert_eq!(c.info().await.unwrap().delivered.consumer_sequence, 2);
     assert_eq!(runs.load(Ordering::SeqCst), 2, "each handled once");
     shutdown.trigger();
 }
 
+/// Publishes a deploy job named `name` on the real `DEPLOY_JOBS` stream.
+async fn publish_job(js: &jetstream::Context, name: &str) {
+    let headers = slipway_common::rpc::message_headers::<Job>(ContentType::Protobuf);
+    let job = Job {
+        sandbox_id: name.into(),
+        name: String::new(),
+    };
+    js.publish_with_headers(
+        slipway_common::subjects::DEPLOY_JOBS,
+        headers,
+        slipway_proto::codec::encode(&job, ContentType::Protobuf).into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+fn slipway(nats: &NatsServer, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(slipway_test_support::workspace_bin("slipway").unwrap())
+        .args(args)
+        .env("SLIPWAY__NATS__URL", nats.url())
+        .output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_poison_message_is_dead_lettered_after_max_deliver_and_replays_once_fixed() {
+    // The real deploy-job stream, its consumer replaced by one that gives up after 3 tries.
     let (nats, js) = setup(Duration::from_secs(5), 3).await;
+    let jobs = js.get_stream("DEPLOY_JOBS").await.unwrap();
+    jobs.delete_consumer("deployer").await.unwrap();
+    tester(&jobs, Duration::from_secs(5), 3).await;
     let shutdown = Shutdown::new();
     let fixed = Arc::new(AtomicUsize::new(0));
     let handled: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
     let (is_fixed, log) = (fixed.clone(), handled.clone());
     worker::start(
         context(&js, &shutdown),
-        WorkerSpec::new(STREAM, "tester"),
+        WorkerSpec::new("DEPLOY_JOBS", "tester"),
         move |job: Job, d: Delivery| {
             let (is_fixed, log) = (is_fixed.clone(), log.clone());
             async move {
                 if job.sandbox_id == "poison" && is_fixed.load(Ordering::SeqCst) == 0 {
+                    assert_eq!(d.last_attempt, d.delivered == 3);
                     return Err(HandlerError::retry(Duration::from_millis(50), "the cause"));
                 }
                 log.lock().await.push((job.sandbox_id, d.delivered));
@@ -239,30 +286,36 @@ async fn a_poison_message_is_dead_lettered_after_max_deliver_and_replays_once_fi
     )
     .await
     .unwrap();
-    publish(&js, "poison").await;
+    publish_job(&js, "poison").await;
     for n in 0..5 {
-        publish(&js, &format!("after-{n}")).await;
+        publish_job(&js, &format!("after-{n}")).await;
     }
+    let dead_jobs = || async { deadletter::list(&js, Some("DEPLOY_JOBS")).await.unwrap() };
     eventually("the poison message given up", || async {
-        dead_letters(&js).await.len() == 1
+        dead_jobs().await.len() == 1
     })
     .await;
     eventually("the others handled", || async {
         handled.lock().await.len() == 5
     })
     .await;
-    let dead = dead_letters(&js).await;
+    let dead = dead_jobs().await;
     let r = &dead[0].reason;
     assert_eq!((r.code.as_str(), r.delivered), ("max_deliver", 3));
     assert!(r.message.contains("the cause"), "{r:?}");
+    assert_eq!(r.subject, slipway_common::subjects::DEPLOY_JOBS);
+
+    // `slipway dlq list` shows it.
+    let listed = slipway(&nats, &["dlq", "list", "DEPLOY_JOBS"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("max_deliver") && text.contains("the cause"),
+        "{text}"
+    );
 
     // The cause fixed, `slipway dlq replay` puts it back: handled once, and gone from the DLQ.
     fixed.store(1, Ordering::SeqCst);
-    let out = std::process::Command::new(slipway_test_support::workspace_bin("slipway").unwrap())
-        .args(["dlq", "replay", &dead[0].sequence.to_string()])
-        .env("SLIPWAY__NATS__URL", nats.url())
-        .output()
-        .unwrap();
+    let out = slipway(&nats, &["dlq", "replay", &dead[0].sequence.to_string()]);
     assert!(
         out.status.success(),
         "{}",
@@ -273,11 +326,7 @@ async fn a_poison_message_is_dead_lettered_after_max_deliver_and_replays_once_fi
     })
     .await;
     // Replaying it again finds nothing: it is handled once.
-    let again = std::process::Command::new(slipway_test_support::workspace_bin("slipway").unwrap())
-        .args(["dlq", "replay", &dead[0].sequence.to_string()])
-        .env("SLIPWAY__NATS__URL", nats.url())
-        .output()
-        .unwrap();
+    let again = slipway(&nats, &["dlq", "replay", &dead[0].sequence.to_string()]);
     assert!(!again.status.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let poison = handled
@@ -287,19 +336,55 @@ async fn a_poison_message_is_dead_lettered_after_max_deliver_and_replays_once_fi
         .filter(|(n, _)| n == "poison")
         .count();
     assert_eq!(poison, 1);
-    assert!(dead_letters(&js).await.is_empty());
-    // `slipway dlq list` shows what is left: nothing.
-    let listed =
-        std::process::Command::new(slipway_test_support::workspace_bin("slipway").unwrap())
-            .args(["dlq", "list", STREAM])
-            .env("SLIPWAY__NATS__URL", nats.url())
-            .output()
-            .unwrap();
+    assert!(dead_jobs().await.is_empty());
+    let listed = slipway(&nats, &["dlq", "list", "DEPLOY_JOBS"]);
     assert_eq!(
         String::from_utf8_lossy(&listed.stdout).trim(),
         "no dead letters"
     );
     shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_forged_dead_letter_is_not_replayed_anywhere_else() {
+    let (nats, js) = setup(Duration::from_secs(5), 3).await;
+    let forge = |filed_on: &str, stream: &str, original: &str| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(deadletter::ORIGINAL_SUBJECT, original);
+        h.insert(deadletter::ORIGINAL_STREAM, stream);
+        h.insert(deadletter::REASON_CODE, "x");
+        (filed_on.to_string(), h)
+    };
+    let cases = [
+        // A subject outside the stream it claims: a service's operation.
+        forge(
+            "slipway.dlq.DEPLOY_JOBS",
+            "DEPLOY_JOBS",
+            "slipway.deployer.v1.deploy",
+        ),
+        // Filed on another stream's dead letters than it claims.
+        forge("slipway.dlq.PROMPTS", "DEPLOY_JOBS", "slipway.deploys.jobs"),
+        // A stream that is not Slipway's.
+        forge("slipway.dlq.TEST_JOBS", "TEST_JOBS", "test.jobs.x"),
+    ];
+    for (subject, headers) in cases {
+        let ack = js
+            .publish_with_headers(subject, headers, "payload".into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let out = slipway(&nats, &["dlq", "replay", &ack.sequence.to_string()]);
+        assert!(!out.status.success(), "replayed {}", ack.sequence);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not replayed"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Nothing reached the stream it named.
+    let mut jobs = js.get_stream("DEPLOY_JOBS").await.unwrap();
+    assert_eq!(jobs.info().await.unwrap().state.messages, 0);
 }
 
 #[tokio::test]
@@ -331,14 +416,24 @@ async fn a_malformed_message_is_dead_lettered_as_malformed() {
 
 #[tokio::test]
 async fn on_shutdown_work_in_flight_finishes_and_is_acked() {
-    let (_nats, js) = setup(Duration::from_secs(30), 5).await;
+    let (nats, js) = setup(Duration::from_secs(30), 5).await;
+    // The service kit's own shutdown: what SIGTERM triggers, then `App::run` finishing (grace
+    // period for work in flight, then draining NATS).
     let shutdown = Shutdown::new();
+    let app = slipway_common::App::start(
+        slipway_common::Service::Deployer,
+        crate::helpers::settings(&nats.url(), &[]),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(1);
     let done = Arc::new(AtomicUsize::new(0));
     let finished = done.clone();
-    worker::start(
-        context(&js, &shutdown),
-        WorkerSpec::new(STREAM, "tester").max_in_flight(1),
+    app.worker(
+        WorkerSpec::new(STREAM, "tester")
+            .max_in_flight(1)
+            .max_held(2),
         move |_: Job, _| {
             let (started_tx, finished) = (started_tx.clone(), finished.clone());
             async move {
@@ -354,9 +449,8 @@ async fn on_shutdown_work_in_flight_finishes_and_is_acked() {
     publish(&js, "in-flight").await;
     publish(&js, "held").await;
     started_rx.recv().await.unwrap();
-    // SIGTERM's path: the token, then waiting for what is in flight.
     shutdown.trigger();
-    assert!(shutdown.wait_in_flight(Duration::from_secs(10)).await);
+    app.run().await.unwrap();
     assert_eq!(done.load(Ordering::SeqCst), 1, "the running one finished");
     let (floor, _, _, _) = consumer_state(&js).await;
     assert_eq!(floor, 1, "the finished one is acked");
@@ -383,6 +477,86 @@ async fn on_shutdown_work_in_flight_finishes_and_is_acked() {
     .await;
     assert_eq!(handled.load(Ordering::SeqCst), 1);
     other.trigger();
+}
+
+#[tokio::test]
+async fn a_worker_asks_only_for_what_it_can_hold() {
+    let ack_wait = Duration::from_millis(600);
+    let (_nats, js) = setup(ack_wait, 5).await;
+    let shutdown = Shutdown::new();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(4);
+    worker::start(
+        context(&js, &shutdown),
+        WorkerSpec::new(STREAM, "tester")
+            .max_in_flight(1)
+            .max_held(1),
+        move |_: Job, _| {
+            let started_tx = started_tx.clone();
+            async move {
+                let _ = started_tx.send(()).await;
+                tokio::time::sleep(ack_wait * 3).await;
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    for n in 0..3 {
+        publish(&js, &format!("j{n}")).await;
+    }
+    started_rx.recv().await.unwrap();
+    // One at a time: the others stay at the server for other replicas, unheld here.
+    let (_, pending, _, ack_pending) = consumer_state(&js).await;
+    assert_eq!((pending, ack_pending), (2, 1));
+    eventually("all settled", || async {
+        let (floor, _, _, ack_pending) = consumer_state(&js).await;
+        floor == 3 && ack_pending == 0
+    })
+    .await;
+    let mut c: consumer::PullConsumer = js
+        .get_stream(STREAM)
+        .await
+        .unwrap()
+        .get_consumer("tester")
+        .await
+        .unwrap();
+    assert_eq!(
+        c.info().await.unwrap().delivered.consumer_sequence,
+        3,
+        "each delivered once"
+    );
+    shutdown.trigger();
+}
+
+#[tokio::test]
+async fn a_panicking_handler_lets_its_message_be_delivered_again() {
+    let (_nats, js) = setup(Duration::from_millis(600), 5).await;
+    let shutdown = Shutdown::new();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = attempts.clone();
+    worker::start(
+        context(&js, &shutdown),
+        WorkerSpec::new(STREAM, "tester"),
+        move |_: Job, d: Delivery| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                if d.delivered == 1 {
+                    panic!("a bug in the handler");
+                }
+                Ok(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    publish(&js, "p").await;
+    eventually("handled on its second delivery", || async {
+        consumer_state(&js).await.0 == 1
+    })
+    .await;
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    shutdown.trigger();
 }
 
 #[tokio::test]
