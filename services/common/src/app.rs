@@ -58,6 +58,7 @@ impl App {
             Duration::from_millis(settings.nats.request_timeout_ms),
         );
         let topology = Topology::new(&settings.setup).for_service(service);
+        health.set_check("topology", Err("not verified yet".into()));
         spawn_verifier(
             jetstream.clone(),
             topology.clone(),
@@ -141,14 +142,19 @@ impl App {
         crate::worker::start_batches(self.worker_context(), spec, batch, handler).await
     }
 
-    /// Runs until shutdown is triggered, then shuts down gracefully.
+    /// Runs until shutdown is triggered, then shuts down gracefully. Call it once everything
+    /// the service serves is registered: readiness opens here.
     pub async fn run(self) -> anyhow::Result<()> {
+        self.health.mark_registered();
         self.shutdown.triggered().await;
         self.finish().await
     }
 
+    /// One grace period for all of it: the work in flight, then draining NATS with what is
+    /// left; with NATS gone there is nothing to drain, so nothing is waited for.
     async fn finish(self) -> anyhow::Result<()> {
         let grace = Duration::from_millis(self.settings.service.grace_period_ms);
+        let deadline = tokio::time::Instant::now() + grace;
         tracing::info!(?grace, "shutting down: not ready, no new work");
         self.health.set_shutting_down();
         for host in self.hosts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -157,8 +163,14 @@ impl App {
         if !self.shutdown.wait_in_flight(grace).await {
             tracing::warn!("grace period over with work still in flight");
         }
-        if let Err(e) = tokio::time::timeout(grace, self.nats.drain()).await {
-            tracing::warn!(error = %e, "draining NATS timed out");
+        let connected = self.nats.connection_state() == async_nats::connection::State::Connected;
+        if connected {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if tokio::time::timeout(left, self.nats.drain()).await.is_err() {
+                tracing::warn!("draining NATS did not finish within the grace period");
+            }
+        } else {
+            tracing::info!("NATS is not connected: nothing to drain");
         }
         self.health_stop.cancel();
         // The health server only answers probes; its end is not worth failing shutdown over.
@@ -187,10 +199,7 @@ fn spawn_verifier(
                     .join("; ")),
                 Err(e) => Err(format!("cannot verify: {e}")),
             };
-            if let Err(e) = &result {
-                tracing::warn!(drift = %e, "topology not as expected");
-            }
-            health.set_check("topology", result);
+            health.report("topology", result);
             tokio::select! {
                 _ = shutdown.triggered() => return,
                 _ = tokio::time::sleep(every) => {}

@@ -1,5 +1,7 @@
-//! The health server: `/livez` (the process answers), `/readyz` (it should get work: NATS is
-//! connected, its topology verified, and it is not shutting down) and `/metrics`.
+//! The health server: `/livez` (the process answers), `/readyz` (it should get work: its
+//! endpoints and workers are registered, NATS is connected, its topology verified, its
+//! background loops healthy, and it is not shutting down) and `/metrics`. Readiness is a latch
+//! at start: 503 until the service has registered everything it serves, as linkerd's is.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ pub struct Health {
 #[derive(Debug, Default)]
 struct Inner {
     checks: Mutex<BTreeMap<String, Result<(), String>>>,
+    registered: AtomicBool,
     shutting_down: AtomicBool,
     nats: Mutex<Option<async_nats::Client>>,
     metrics: Arc<Metrics>,
@@ -51,6 +54,25 @@ impl Health {
             .insert(name.to_string(), result);
     }
 
+    /// A background loop's state as a readiness check, logged only when it changes (a missing
+    /// bucket is said once, not at every tick).
+    pub fn report(&self, name: &str, result: Result<(), String>) {
+        let mut checks = self.inner.checks.lock().unwrap_or_else(|p| p.into_inner());
+        let before = checks.get(name).cloned();
+        match (&before, &result) {
+            (Some(Err(old)), Err(new)) if old == new => {}
+            (_, Err(new)) => tracing::warn!(check = name, problem = %new, "not ready"),
+            (Some(Err(_)), Ok(())) => tracing::info!(check = name, "recovered"),
+            _ => {}
+        }
+        checks.insert(name.to_string(), result);
+    }
+
+    /// The service has registered its endpoints and workers: the start-up latch opens.
+    pub fn mark_registered(&self) {
+        self.inner.registered.store(true, Ordering::SeqCst);
+    }
+
     /// Readiness also requires this client to be connected.
     pub fn watch_nats(&self, client: async_nats::Client) {
         *self.inner.nats.lock().unwrap_or_else(|p| p.into_inner()) = Some(client);
@@ -75,6 +97,12 @@ impl Health {
             if state != async_nats::connection::State::Connected {
                 failing.insert("nats".into(), format!("connection is {state}"));
             }
+        }
+        if !self.inner.registered.load(Ordering::SeqCst) {
+            failing.insert(
+                "registered".into(),
+                "starting: endpoints and workers not registered yet".into(),
+            );
         }
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             failing.insert("shutdown".into(), "shutting down".into());

@@ -102,9 +102,23 @@ impl ServiceHost {
         let metrics = self.metrics.clone();
         let service = self.service;
         let op = op.to_string();
+        let token = self.shutdown.token().clone();
         self.shutdown.tracker().spawn(async move {
-            // Ends when the service is stopped and the requests already delivered are taken.
-            while let Some(request) = endpoint.next().await {
+            // Ends when the service is stopped and the requests already delivered are taken, or,
+            // once shutdown is triggered, when no request arrives for a moment: with NATS gone
+            // the unsubscribe never completes, and waiting for it would hold the exit up.
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    next = endpoint.next() => next,
+                    () = token.cancelled() => {
+                        tokio::time::timeout(std::time::Duration::from_millis(100), endpoint.next())
+                            .await
+                            .ok()
+                            .flatten()
+                    }
+                };
+                let Some(request) = next else { break };
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };

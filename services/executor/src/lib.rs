@@ -50,17 +50,17 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
         .await?;
     }
     {
-        let (r, shutdown) = (relays.clone(), app.shutdown.clone());
+        let (r, shutdown, health) = (relays.clone(), app.shutdown.clone(), app.health.clone());
         app.shutdown
             .tracker()
-            .spawn(async move { r.supervise(shutdown).await });
+            .spawn(async move { r.supervise(shutdown, health).await });
     }
     let every = std::time::Duration::from_millis(platform.usage_sample_ms);
     let sampler = sampler::Sampler::new(executor);
-    let shutdown = app.shutdown.clone();
+    let (shutdown, health) = (app.shutdown.clone(), app.health.clone());
     app.shutdown
         .tracker()
-        .spawn(async move { sampler.run(every, shutdown).await });
+        .spawn(async move { sampler.run(every, shutdown, health).await });
     tracing::info!(health = %app.health_addr, "slipway-executor running");
     app.run().await
 }

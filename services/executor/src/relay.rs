@@ -241,11 +241,22 @@ impl Relays {
     }
 
     /// Renews this replica's leases and takes over relays whose lease ran out, until shutdown.
-    pub async fn supervise(self: Arc<Self>, shutdown: Shutdown) {
+    /// Their state (a missing bucket, say) is a readiness check, said once when it changes.
+    pub async fn supervise(
+        self: Arc<Self>,
+        shutdown: Shutdown,
+        health: slipway_common::health::Health,
+    ) {
         loop {
-            if let Err(e) = self.tick().await {
-                tracing::warn!(error = %e.message, "relay leases");
-            }
+            // Cut off at shutdown: an unrenewed lease only lets another replica take over.
+            let ticked = tokio::select! {
+                () = shutdown.triggered() => return,
+                ticked = self.tick() => ticked,
+            };
+            health.report(
+                "relay_leases",
+                ticked.map_err(|e| format!("relay leases: {}", e.message)),
+            );
             tokio::select! {
                 () = tokio::time::sleep(TICK) => {}
                 () = shutdown.triggered() => return,

@@ -79,17 +79,38 @@ impl Sampler {
         Self { executor, holder }
     }
 
-    /// Samples every `every` until shutdown, while holding the sampler lease.
-    pub async fn run(self, every: Duration, shutdown: Shutdown) {
+    /// Samples every `every` until shutdown, while holding the sampler lease. The lease's state
+    /// (a missing bucket, say) is a readiness check, said once when it changes.
+    pub async fn run(
+        self,
+        every: Duration,
+        shutdown: Shutdown,
+        health: slipway_common::health::Health,
+    ) {
         loop {
-            match self.lease(every * 3).await {
+            // A pass stops where it is on shutdown: the sampler is built to survive being cut
+            // off at any point (as by a crash), and waiting on NATS or the platform would hold
+            // the exit up.
+            let leased = tokio::select! {
+                () = shutdown.triggered() => return,
+                leased = self.lease(every * 3) => leased,
+            };
+            match leased {
                 Ok(true) => {
-                    if let Err(e) = self.sample_once().await {
+                    health.report("usage_sampler", Ok(()));
+                    let sampled = tokio::select! {
+                        () = shutdown.triggered() => return,
+                        sampled = self.sample_once() => sampled,
+                    };
+                    if let Err(e) = sampled {
                         tracing::warn!(error = %e, "usage sampling");
                     }
                 }
-                Ok(false) => tracing::debug!("another replica samples usage"),
-                Err(e) => tracing::warn!(error = %e, "the sampler lease"),
+                Ok(false) => {
+                    health.report("usage_sampler", Ok(()));
+                    tracing::debug!("another replica samples usage");
+                }
+                Err(e) => health.report("usage_sampler", Err(format!("the sampler lease: {e}"))),
             }
             tokio::select! {
                 () = tokio::time::sleep(every) => {}

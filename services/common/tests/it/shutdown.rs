@@ -98,3 +98,41 @@ async fn readyz_turns_503_on_shutdown_while_in_flight_work_completes() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn readyz_stays_503_until_the_service_has_registered_what_it_serves() {
+    let server = NatsServer::start().unwrap();
+    admin_setup(&server.url()).await;
+    let shutdown = slipway_common::Shutdown::new();
+    let app = slipway_common::App::start(
+        Service::Preview,
+        settings(&server.url(), &[]),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let health = app.health_addr;
+    // Connected and verified, but nothing registered yet: not ready, and it says why.
+    let (status, body) = readyz_until(health, "verified", |_, b| {
+        b["failing"].get("topology").is_none() && b["failing"].get("nats").is_none()
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body["failing"]["registered"].is_string(), "{body}");
+    let host = app.service_host("test").await.unwrap();
+    host.endpoint("token", |req: GetSandboxRequest, _| async move {
+        Ok(SandboxReply {
+            sandbox: Some(Sandbox {
+                id: req.sandbox_id,
+                ..Default::default()
+            }),
+        })
+    })
+    .await
+    .unwrap();
+    assert_eq!(readyz(health).await.0, 503, "still starting until run");
+    let task = tokio::spawn(app.run());
+    readyz_until(health, "ready once running", |s, _| s == 200).await;
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}

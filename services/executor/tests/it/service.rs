@@ -235,3 +235,57 @@ async fn sandbox_operations_over_nats_against_sandboxd() {
     shutdown.trigger();
     task.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn with_its_nats_server_gone_the_executor_exits_at_once_on_sigterm() {
+    let nats = NatsServer::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A free port for health (bound and released: the process binds it next).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let health = format!("127.0.0.1:{port}");
+    // A grace period far longer than the bound below: waiting it out would fail the test.
+    let extra = [
+        ("SLIPWAY__HEALTH__LISTEN", health.as_str()),
+        ("SLIPWAY__SERVICE__GRACE_PERIOD_MS", "60000"),
+    ];
+    let (env, _) =
+        crate::harness::configure(&nats, "http://127.0.0.1:9/api/v1", dir.path(), &extra).await;
+    let mut run =
+        slipway_test_support::FailpointRun::new(workspace_bin("slipway-executor").unwrap());
+    for (k, v) in &env {
+        run = run.env(k, v);
+    }
+    let process = run.spawn(None).unwrap();
+    let http = slipway_test_support::http();
+    let readyz = |http: reqwest::Client, url: String| async move {
+        http.get(url).send().await.ok().map(|r| r.status().as_u16())
+    };
+    let url = format!("http://{health}/readyz");
+    for _ in 0..200 {
+        if readyz(http.clone(), url.clone()).await == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(readyz(http.clone(), url.clone()).await, Some(200));
+    drop(nats);
+    for _ in 0..200 {
+        if readyz(http.clone(), url.clone()).await == Some(503) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    process.terminate().unwrap();
+    let out = process
+        .wait(Duration::from_secs(10))
+        .expect("exits without waiting out the grace period or a drain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
