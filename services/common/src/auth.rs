@@ -117,13 +117,9 @@ pub fn permissions(principal: Principal, topo: &Topology) -> Permissions {
             p.publish.insert(subjects::PROMPTS.into());
             p.publish
                 .insert(format!("{}.runs.*.commands", subjects::ROOT));
-            for s in [
-                Service::Planner,
-                Service::Preview,
-                Service::Billing,
-                Service::Deployer,
-            ] {
-                p.publish.insert(s.all_ops());
+            // The public queries, and nothing else of any service.
+            for o in crate::operations::callable_by(principal) {
+                p.publish.insert(o.subject());
             }
             p.publish
                 .insert(format!("$JS.API.STREAM.INFO.{}", streams::PROMPTS));
@@ -140,8 +136,9 @@ pub fn permissions(principal: Principal, topo: &Topology) -> Permissions {
             p.allow_responses = true;
             p.subscribe.insert(service.all_ops());
             p.subscribe.insert("$SRV.>".into());
-            for s in role.calls {
-                p.publish.insert(s.all_ops());
+            // Only the operations the table lets it call.
+            for o in crate::operations::callable_by(principal) {
+                p.publish.insert(o.subject());
             }
             for s in role.consumes {
                 consume_stream(&mut p, s);

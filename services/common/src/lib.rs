@@ -15,6 +15,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod nats;
+pub mod operations;
 pub mod records;
 pub mod rpc;
 pub mod run_events;

@@ -83,6 +83,16 @@ impl ServiceHost {
         F: Fn(Req, RequestInfo) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Resp, ServiceError>> + Send + 'static,
     {
+        // The operations table is what the generated authorization follows: an operation missing
+        // from it could be served but never called.
+        if !crate::operations::of(self.service).any(|o| o.op == op) {
+            return Err(HostError {
+                name: self.service.nats_service_name(),
+                message: format!(
+                    "operation `{op}` is not in the operations table (services/common/src/operations.rs)"
+                ),
+            });
+        }
         let subject = self.service.op(op);
         let builder = {
             let guard = self.nats_service.lock().unwrap_or_else(|p| p.into_inner());

@@ -292,8 +292,6 @@ pub struct Role {
     /// Streams it publishes into (with acknowledgements).
     pub publishes: &'static [&'static str],
     pub buckets: &'static [&'static str],
-    /// Services it sends requests to.
-    pub calls: &'static [Service],
 }
 
 impl Role {
@@ -304,30 +302,21 @@ impl Role {
                 consumes: &[streams::PROMPTS, streams::RUN_COMMANDS],
                 publishes: &[streams::RUN_EVENTS, streams::USAGE, streams::DLQ],
                 buckets: &[b::RUNS, b::LEASES],
-                calls: &[
-                    Service::Executor,
-                    Service::Preview,
-                    Service::Billing,
-                    Service::Deployer,
-                ],
             },
             Service::Executor => Role {
                 consumes: &[],
                 publishes: &[streams::USAGE],
                 buckets: &[b::SANDBOXES, b::METER, b::RELAYS, b::LEASES],
-                calls: &[],
             },
             Service::Preview => Role {
                 consumes: &[],
                 publishes: &[streams::RUN_EVENTS],
                 buckets: &[b::PREVIEWS, b::SHARES, b::LEASES],
-                calls: &[Service::Executor],
             },
             Service::Billing => Role {
                 consumes: &[streams::USAGE],
                 publishes: &[streams::BILLED, streams::USAGE_REJECTED, streams::DLQ],
                 buckets: &[b::BILLING, b::BILLING_DEDUPE, b::QUOTAS, b::LEASES],
-                calls: &[Service::Executor],
             },
             Service::Deployer => Role {
                 consumes: &[streams::DEPLOY_JOBS],
@@ -338,7 +327,6 @@ impl Role {
                     streams::DLQ,
                 ],
                 buckets: &[b::DEPLOYMENTS, b::LEASES],
-                calls: &[Service::Executor],
             },
         }
     }

@@ -223,3 +223,120 @@ async fn consumers_may_file_their_dead_letters_and_billing_its_refusals() {
     platform.flush().await.unwrap();
     assert!(violation(&mut errors).await.contains("slipway.dlq.PROMPTS"));
 }
+
+/// Every operation in the table answered by a responder connected as its service.
+async fn responders(server: &NatsServer, keys: &Keys) -> Vec<async_nats::Client> {
+    let mut out = Vec::new();
+    for service in Service::ALL {
+        let (client, _) = connect_as(server, keys, Principal::Service(service)).await;
+        let mut sub = client.subscribe(service.all_ops()).await.unwrap();
+        let answering = client.clone();
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(m) = sub.next().await {
+                if let Some(reply) = m.reply {
+                    let _ = answering.publish(reply, "ok".into()).await;
+                }
+            }
+        });
+        client.flush().await.unwrap();
+        out.push(client);
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_operations_table_is_the_authorization_both_ways() {
+    use slipway_common::operations::{OPERATIONS, may_call};
+    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
+    let keys = Keys::new();
+    let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
+    let _responders = responders(&server, &keys).await;
+    let mut clients = std::collections::BTreeMap::new();
+    for p in Principal::all() {
+        clients.insert(p, connect_as(&server, &keys, p).await);
+    }
+    // Every allowed call in the table is answered.
+    for o in OPERATIONS {
+        for p in o.callers.iter().copied().chain([Principal::Admin]) {
+            let (client, _) = &clients[&p];
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.request(o.subject(), "x".into()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{p:?} calling {}: no answer", o.subject()))
+            .unwrap_or_else(|e| panic!("{p:?} calling {}: {e}", o.subject()));
+            assert_eq!(&answer.payload[..], b"ok");
+        }
+    }
+    // And these are refused by the server.
+    let forbidden: Vec<(Principal, String)> = vec![
+        (
+            Principal::Service(Service::Preview),
+            Service::Executor.op("sandbox.destroy"),
+        ),
+        (Principal::Platform, Service::Billing.op("period.close")),
+        (Principal::Platform, Service::Billing.op("reconcile")),
+        (
+            Principal::Service(Service::Planner),
+            Service::Billing.op("period.close"),
+        ),
+        (
+            Principal::Service(Service::Deployer),
+            Service::Executor.op("exec"),
+        ),
+        (
+            Principal::Service(Service::Executor),
+            Service::Planner.op("run.get"),
+        ),
+    ]
+    .into_iter()
+    .chain(
+        OPERATIONS
+            .iter()
+            .filter(|o| o.service == Service::Executor)
+            .map(|o| (Principal::Platform, o.subject())),
+    )
+    .chain(
+        // Consuming USAGE: billing's alone; reading DLQ: admin's alone.
+        Principal::all()
+            .into_iter()
+            .filter(|p| !matches!(p, Principal::Admin | Principal::Service(Service::Billing)))
+            .map(|p| (p, "$JS.API.CONSUMER.MSG.NEXT.USAGE.billing".to_string())),
+    )
+    .chain(
+        Principal::all()
+            .into_iter()
+            .filter(|p| *p != Principal::Admin)
+            .flat_map(|p| {
+                [
+                    (p, "$JS.API.STREAM.MSG.GET.DLQ".to_string()),
+                    (p, "$JS.API.CONSUMER.CREATE.DLQ".to_string()),
+                    (p, "$JS.API.DIRECT.GET.DLQ".to_string()),
+                ]
+            }),
+    )
+    .collect();
+    for (p, subject) in forbidden {
+        if let Some(rest) = subject.strip_prefix("slipway.") {
+            let (svc, op) = rest.split_once(".v1.").unwrap();
+            let service = Service::ALL
+                .into_iter()
+                .find(|s| s.as_str() == svc)
+                .unwrap();
+            assert!(
+                !may_call(p, service, op),
+                "{p:?} may call {subject} in the table"
+            );
+        }
+        let (client, errors) = clients.get_mut(&p).unwrap();
+        client.publish(subject.clone(), "x".into()).await.unwrap();
+        client.flush().await.unwrap();
+        let e = violation(errors).await;
+        assert!(
+            e.to_lowercase().contains("permissions violation") && e.contains(&subject),
+            "{p:?} → {subject}: {e}"
+        );
+    }
+}

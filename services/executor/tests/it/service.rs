@@ -289,3 +289,30 @@ async fn with_its_nats_server_gone_the_executor_exits_at_once_on_sigterm() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn the_executor_serves_exactly_the_operations_in_the_table() {
+    let nats = NatsServer::start().unwrap();
+    let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
+    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let info = client
+        .request("$SRV.INFO.slipway-executor", "".into())
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.payload).unwrap();
+    let mut served: Vec<String> = info["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["subject"].as_str().unwrap().to_string())
+        .collect();
+    served.sort();
+    let mut table: Vec<String> = slipway_common::operations::of(slipway_common::Service::Executor)
+        .map(|o| o.subject())
+        .collect();
+    table.sort();
+    assert_eq!(served, table);
+    shutdown.trigger();
+    task.await.unwrap().unwrap();
+}
