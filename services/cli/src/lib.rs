@@ -223,7 +223,11 @@ async fn connect_once(settings: &Settings) -> Result<async_nats::Client> {
     options = options
         .name("slipway-cli")
         .connection_timeout(Duration::from_millis(settings.nats.connect_timeout_ms));
-    if let Some(prefix) = &settings.nats.inbox_prefix {
+    let principal = match settings.cli.principal {
+        slipway_common::config::CliPrincipal::Platform => Principal::Platform,
+        slipway_common::config::CliPrincipal::Admin => Principal::Admin,
+    };
+    if let Some(prefix) = &settings.nats_as(principal).inbox_prefix {
         options = options.custom_inbox_prefix(prefix.clone());
     }
     options

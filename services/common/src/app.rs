@@ -50,7 +50,11 @@ impl App {
             health::serve(settings.health.listen, health.clone(), health_stop.clone()).await?;
         tracing::info!(%health_addr, "health endpoints up");
 
-        let nats = crate::nats::connect(&settings.nats, &format!("slipway-{service}")).await?;
+        let nats = crate::nats::connect(
+            &settings.nats_as(crate::auth::Principal::Service(service)),
+            &format!("slipway-{service}"),
+        )
+        .await?;
         health.watch_nats(nats.clone());
         let jetstream = jetstream::new(nats.clone());
         let rpc = RpcClient::new(

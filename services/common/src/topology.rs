@@ -83,8 +83,6 @@ pub struct Topology {
     pub replicas: usize,
 }
 
-const MIB: i32 = 1024 * 1024;
-
 impl Topology {
     pub fn new(settings: &SetupSettings) -> Self {
         let stream_subjects = |name: &str| {
@@ -99,10 +97,11 @@ impl Topology {
             subjects: stream_subjects(name),
             retention,
             max_age,
-            duplicate_window: Duration::from_secs(3600),
-            max_message_size: MIB,
+            duplicate_window: Duration::from_secs(settings.duplicate_window_sec),
+            max_message_size: settings.max_message_bytes,
             description,
         };
+        let days = |d: u64| DAY * u32::try_from(d).unwrap_or(u32::MAX);
         let streams = vec![
             stream(
                 streams::PROMPTS,
@@ -119,18 +118,18 @@ impl Topology {
             stream(
                 streams::RUN_EVENTS,
                 Retention::Limits,
-                30 * DAY,
+                days(settings.events_max_age_days),
                 "facts about runs, for platforms and UIs",
             ),
             StreamSpec {
                 // Billing rebuilds its aggregates from the raw stream and keeps dedupe for 35
                 // days of accepted lateness; the stream outlives both.
-                max_message_size: 64 * 1024,
-                duplicate_window: Duration::from_secs(2 * 3600),
+                max_message_size: settings.usage_max_message_bytes,
+                duplicate_window: Duration::from_secs(settings.usage_duplicate_window_sec),
                 ..stream(
                     streams::USAGE,
                     Retention::Limits,
-                    400 * DAY,
+                    days(settings.usage_max_age_days),
                     "usage events, partitioned by end-user",
                 )
             },
@@ -143,7 +142,7 @@ impl Topology {
             stream(
                 streams::BILLED,
                 Retention::Limits,
-                400 * DAY,
+                days(settings.usage_max_age_days),
                 "priced usage for platforms' invoicing",
             ),
             stream(

@@ -163,3 +163,117 @@ fn the_edge_resolve_setting_covers_the_edge_domain_only() {
         None
     );
 }
+
+const SECTIONS: [&str; 12] = [
+    "nats",
+    "health",
+    "telemetry",
+    "setup",
+    "service",
+    "platform",
+    "edge",
+    "planner",
+    "preview",
+    "billing",
+    "deployer",
+    "cli",
+];
+
+#[test]
+fn an_unknown_key_in_any_section_is_refused_by_name() {
+    for section in SECTIONS {
+        let file = format!("[{section}]\nno_such_key_in_{section} = 1\n");
+        let e = load(Some(&file), &[]).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("no_such_key_in_{section}")),
+            "[{section}]: {e}"
+        );
+    }
+    // And an unknown section.
+    let e = load(Some("[plannr]\nprovider = \"builtin\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("plannr"), "{e}");
+}
+
+#[test]
+fn every_section_round_trips_through_print_config() {
+    // Non-default values in every service's section, so the round trip carries them.
+    let settings = load(
+        None,
+        &[
+            ("SLIPWAY__PLANNER__MAX_RUNS_IN_FLIGHT", "3"),
+            ("SLIPWAY__PREVIEW__TOKEN_TTL_SEC", "600"),
+            ("SLIPWAY__BILLING__LATENESS_DAYS", "40"),
+            ("SLIPWAY__DEPLOYER__VERIFY_TIMEOUT_MS", "5000"),
+            ("SLIPWAY__CLI__PRINCIPAL", "admin"),
+            ("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "600"),
+        ],
+    )
+    .unwrap();
+    let printed = settings.to_masked_toml();
+    for section in SECTIONS {
+        assert!(
+            printed.contains(&format!("[{section}]")),
+            "no [{section}] in:\n{printed}"
+        );
+    }
+    let again = load(Some(&printed), &[]).unwrap();
+    assert_eq!(again.to_masked_toml(), printed);
+    assert_eq!(again.planner.max_runs_in_flight, 3);
+    assert_eq!(again.billing.lateness_days, 40);
+    assert_eq!(
+        again.cli.principal,
+        slipway_common::config::CliPrincipal::Admin
+    );
+}
+
+#[test]
+fn stream_limits_are_settings() {
+    let settings = load(
+        None,
+        &[
+            ("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "600"),
+            ("SLIPWAY__SETUP__EVENTS_MAX_AGE_DAYS", "7"),
+        ],
+    )
+    .unwrap();
+    let topo = slipway_common::topology::Topology::new(&settings.setup);
+    let usage = topo.stream("USAGE").unwrap();
+    assert_eq!(usage.duplicate_window, std::time::Duration::from_secs(600));
+    let events = topo.stream("RUN_EVENTS").unwrap();
+    assert_eq!(events.max_age, std::time::Duration::from_secs(7 * 86_400));
+    // Bounds are checked: a lateness longer than the stream keeps events is refused.
+    let e = load(
+        None,
+        &[
+            ("SLIPWAY__SETUP__USAGE_MAX_AGE_DAYS", "30"),
+            ("SLIPWAY__BILLING__LATENESS_DAYS", "35"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("billing.lateness_days"), "{e}");
+}
+
+#[test]
+fn with_credentials_the_inbox_prefix_is_the_principals() {
+    use slipway_common::Service;
+    use slipway_common::auth::Principal;
+    let dir = tempfile::tempdir().unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "secret").unwrap();
+    let settings = load(
+        None,
+        &[
+            ("SLIPWAY__NATS__USER", "billing"),
+            ("SLIPWAY__NATS__PASSWORD_FILE", pw.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let nats = settings.nats_as(Principal::Service(Service::Billing));
+    assert_eq!(nats.inbox_prefix.as_deref(), Some("_INBOX_billing"));
+    // Without credentials there is no principal: NATS's default inbox.
+    let open = load(None, &[]).unwrap();
+    assert_eq!(open.nats_as(Principal::Platform).inbox_prefix, None);
+}

@@ -10,6 +10,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod services;
+pub use services::{
+    BillingSettings, CliPrincipal, CliSettings, DeployerSettings, PlannerSettings, PreviewSettings,
+};
+
 /// The environment prefix: `SLIPWAY__NATS__URL` sets `nats.url`.
 pub const ENV_PREFIX: &str = "SLIPWAY";
 /// Ecosystem names accepted as aliases, and the key each sets.
@@ -20,17 +25,25 @@ pub const ALIASES: &[(&str, &str)] = &[
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
 ];
 
-/// One configuration for every Slipway component; each reads the sections it needs.
+/// One configuration for every Slipway component. The kit's sections (`nats`, `health`,
+/// `telemetry`, `setup`, `service`) every component reads; each service reads its own (the
+/// executor `platform` and `edge`; `planner`, `preview`, `billing`, `deployer`, `cli`). All are
+/// checked at load, whoever loads them: a mistyped key in any section is refused by name.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub nats: NatsSettings,
     pub health: HealthSettings,
     pub telemetry: TelemetrySettings,
-    pub platform: PlatformSettings,
-    pub edge: EdgeSettings,
     pub setup: SetupSettings,
     pub service: ServiceSettings,
+    pub platform: PlatformSettings,
+    pub edge: EdgeSettings,
+    pub planner: PlannerSettings,
+    pub preview: PreviewSettings,
+    pub billing: BillingSettings,
+    pub deployer: DeployerSettings,
+    pub cli: CliSettings,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -49,7 +62,8 @@ pub struct NatsSettings {
     /// Read from `password_file`; not settable directly.
     #[serde(default, skip_deserializing)]
     pub password: Option<Secret>,
-    /// The inbox prefix, so least-privilege permissions can allow `<prefix>.>` only.
+    /// The inbox prefix, so least-privilege permissions can allow `<prefix>.>` only. With
+    /// credentials and no prefix set, a component uses its principal's (`_INBOX_<principal>`).
     pub inbox_prefix: Option<String>,
     pub connect_timeout_ms: u64,
     /// Default timeout of a request to another service.
@@ -131,6 +145,17 @@ pub struct SetupSettings {
     pub verify_interval_ms: u64,
     /// Deliveries of one message before it goes to the dead-letter stream.
     pub max_deliver: i64,
+    /// JetStream's `Nats-Msg-Id` dedupe window of the streams, and of `USAGE` (longer: a
+    /// publisher may republish a pending interval after a long outage).
+    pub duplicate_window_sec: u64,
+    pub usage_duplicate_window_sec: u64,
+    /// Largest message of the streams, and of `USAGE` (events are small; a big one is a bug).
+    pub max_message_bytes: i32,
+    pub usage_max_message_bytes: i32,
+    /// How long `USAGE` and `BILLED` keep events (billing rebuilds from the raw stream, and
+    /// must outlive the accepted lateness), and how long run events are kept.
+    pub usage_max_age_days: u64,
+    pub events_max_age_days: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -207,7 +232,7 @@ impl Sources {
 impl Settings {
     pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
         let mut builder = config::Config::builder();
-        for (key, value) in DEFAULTS {
+        for (key, value) in DEFAULTS.iter().chain(services::DEFAULTS) {
             builder = builder.set_default(*key, *value)?;
         }
         for (key, value) in &sources.defaults {
@@ -332,7 +357,46 @@ impl Settings {
         if self.service.max_in_flight == 0 {
             return Err(invalid("service.max_in_flight", "must be at least 1"));
         }
-        Ok(())
+        let s = &self.setup;
+        for (key, value) in [
+            ("setup.duplicate_window_sec", s.duplicate_window_sec),
+            (
+                "setup.usage_duplicate_window_sec",
+                s.usage_duplicate_window_sec,
+            ),
+        ] {
+            if !(1..=7 * 86_400).contains(&value) {
+                return Err(invalid(key, "1 second to 7 days"));
+            }
+        }
+        for (key, value) in [
+            ("setup.max_message_bytes", s.max_message_bytes),
+            ("setup.usage_max_message_bytes", s.usage_max_message_bytes),
+        ] {
+            if !(1024..=8 * 1024 * 1024).contains(&value) {
+                return Err(invalid(key, "1 KiB to 8 MiB"));
+            }
+        }
+        for (key, value) in [
+            ("setup.usage_max_age_days", s.usage_max_age_days),
+            ("setup.events_max_age_days", s.events_max_age_days),
+        ] {
+            if !(1..=3650).contains(&value) {
+                return Err(invalid(key, "1 to 3650 days"));
+            }
+        }
+        services::validate(self)
+    }
+
+    /// The NATS settings of a component acting as `principal`: with credentials and no inbox
+    /// prefix set, the principal's own (`_INBOX_<principal>`), which its permissions allow.
+    pub fn nats_as(&self, principal: crate::auth::Principal) -> NatsSettings {
+        let mut nats = self.nats.clone();
+        let credentials = nats.nkey_seed.is_some() || nats.user.is_some();
+        if credentials && nats.inbox_prefix.is_none() {
+            nats.inbox_prefix = Some(principal.inbox_prefix());
+        }
+        nats
     }
 
     /// The settings as TOML with every secret masked (`--print-config`).
@@ -372,6 +436,12 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("setup.storage", "file"),
     ("setup.verify_interval_ms", "30000"),
     ("setup.max_deliver", "5"),
+    ("setup.duplicate_window_sec", "3600"),
+    ("setup.usage_duplicate_window_sec", "7200"),
+    ("setup.max_message_bytes", "1048576"),
+    ("setup.usage_max_message_bytes", "65536"),
+    ("setup.usage_max_age_days", "400"),
+    ("setup.events_max_age_days", "30"),
     ("service.max_in_flight", "64"),
     ("service.grace_period_ms", "25000"),
 ];

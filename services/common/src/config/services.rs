@@ -1,0 +1,164 @@
+//! The sections of the services that are not the kit's own: each service reads its own
+//! (`planner`, `preview`, `billing`, `deployer`, `cli`; the executor's are `platform` and
+//! `edge`), and every one is checked at load, so a mistyped key anywhere is refused by name.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::ConfigError;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlannerSettings {
+    /// The app generator: `builtin` (offline, no key), `anthropic` or `openai`.
+    pub provider: String,
+    /// Runs one planner replica drives at once; more wait (`queued`).
+    pub max_runs_in_flight: usize,
+    /// Longest one step of a run may take.
+    pub step_timeout_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviewSettings {
+    /// Lifetime of an iframe token (a UI refreshes before it ends); at most a day.
+    pub token_ttl_sec: u64,
+    /// Lifetime of a share link when the caller gives none.
+    pub share_ttl_sec: u64,
+    /// Longest share link anyone may ask for.
+    pub share_max_ttl_sec: u64,
+    /// File changes closer together than this are one `files_changed`.
+    pub debounce_ms: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingSettings {
+    /// How late a usage event may arrive and still be billed (its `time` against now).
+    pub lateness_days: u32,
+    /// How far in the future a usage event's `time` may be (clock skew between hosts).
+    pub clock_skew_sec: u64,
+    /// Usage events folded in one batch at most.
+    pub batch_max_events: usize,
+    /// Days after a month ends before it is closed (late events still land in it).
+    pub close_grace_days: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployerSettings {
+    /// Longest one deploy job may take, build and verification included.
+    pub job_timeout_ms: u64,
+    /// How long a new version has to answer before it is called failed.
+    pub verify_timeout_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CliPrincipal {
+    Platform,
+    Admin,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliSettings {
+    /// Whom the CLI acts as when it has credentials (its NATS inbox prefix follows).
+    pub principal: CliPrincipal,
+    /// Where `slipway up` serves the console.
+    pub console_listen: SocketAddr,
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The longest preview token MIOSA mints, and the longest share link: a day and 30 days.
+const DAY_SEC: u64 = 86_400;
+
+pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
+    if !["builtin", "anthropic", "openai"].contains(&s.planner.provider.as_str()) {
+        return Err(invalid(
+            "planner.provider",
+            "one of `builtin`, `anthropic`, `openai`",
+        ));
+    }
+    if s.planner.max_runs_in_flight == 0 {
+        return Err(invalid("planner.max_runs_in_flight", "must be at least 1"));
+    }
+    if s.planner.step_timeout_ms < 1000 {
+        return Err(invalid("planner.step_timeout_ms", "must be at least 1000"));
+    }
+    let p = &s.preview;
+    if !(60..=DAY_SEC).contains(&p.token_ttl_sec) {
+        return Err(invalid("preview.token_ttl_sec", "60 to 86400 seconds"));
+    }
+    if !(60..=30 * DAY_SEC).contains(&p.share_max_ttl_sec) {
+        return Err(invalid(
+            "preview.share_max_ttl_sec",
+            "60 seconds to 30 days",
+        ));
+    }
+    if p.share_ttl_sec == 0 || p.share_ttl_sec > p.share_max_ttl_sec {
+        return Err(invalid(
+            "preview.share_ttl_sec",
+            "at least 1 second and at most `preview.share_max_ttl_sec`",
+        ));
+    }
+    if p.debounce_ms > 10_000 {
+        return Err(invalid("preview.debounce_ms", "at most 10000"));
+    }
+    let b = &s.billing;
+    if !(1..=400).contains(&b.lateness_days) {
+        return Err(invalid(
+            "billing.lateness_days",
+            "1 to 400 days (the USAGE stream keeps 400)",
+        ));
+    }
+    if b.lateness_days as u64 > s.setup.usage_max_age_days {
+        return Err(invalid(
+            "billing.lateness_days",
+            "longer than the USAGE stream keeps events (`setup.usage_max_age_days`)",
+        ));
+    }
+    if b.clock_skew_sec > 3600 {
+        return Err(invalid("billing.clock_skew_sec", "at most 3600"));
+    }
+    if b.batch_max_events == 0 {
+        return Err(invalid("billing.batch_max_events", "must be at least 1"));
+    }
+    if s.deployer.job_timeout_ms < 1000 {
+        return Err(invalid("deployer.job_timeout_ms", "must be at least 1000"));
+    }
+    if s.deployer.verify_timeout_ms == 0 || s.deployer.verify_timeout_ms > s.deployer.job_timeout_ms
+    {
+        return Err(invalid(
+            "deployer.verify_timeout_ms",
+            "at least 1 and at most `deployer.job_timeout_ms`",
+        ));
+    }
+    Ok(())
+}
+
+/// The compiled-in defaults of these sections.
+pub(super) const DEFAULTS: &[(&str, &str)] = &[
+    ("planner.provider", "builtin"),
+    ("planner.max_runs_in_flight", "8"),
+    ("planner.step_timeout_ms", "600000"),
+    ("preview.token_ttl_sec", "900"),
+    ("preview.share_ttl_sec", "86400"),
+    ("preview.share_max_ttl_sec", "2592000"),
+    ("preview.debounce_ms", "300"),
+    ("billing.lateness_days", "35"),
+    ("billing.clock_skew_sec", "300"),
+    ("billing.batch_max_events", "256"),
+    ("billing.close_grace_days", "3"),
+    ("deployer.job_timeout_ms", "1200000"),
+    ("deployer.verify_timeout_ms", "60000"),
+    ("cli.principal", "platform"),
+    ("cli.console_listen", "127.0.0.1:7000"),
+];
