@@ -13,6 +13,7 @@ use slipway_proto::events::EventKind;
 use slipway_proto::v1::{Attribution, Publisher, RunEvent, run_event::Payload};
 
 use crate::rpc::message_headers;
+use crate::service::now;
 use crate::subjects::{self, Service};
 
 /// The step part of an event id: which fact of the run this is.
@@ -216,15 +217,5 @@ fn check_step(step: &Step, payload: &Payload) -> Result<(), PublishError> {
             "step {s:?} does not tell this `{}` from the run's others (see `Step`)",
             payload.kind()
         )))
-    }
-}
-
-fn now() -> pbjson_types::Timestamp {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    pbjson_types::Timestamp {
-        seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
     }
 }

@@ -243,3 +243,45 @@ pub fn reply<Resp: WireMessage>(
         }
     }
 }
+
+/// Adds an endpoint per `"op" => method` to a service host: each request goes to
+/// `state.method(req)` on a clone of the shared state (an `Arc` of the service's struct). The
+/// one registration every service's `serve` makes:
+///
+/// ```ignore
+/// slipway_common::endpoints!(host, state, {
+///     "sandbox.create" => create,
+///     "sandbox.get" => get,
+/// });
+/// ```
+#[macro_export]
+macro_rules! endpoints {
+    ($host:expr, $state:expr, { $($op:literal => $method:ident),* $(,)? }) => {
+        $(
+            let state = $state.clone();
+            $host
+                .endpoint($op, move |req, _| {
+                    let state = state.clone();
+                    async move { state.$method(req).await }
+                })
+                .await?;
+        )*
+    };
+}
+
+/// A required id-like field of a request (non-empty, bounded, no control characters), refused
+/// as invalid input naming the field.
+pub fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
+    slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
+}
+
+/// Now, as the contract's timestamp.
+pub fn now() -> pbjson_types::Timestamp {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(t.subsec_nanos()).unwrap_or(0),
+    }
+}

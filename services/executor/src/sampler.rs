@@ -20,6 +20,7 @@ use async_nats::jetstream::kv;
 use slipway_common::Shutdown;
 use slipway_common::failpoint;
 use slipway_common::records::{RecordError, Records};
+use slipway_common::service::now;
 use slipway_common::topology::buckets;
 use slipway_proto::meters;
 use slipway_proto::v1::{MeterInterval, MeterWatermark, SandboxRecord, SandboxState};
@@ -59,14 +60,6 @@ impl From<RecordError> for SampleError {
 pub struct Sampler {
     executor: Arc<Executor>,
     holder: String,
-}
-
-fn now() -> pbjson_types::Timestamp {
-    let t = time::OffsetDateTime::now_utc();
-    pbjson_types::Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
-    }
 }
 
 impl Sampler {

@@ -75,9 +75,7 @@ fn items(got: &Value, keys: &[&str]) -> Vec<Value> {
         .unwrap_or_default()
 }
 
-fn required(field: &'static str, value: &str) -> Result<(), ServiceError> {
-    slipway_proto::validate::check_id(field, value, true).map_err(ServiceError::from)
-}
+use slipway_common::service::{now, required};
 
 /// The id of a platform resource, which goes into a URL path: refused unless it can name
 /// nothing but itself there (no `/`, `..`, `?`, `#` or `%`).
@@ -435,35 +433,12 @@ impl Executor {
 /// Longest command `exec` waits for: an hour (sandboxd's bound; longer work is a process).
 const MAX_EXEC_TIMEOUT_MS: u64 = 3_600_000;
 
-fn now() -> pbjson_types::Timestamp {
-    let t = time::OffsetDateTime::now_utc();
-    pbjson_types::Timestamp {
-        seconds: t.unix_timestamp(),
-        nanos: i32::try_from(t.nanosecond()).unwrap_or(0),
-    }
-}
-
-/// Adds an endpoint per `"op" => method` to the service host.
-macro_rules! endpoints {
-    ($host:expr, $executor:expr, { $($op:literal => $method:ident),* $(,)? }) => {
-        $(
-            let e = $executor.clone();
-            $host
-                .endpoint($op, move |req, _| {
-                    let e = e.clone();
-                    async move { e.$method(req).await }
-                })
-                .await?;
-        )*
-    };
-}
-
 /// Adds every operation to the service host (`slipway.executor.v1.<op>`).
 pub async fn register(
     host: &ServiceHost,
     executor: Arc<Executor>,
 ) -> Result<(), slipway_common::service::HostError> {
-    endpoints!(host, executor, {
+    slipway_common::endpoints!(host, executor, {
         "sandbox.create" => create,
         "sandbox.get" => get,
         "sandbox.list" => list,
