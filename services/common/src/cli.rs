@@ -42,6 +42,9 @@ pub fn load_settings(
     )
 }
 
+/// What a service prints, once, before the bound health address.
+pub const HEALTH_LINE: &str = "health http://";
+
 /// Everything a service binary does: arguments, settings, telemetry, signals, the service's own
 /// `serve`, graceful shutdown. `serve` registers the service's work on the app and runs it.
 pub fn service_main<F, Fut>(service: Service, serve: F) -> ExitCode
@@ -82,6 +85,9 @@ where
         let shutdown = Shutdown::new();
         shutdown.listen_for_signals()?;
         let app = App::start(service, settings, shutdown).await?;
+        // The address health is bound to, said once on its own line, so whoever started the
+        // process (a test, a supervisor) needs no free-port guessing: `health http://ADDR`.
+        println!("{HEALTH_LINE}{}", app.health_addr);
         serve(app).await
     });
     telemetry.flush();

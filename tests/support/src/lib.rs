@@ -1,16 +1,19 @@
 //! Test support for Slipway (not published): a real `nats-server` per test on a random port,
-//! killed and cleaned on drop; runs of real binaries to a named failpoint and back; real sandboxd processes; a headless
-//! browser; the size of randomized suites.
+//! killed and cleaned on drop; a service spawned in this process or as its binary, with its own
+//! nats-server and sandboxd (`Spawn`); runs of real binaries to a named failpoint and back; real
+//! sandboxd processes; a headless browser; the size of randomized suites.
 #![forbid(unsafe_code)]
 
 pub mod browser;
 pub mod nats;
 pub mod process;
 pub mod sandboxd;
+pub mod spawn;
 
 pub use nats::NatsServer;
 pub use process::{FailpointRun, RunningProcess};
 pub use sandboxd::Sandboxd;
+pub use spawn::{Spawn, Spawned};
 
 /// A binary of another crate of the workspace, built next to the running test (nextest and
 /// `cargo test --workspace` build every binary before running tests).

@@ -32,7 +32,7 @@ fn invalid(e: &slipway_common::RpcError) -> bool {
 async fn ids_that_would_name_another_path_are_refused_and_touch_nothing() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let mut ex = executor(&nats, &sd).await;
     let rpc = RpcClient::new(
         async_nats::connect(nats.url()).await.unwrap(),
         Duration::from_secs(30),
@@ -108,6 +108,5 @@ async fn ids_that_would_name_another_path_are_refused_and_touch_nothing() {
         .await
         .unwrap();
     assert_eq!(got.sandbox.unwrap().id, b);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }

@@ -57,7 +57,7 @@ fn code(e: &slipway_common::RpcError) -> i32 {
 async fn lifecycle_files_processes_snapshots_and_forks_over_nats() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let mut ex = executor(&nats, &sd).await;
     let rpc = RpcClient::new(
         async_nats::connect(nats.url()).await.unwrap(),
         Duration::from_secs(30),
@@ -308,15 +308,14 @@ async fn lifecycle_files_processes_snapshots_and_forks_over_nats() {
         .unwrap();
     assert_eq!(reaped.destroyed.len(), 2);
     assert_eq!(live_at_sandboxd(&sd).await, 0);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn previews_shares_deploys_usage_and_quotas_over_nats() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let mut ex = executor(&nats, &sd).await;
     let rpc = RpcClient::new(
         async_nats::connect(nats.url()).await.unwrap(),
         Duration::from_secs(30),
@@ -588,8 +587,7 @@ async fn previews_shares_deploys_usage_and_quotas_over_nats() {
         .unwrap_err();
     assert_eq!(code(&e), ErrorCode::QuotaExceeded as i32, "{e}");
     assert_eq!(live_at_sandboxd(&sd).await, 1);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -601,7 +599,7 @@ async fn reap_without_a_run_destroys_only_sandboxes_past_their_timeout() {
         &["--idle-check-ms", "600000"],
     )
     .unwrap();
-    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let mut ex = executor(&nats, &sd).await;
     let rpc = RpcClient::new(
         async_nats::connect(nats.url()).await.unwrap(),
         Duration::from_secs(30),
@@ -649,6 +647,5 @@ async fn reap_without_a_run_destroys_only_sandboxes_past_their_timeout() {
         .map(|s| s["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(left, vec![lasting]);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }

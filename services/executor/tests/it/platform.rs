@@ -59,7 +59,7 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
         )],
     );
     let base = fake.serve().await;
-    let (shutdown, task, _dir) = crate::service::executor_at(&nats, &base).await;
+    let mut ex = crate::service::executor_at(&nats, &base).await;
     let rpc = rpc(&nats).await;
     let request = RestoreSnapshotRequest {
         sandbox_id: "sbx_src".into(),
@@ -103,15 +103,14 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
         .collect();
     assert_eq!(created.len(), 1, "{created:?}");
     assert_eq!(created[0].id, "run_1:restore:1:sandboxes_created");
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_tail() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _dir) = crate::service::executor(&nats, &sd).await;
+    let mut ex = crate::service::executor(&nats, &sd).await;
     let rpc = rpc(&nats).await;
     let created: SandboxReply = rpc
         .call(&op("sandbox.create"), &crate::service::create("relaunch:1"))
@@ -256,15 +255,14 @@ async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_
         .unwrap();
     let (record, _) = records.get(&id).await.unwrap().unwrap();
     assert!(record.restart.is_empty(), "{:?}", record.restart);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _dir) = crate::service::executor(&nats, &sd).await;
+    let mut ex = crate::service::executor(&nats, &sd).await;
     let rpc = rpc(&nats).await;
     let created: SandboxReply = rpc
         .call(&op("sandbox.create"), &crate::service::create("refuse:1"))
@@ -447,8 +445,7 @@ async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
         SandboxState::Running as i32,
         "stopped"
     );
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -481,7 +478,7 @@ async fn a_fork_from_a_platform_that_takes_only_the_public_body_is_recorded_then
         )],
     );
     let base = fake.serve().await;
-    let (shutdown, task, _dir) = crate::service::executor_at(&nats, &base).await;
+    let mut ex = crate::service::executor_at(&nats, &base).await;
     let rpc = rpc(&nats).await;
     let got: SandboxReply = rpc
         .call(
@@ -535,6 +532,5 @@ async fn a_fork_from_a_platform_that_takes_only_the_public_body_is_recorded_then
         .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
         .count();
     assert_eq!(created, 1);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }

@@ -3,59 +3,38 @@
 
 use std::time::Duration;
 
-use slipway_common::{RpcClient, Service, Shutdown};
+use slipway_common::{RpcClient, Service};
 use slipway_proto::v1::{
     Attribution, CreateSandboxRequest, ErrorCode, ExecReply, ExecRequest, FileContent,
     GetSandboxRequest, ListSandboxesReply, ListSandboxesRequest, SandboxRecord, SandboxRef,
     SandboxReply, SandboxState, WriteFilesReply, WriteFilesRequest,
 };
-use slipway_test_support::{NatsServer, Sandboxd, workspace_bin};
+use slipway_test_support::{NatsServer, Sandboxd, Spawn, Spawned, workspace_bin};
 
-pub(crate) async fn executor(
-    nats: &NatsServer,
-    sd: &Sandboxd,
-) -> (
-    Shutdown,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-    tempfile::TempDir,
-) {
+/// The executor in this process (the kit's spawn helper) on `nats`, against `sd`.
+pub(crate) async fn executor(nats: &NatsServer, sd: &Sandboxd) -> Spawned {
     executor_at(nats, sd.base_url()).await
 }
 
 /// The executor in this process against the platform at `base_url`.
-pub(crate) async fn executor_at(
-    nats: &NatsServer,
-    base_url: &str,
-) -> (
-    Shutdown,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-    tempfile::TempDir,
-) {
+pub(crate) async fn executor_at(nats: &NatsServer, base_url: &str) -> Spawned {
     executor_with(nats, base_url, &[]).await
 }
 
-/// As `executor_at`, with `extra` settings (as environment variables).
+/// As `executor_at`, with `extra` settings (as environment variables). Returns once the service
+/// is ready (its `/readyz` answers 200).
 pub(crate) async fn executor_with(
     nats: &NatsServer,
     base_url: &str,
     extra: &[(&str, &str)],
-) -> (
-    Shutdown,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
-    tempfile::TempDir,
-) {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, settings) = crate::harness::configure(nats, base_url, dir.path(), extra).await;
-    let shutdown = Shutdown::new();
-    let app = slipway_common::App::start(Service::Executor, settings, shutdown.clone())
-        .await
-        .unwrap();
-    let nats_client = app.nats.clone();
-    let task = tokio::spawn(slipway_executor::serve(app));
-    // The endpoints are up once a request finds a responder.
-    crate::harness::wait_for_service(&RpcClient::new(nats_client, Duration::from_millis(200)))
-        .await;
-    (shutdown, task, dir)
+) -> Spawned {
+    let mut spawn = Spawn::new(Service::Executor)
+        .on_nats(nats)
+        .env("SLIPWAY__PLATFORM__BASE_URL", base_url);
+    for (k, v) in extra {
+        spawn = spawn.env(k, v);
+    }
+    spawn.in_process(slipway_executor::serve).await.unwrap()
 }
 
 pub(crate) fn create(key: &str) -> CreateSandboxRequest {
@@ -77,7 +56,7 @@ pub(crate) fn create(key: &str) -> CreateSandboxRequest {
 async fn sandbox_operations_over_nats_against_sandboxd() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _key_dir) = executor(&nats, &sd).await;
+    let mut ex = executor(&nats, &sd).await;
     let rpc = RpcClient::new(
         async_nats::connect(nats.url()).await.unwrap(),
         Duration::from_secs(30),
@@ -232,8 +211,7 @@ async fn sandbox_operations_over_nats_against_sandboxd() {
         "the registry follows"
     );
 
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 }
 
 #[tokio::test]
@@ -294,7 +272,7 @@ async fn with_its_nats_server_gone_the_executor_exits_at_once_on_sigterm() {
 async fn the_executor_serves_exactly_the_operations_in_the_table() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
-    let (shutdown, task, _dir) = executor(&nats, &sd).await;
+    let mut ex = executor(&nats, &sd).await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     let info = client
         .request("$SRV.INFO.slipway-executor", "".into())
@@ -313,6 +291,25 @@ async fn the_executor_serves_exactly_the_operations_in_the_table() {
         .collect();
     table.sort();
     assert_eq!(served, table);
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_executor_binary_reports_its_health_address_and_serves() {
+    // The spawn helper's process mode: its own nats-server and sandboxd, the real binary, the
+    // health address the process printed (no port guessed), readiness, then SIGTERM.
+    let mut ex = Spawn::new(Service::Executor)
+        .with_sandboxd()
+        .process()
+        .await
+        .unwrap();
+    let created: SandboxReply = ex
+        .rpc
+        .call(&crate::harness::op("sandbox.create"), &create("spawned:1"))
+        .await
+        .unwrap();
+    let id = created.sandbox.unwrap().id;
+    let at_sandboxd = crate::harness::sandboxes_at_sandboxd(ex.sandboxd.as_ref().unwrap()).await;
+    assert!(at_sandboxd.iter().any(|s| s["id"] == id.as_str()));
+    ex.stop().await.unwrap();
 }

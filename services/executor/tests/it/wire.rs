@@ -1120,7 +1120,7 @@ async fn the_executor_speaks_miosa_as_the_official_python_sdk_does() {
 
     // No usage sampling during the flow: the executor's background work is not part of it.
     let quiet = [("SLIPWAY__PLATFORM__USAGE_SAMPLE_MS", "3600000")];
-    let (shutdown, task, _dir) = crate::service::executor_with(&nats, &ours_url, &quiet).await;
+    let mut ex = crate::service::executor_with(&nats, &ours_url, &quiet).await;
     let flow = Flow {
         rpc: RpcClient::new(
             async_nats::connect(nats.url()).await.unwrap(),
@@ -1129,8 +1129,7 @@ async fn the_executor_speaks_miosa_as_the_official_python_sdk_does() {
         proxy: ours_url.clone(),
     };
     executor_flow(&flow).await;
-    shutdown.trigger();
-    task.await.unwrap().unwrap();
+    ex.stop().await.unwrap();
 
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/conformance/wire_flow.py");
