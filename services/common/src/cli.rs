@@ -85,9 +85,13 @@ where
         let shutdown = Shutdown::new();
         shutdown.listen_for_signals()?;
         let app = App::start(service, settings, shutdown).await?;
-        // The address health is bound to, said once on its own line, so whoever started the
-        // process (a test, a supervisor) needs no free-port guessing: `health http://ADDR`.
-        println!("{HEALTH_LINE}{}", app.health_addr);
+        // The address health is bound to, said once on its own line on stderr (stdout carries
+        // the logs, JSON ones included), so whoever started the process (a test, a supervisor)
+        // needs no free-port guessing: `health http://ADDR`.
+        {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{HEALTH_LINE}{}", app.health_addr);
+        }
         serve(app).await
     });
     telemetry.flush();

@@ -27,7 +27,6 @@ const fn op(service: Service, op: &'static str, callers: &'static [Principal]) -
 
 const PLANNER: &[Principal] = &[S(Planner)];
 const PLANNER_DEPLOYER: &[Principal] = &[S(Planner), S(Deployer)];
-const PLANNER_BILLING: &[Principal] = &[S(Planner), S(Billing)];
 const DEPLOYER: &[Principal] = &[S(Deployer)];
 const PREVIEW: &[Principal] = &[S(Preview)];
 const BILLING: &[Principal] = &[S(Billing)];
@@ -44,7 +43,7 @@ pub const OPERATIONS: &[Operation] = &[
         "sandbox.get",
         &[S(Planner), S(Preview), S(Deployer)],
     ),
-    op(Executor, "sandbox.list", PLANNER_BILLING),
+    op(Executor, "sandbox.list", PLANNER),
     op(Executor, "sandbox.update", PLANNER),
     op(Executor, "sandbox.pause", PLANNER),
     op(Executor, "sandbox.resume", PLANNER),
@@ -84,7 +83,7 @@ pub const OPERATIONS: &[Operation] = &[
     op(Executor, "version.get", DEPLOYER),
     op(Executor, "version.list", DEPLOYER),
     op(Executor, "version.logs", DEPLOYER),
-    op(Executor, "usage.sandbox", PLANNER_BILLING),
+    op(Executor, "usage.sandbox", PLANNER),
     op(Executor, "usage.rollup", BILLING),
     op(Executor, "quota.get", BILLING),
     op(Executor, "quota.set", BILLING),

@@ -41,6 +41,7 @@ pub struct HostError {
 /// One service's presence on NATS.
 pub struct ServiceHost {
     service: Service,
+    client: async_nats::Client,
     nats_service: Mutex<Option<async_nats::service::Service>>,
     shutdown: Shutdown,
     permits: Arc<Semaphore>,
@@ -58,6 +59,7 @@ impl ServiceHost {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, HostError> {
         let nats_service = client
+            .clone()
             .service_builder()
             .description(description)
             .start(service.nats_service_name(), env!("CARGO_PKG_VERSION"))
@@ -68,6 +70,7 @@ impl ServiceHost {
             })?;
         Ok(Arc::new(Self {
             service,
+            client,
             nats_service: Mutex::new(Some(nats_service)),
             shutdown,
             permits: Arc::new(Semaphore::new(max_in_flight)),
@@ -113,19 +116,25 @@ impl ServiceHost {
         let service = self.service;
         let op = op.to_string();
         let token = self.shutdown.token().clone();
+        let client = self.client.clone();
         self.shutdown.tracker().spawn(async move {
-            // Ends when the service is stopped and the requests already delivered are taken, or,
-            // once shutdown is triggered, when no request arrives for a moment: with NATS gone
-            // the unsubscribe never completes, and waiting for it would hold the exit up.
+            // Ends when the service is stopped and the requests already delivered are taken. With
+            // NATS gone at shutdown the unsubscribe never completes, so then it ends once no
+            // request arrives for a moment, rather than hold the exit up.
             loop {
+                let gone = || client.connection_state() != async_nats::connection::State::Connected;
                 let next = tokio::select! {
                     biased;
                     next = endpoint.next() => next,
                     () = token.cancelled() => {
-                        tokio::time::timeout(std::time::Duration::from_millis(100), endpoint.next())
-                            .await
-                            .ok()
-                            .flatten()
+                        let wait = std::time::Duration::from_millis(if gone() { 100 } else { 200 });
+                        match tokio::time::timeout(wait, endpoint.next()).await {
+                            Ok(next) => next,
+                            // Gone: nothing more will come. Connected: the unsubscribe will end
+                            // the stream; look again (NATS may go meanwhile).
+                            Err(_) if gone() => None,
+                            Err(_) => continue,
+                        }
                     }
                 };
                 let Some(request) = next else { break };

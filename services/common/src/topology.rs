@@ -10,6 +10,10 @@ use crate::subjects::{self, Service, streams};
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
+/// How long billing remembers the usage-event ids it has counted (the `BILLING_DEDUPE` bucket's
+/// age): the accepted lateness (`billing.lateness_days`) stays below it.
+pub const BILLING_DEDUPE_DAYS: u32 = 36;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Retention {
     /// Kept until `max_age`: many readers.
@@ -228,7 +232,7 @@ impl Topology {
             ),
             bucket(
                 buckets::BILLING_DEDUPE,
-                36 * DAY,
+                DAY * BILLING_DEDUPE_DAYS,
                 "usage event ids seen, per event-hour (billing)",
             ),
             bucket(

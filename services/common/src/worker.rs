@@ -510,7 +510,12 @@ fn spawn_puller(
             let mut batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
-                    tracing::warn!(%stream, %durable, error = %e, ?backoff, "pulling; trying again");
+                    // Said once when it starts failing, not at every retry.
+                    if backoff == Duration::from_millis(100) {
+                        tracing::warn!(%stream, %durable, error = %e, "pulling failed; retrying with backoff");
+                    } else {
+                        tracing::debug!(%stream, %durable, error = %e, ?backoff, "pulling; trying again");
+                    }
                     drop(free);
                     tokio::select! {
                         _ = token.cancelled() => break,

@@ -188,16 +188,19 @@ impl Sampler {
                 continue;
             }
             tracing::warn!(sandbox = %sandbox.id, %created_by, "adopting a sandbox with no record");
-            self.executor
-                .remember(&sandbox, &created_by)
-                .await
-                .map_err(|e| SampleError::Store(e.message))?;
+            // Counted before it is recorded: the record is what stops the next pass from adopting
+            // it again, so a pass cut off between the two (shutdown, a crash) counts it then, and
+            // the count's id makes a repeat a no-op.
             if !created_by.is_empty() {
                 self.executor
                     .count_created(&sandbox, &created_by)
                     .await
                     .map_err(|e| SampleError::Publish(e.message))?;
             }
+            self.executor
+                .remember(&sandbox, &created_by)
+                .await
+                .map_err(|e| SampleError::Store(e.message))?;
         }
         Ok(())
     }

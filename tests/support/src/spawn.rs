@@ -145,24 +145,44 @@ impl Spawn {
     pub async fn process(self) -> Result<Spawned> {
         let (nats, url, sandboxd, dir, env) = self.prepare().await?;
         let bin: PathBuf = workspace_bin(&format!("slipway-{}", self.service.as_str()))?;
-        let mut child = Command::new(&bin)
+        let mut command = Command::new(&bin);
+        // Only the settings given here: none inherited from the test's own environment.
+        for (key, _) in std::env::vars() {
+            let inherited_setting = key.starts_with("SLIPWAY__")
+                || key.starts_with("OTEL_")
+                || key.starts_with("MIOSA_")
+                || key == "NATS_URL"
+                || key == "SLIPWAY_CONFIG";
+            if inherited_setting {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        // Read the reported health address, then keep draining its output (a full pipe would
-        // stop the service).
+        // Killed if anything below fails.
+        let mut guard = ChildGuard(Some(child));
+        let stderr = guard
+            .0
+            .as_mut()
+            .and_then(|c| c.stderr.take())
+            .context("no stderr")?;
+        // Read the reported health address, and pass the rest of stderr on (so it shows when a
+        // test fails), never letting the pipe fill.
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
-            for line in BufReader::new(stdout).lines() {
+            for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if !sent && let Some(addr) = line.strip_prefix(slipway_common::cli::HEALTH_LINE) {
                     let _ = tx.send(addr.trim().to_string());
                     sent = true;
+                } else {
+                    eprintln!("{line}");
                 }
             }
         });
@@ -173,7 +193,7 @@ impl Spawn {
             .parse()
             .with_context(|| format!("health address {addr}"))?;
         let mut spawned = Spawned::new(env, health, &url, nats, sandboxd, dir).await?;
-        spawned.child = Some(child);
+        spawned.child = guard.0.take();
         spawned.ready().await?;
         Ok(spawned)
     }
@@ -233,15 +253,48 @@ impl Spawned {
         if let Some(task) = self.task.take() {
             task.await??;
         }
-        if let Some(mut child) = self.child.take() {
-            let pid = child.id().to_string();
+        if let Some(child) = self.child.take() {
+            let mut guard = ChildGuard(Some(child));
+            let pid = guard
+                .0
+                .as_ref()
+                .map(Child::id)
+                .unwrap_or_default()
+                .to_string();
+            // `kill(1)`: this crate forbids unsafe code.
             Command::new("kill").args(["-TERM", &pid]).status()?;
-            let status = tokio::task::spawn_blocking(move || child.wait()).await??;
-            if !status.success() {
-                bail!("the service exited with {status}");
+            let deadline = std::time::Instant::now() + STOP_DEADLINE;
+            loop {
+                let exited = guard.0.as_mut().map(Child::try_wait).transpose()?.flatten();
+                if let Some(status) = exited {
+                    guard.0 = None;
+                    if !status.success() {
+                        bail!("the service exited with {status}");
+                    }
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    bail!("the service did not exit within {STOP_DEADLINE:?} of SIGTERM (killed)");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
         Ok(())
+    }
+}
+
+/// How long `stop` waits for the process after SIGTERM before killing it.
+const STOP_DEADLINE: Duration = Duration::from_secs(30);
+
+/// A child process killed (and reaped) when dropped, unless taken.
+struct ChildGuard(Option<Child>);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

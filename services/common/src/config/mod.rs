@@ -20,7 +20,6 @@ pub const ENV_PREFIX: &str = "SLIPWAY";
 /// Ecosystem names accepted as aliases, and the key each sets.
 pub const ALIASES: &[(&str, &str)] = &[
     ("MIOSA_BASE_URL", "platform.base_url"),
-    ("MIOSA_API_KEY", "platform.api_key"),
     ("NATS_URL", "nats.url"),
     ("OTEL_EXPORTER_OTLP_ENDPOINT", "telemetry.otlp_endpoint"),
 ];
@@ -56,11 +55,11 @@ pub struct NatsSettings {
     /// User and password, the alternative to an nkey.
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
-    /// Read from `nkey_seed_file`; not settable directly.
-    #[serde(default, skip_deserializing)]
+    /// Read from `nkey_seed_file`; not settable directly, never printed.
+    #[serde(default, skip_deserializing, skip_serializing)]
     pub nkey_seed: Option<Secret>,
-    /// Read from `password_file`; not settable directly.
-    #[serde(default, skip_deserializing)]
+    /// Read from `password_file`; not settable directly, never printed.
+    #[serde(default, skip_deserializing, skip_serializing)]
     pub password: Option<Secret>,
     /// The inbox prefix, so least-privilege permissions can allow `<prefix>.>` only. With
     /// credentials and no prefix set, a component uses its principal's (`_INBOX_<principal>`).
@@ -100,7 +99,8 @@ pub struct PlatformSettings {
     /// MIOSA's API (`https://api.miosa.ai/api/v1`) or a sandboxd (`http://127.0.0.1:7070/api/v1`).
     pub base_url: String,
     pub api_key_file: Option<PathBuf>,
-    /// From `api_key_file` or `MIOSA_API_KEY`. Never logged.
+    /// From `api_key_file` or `MIOSA_API_KEY`; not settable in a file, never logged or printed.
+    #[serde(default, skip_deserializing, skip_serializing)]
     pub api_key: Option<Secret>,
     /// Requests per minute allowed by the key.
     pub rate_limit_rpm: u32,
@@ -261,14 +261,17 @@ impl Settings {
                 .source(Some(env)),
         );
         let mut settings: Settings = builder.build()?.try_deserialize()?;
-        settings.read_secret_files()?;
+        settings.read_secret_files(&sources.env)?;
         settings.validate()?;
         Ok(settings)
     }
 
-    fn read_secret_files(&mut self) -> Result<(), ConfigError> {
+    fn read_secret_files(&mut self, env: &HashMap<String, String>) -> Result<(), ConfigError> {
         if let Some(path) = &self.platform.api_key_file {
             self.platform.api_key = Some(read_secret("platform.api_key_file", path)?);
+        } else if let Some(key) = env.get("MIOSA_API_KEY").filter(|k| !k.trim().is_empty()) {
+            // The ecosystem's variable, as MIOSA's SDKs read it.
+            self.platform.api_key = Some(Secret::new(key.trim()));
         }
         if let Some(path) = &self.nats.nkey_seed_file {
             self.nats.nkey_seed = Some(read_secret("nats.nkey_seed_file", path)?);
@@ -384,6 +387,19 @@ impl Settings {
             if !(1..=3650).contains(&value) {
                 return Err(invalid(key, "1 to 3650 days"));
             }
+        }
+        // JetStream refuses a duplicate window longer than the stream keeps messages.
+        if s.duplicate_window_sec > s.events_max_age_days * 86_400 {
+            return Err(invalid(
+                "setup.duplicate_window_sec",
+                "longer than run events are kept (`setup.events_max_age_days`)",
+            ));
+        }
+        if s.usage_duplicate_window_sec > s.usage_max_age_days * 86_400 {
+            return Err(invalid(
+                "setup.usage_duplicate_window_sec",
+                "longer than usage is kept (`setup.usage_max_age_days`)",
+            ));
         }
         services::validate(self)
     }

@@ -113,10 +113,16 @@ pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
         return Err(invalid("preview.debounce_ms", "at most 10000"));
     }
     let b = &s.billing;
-    if !(1..=400).contains(&b.lateness_days) {
+    // Billing remembers the ids it has counted for `BILLING_DEDUPE_DAYS`: an event later than
+    // that could be counted twice, so the accepted lateness stays inside it.
+    let most = crate::topology::BILLING_DEDUPE_DAYS - 1;
+    if !(1..=most).contains(&b.lateness_days) {
         return Err(invalid(
             "billing.lateness_days",
-            "1 to 400 days (the USAGE stream keeps 400)",
+            format!(
+                "1 to {most} days (billing remembers counted ids for {} days)",
+                most + 1
+            ),
         ));
     }
     if b.lateness_days as u64 > s.setup.usage_max_age_days {
@@ -127,6 +133,9 @@ pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
     }
     if b.clock_skew_sec > 3600 {
         return Err(invalid("billing.clock_skew_sec", "at most 3600"));
+    }
+    if b.close_grace_days > 28 {
+        return Err(invalid("billing.close_grace_days", "at most 28"));
     }
     if b.batch_max_events == 0 {
         return Err(invalid("billing.batch_max_events", "must be at least 1"));

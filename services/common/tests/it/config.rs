@@ -128,7 +128,8 @@ fn secrets_come_from_files_and_are_never_printed() {
     );
     let printed = s.to_masked_toml();
     assert!(!printed.contains("supersecret"), "{printed}");
-    assert!(printed.contains("***"), "{printed}");
+    // The file's path is shown, the secret not at all.
+    assert!(printed.contains("api_key_file"), "{printed}");
     assert!(!format!("{s:?}").contains("supersecret"));
 
     let s = load(None, &[("MIOSA_API_KEY", "msk_test_fromenv")]).unwrap();
@@ -204,7 +205,7 @@ fn every_section_round_trips_through_print_config() {
         &[
             ("SLIPWAY__PLANNER__MAX_RUNS_IN_FLIGHT", "3"),
             ("SLIPWAY__PREVIEW__TOKEN_TTL_SEC", "600"),
-            ("SLIPWAY__BILLING__LATENESS_DAYS", "40"),
+            ("SLIPWAY__BILLING__LATENESS_DAYS", "30"),
             ("SLIPWAY__DEPLOYER__VERIFY_TIMEOUT_MS", "5000"),
             ("SLIPWAY__CLI__PRINCIPAL", "admin"),
             ("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "600"),
@@ -221,7 +222,7 @@ fn every_section_round_trips_through_print_config() {
     let again = load(Some(&printed), &[]).unwrap();
     assert_eq!(again.to_masked_toml(), printed);
     assert_eq!(again.planner.max_runs_in_flight, 3);
-    assert_eq!(again.billing.lateness_days, 40);
+    assert_eq!(again.billing.lateness_days, 30);
     assert_eq!(
         again.cli.principal,
         slipway_common::config::CliPrincipal::Admin
@@ -254,6 +255,56 @@ fn stream_limits_are_settings() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("billing.lateness_days"), "{e}");
+    // Nor later than billing remembers counted ids (an event could be counted twice).
+    let e = load(None, &[("SLIPWAY__BILLING__LATENESS_DAYS", "36")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("billing.lateness_days"), "{e}");
+    // A duplicate window longer than its stream keeps messages, which JetStream refuses.
+    let e = load(
+        None,
+        &[
+            ("SLIPWAY__SETUP__EVENTS_MAX_AGE_DAYS", "1"),
+            ("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "90000"),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("setup.duplicate_window_sec"), "{e}");
+}
+
+#[test]
+fn print_config_with_credentials_prints_no_secret_and_loads_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "msk_live_very_secret").unwrap();
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "hunter2-secret").unwrap();
+    let settings = load(
+        None,
+        &[
+            ("SLIPWAY__PLATFORM__API_KEY_FILE", key.to_str().unwrap()),
+            ("SLIPWAY__NATS__USER", "billing"),
+            ("SLIPWAY__NATS__PASSWORD_FILE", pw.to_str().unwrap()),
+        ],
+    )
+    .unwrap();
+    let printed = settings.to_masked_toml();
+    assert!(
+        !printed.contains("very_secret") && !printed.contains("hunter2"),
+        "{printed}"
+    );
+    let again = load(Some(&printed), &[]).unwrap();
+    assert_eq!(
+        again.platform.api_key.unwrap().expose(),
+        "msk_live_very_secret"
+    );
+    assert_eq!(again.nats.password.unwrap().expose(), "hunter2-secret");
+    // A key written into the file itself is refused: secrets come from files.
+    let e = load(Some("[platform]\napi_key = \"msk_live_x\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("api_key"), "{e}");
 }
 
 #[test]

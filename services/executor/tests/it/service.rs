@@ -216,55 +216,34 @@ async fn sandbox_operations_over_nats_against_sandboxd() {
 
 #[tokio::test]
 async fn with_its_nats_server_gone_the_executor_exits_at_once_on_sigterm() {
-    let nats = NatsServer::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    // A free port for health (bound and released: the process binds it next).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let health = format!("127.0.0.1:{port}");
-    // A grace period far longer than the bound below: waiting it out would fail the test.
-    let extra = [
-        ("SLIPWAY__HEALTH__LISTEN", health.as_str()),
-        ("SLIPWAY__SERVICE__GRACE_PERIOD_MS", "60000"),
-    ];
-    let (env, _) =
-        crate::harness::configure(&nats, "http://127.0.0.1:9/api/v1", dir.path(), &extra).await;
-    let mut run =
-        slipway_test_support::FailpointRun::new(workspace_bin("slipway-executor").unwrap());
-    for (k, v) in &env {
-        run = run.env(k, v);
-    }
-    let process = run.spawn(None).unwrap();
+    // A grace period far longer than `stop` waits: waiting it out, or a drain, fails the test.
+    let mut ex = Spawn::new(Service::Executor)
+        .with_sandboxd()
+        .env("SLIPWAY__SERVICE__GRACE_PERIOD_MS", "60000")
+        .process()
+        .await
+        .unwrap();
+    drop(ex.nats.take());
+    // It notices: not ready, naming NATS.
+    let url = format!("http://{}/readyz", ex.health);
     let http = slipway_test_support::http();
-    let readyz = |http: reqwest::Client, url: String| async move {
-        http.get(url).send().await.ok().map(|r| r.status().as_u16())
-    };
-    let url = format!("http://{health}/readyz");
+    let mut seen = serde_json::Value::Null;
     for _ in 0..200 {
-        if readyz(http.clone(), url.clone()).await == Some(200) {
+        let r = http.get(&url).send().await.unwrap();
+        if r.status() == 503 {
+            seen = r.json().await.unwrap();
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(readyz(http.clone(), url.clone()).await, Some(200));
-    drop(nats);
-    for _ in 0..200 {
-        if readyz(http.clone(), url.clone()).await == Some(503) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    process.terminate().unwrap();
-    let out = process
-        .wait(Duration::from_secs(10))
-        .expect("exits without waiting out the grace period or a drain");
+    assert!(seen["failing"]["nats"].is_string(), "{seen}");
+    let started = std::time::Instant::now();
+    ex.stop().await.expect("exits cleanly on SIGTERM");
+    // At once: nothing in flight, nothing to drain (the grace period is 60 s).
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
     );
 }
 
