@@ -20,3 +20,15 @@ impl Record for crate::v1::MeterWatermark {
 impl Record for crate::v1::RelayRecord {
     const SCHEMA_VERSION: u32 = 1;
 }
+
+impl Record for crate::v1::DeployJobRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::DeploymentRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::DeploymentNameRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}

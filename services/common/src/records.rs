@@ -90,6 +90,11 @@ impl<R: Record> Records<R> {
         }
     }
 
+    /// The bucket, for listing keys.
+    pub fn store(&self) -> &kv::Store {
+        &self.store
+    }
+
     /// The record and the revision it was read at.
     pub async fn get(&self, key: &str) -> Result<Option<(R, u64)>, RecordError> {
         let entry = self.store.entry(key).await.map_err(|e| store_err(key, e))?;

@@ -1,18 +1,57 @@
-//! slipway-deployer: immutable production deployments, versions, rollback.
+//! slipway-deployer: turns a branch of a run into an immutable production deployment.
 //!
-//! Today this is the service shell every Slipway service shares: it connects to NATS as its own
-//! user, verifies the streams and buckets it depends on (`/readyz` fails on drift), registers
-//! `slipway-deployer` with the NATS service API (`$SRV.PING`, `INFO`, `STATS`) and shuts down
-//! gracefully. Its operations (`slipway.deployer.v1.<op>`) are added by the issues that build them.
+//! `deploy` records a job (its id derived from the caller's key) and puts it on `DEPLOY_JOBS`;
+//! the kit's worker runs it: the executor's `deploy`, the version followed until ready, its URL
+//! verified to serve that version, then `deployed` (or `deploy_failed`) on the run's events,
+//! usage (`deploys`, `build_ms`) and, when asked, the source sandbox destroyed. Every step is
+//! recorded in `slipway_deployments` before the next, so a crash anywhere resumes without a
+//! second version, event or count. `rollback` and `promote` re-point a deployment.
 #![forbid(unsafe_code)]
 
+pub mod job;
+pub mod service;
+pub mod verify;
+
+use std::sync::Arc;
+
 use slipway_common::App;
+use slipway_common::topology::buckets;
+use slipway_common::worker::WorkerSpec;
 
 /// Registers the service on NATS and runs it until shutdown.
 pub async fn serve(app: App) -> anyhow::Result<()> {
-    let _host = app
+    let store = app
+        .jetstream
+        .get_key_value(buckets::DEPLOYMENTS)
+        .await
+        .map_err(|e| anyhow::anyhow!("the `{}` bucket: {e}", buckets::DEPLOYMENTS))?;
+    let deployer = Arc::new(service::Deployer::new(&app, store)?);
+    let host = app
         .service_host("Slipway deployer: immutable production deployments, versions, rollback")
         .await?;
+    slipway_common::endpoints!(host, deployer, {
+        "deploy" => deploy,
+        "deployments.list" => list,
+        "deployment.get" => get,
+        "rollback" => rollback,
+        "promote" => promote,
+    });
+    let consumer = app
+        .topology
+        .consumers
+        .iter()
+        .find(|c| c.durable == "deployer")
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("the topology has no `deployer` consumer"))?;
+    let jobs = deployer.clone();
+    app.worker(
+        WorkerSpec::for_consumer(&consumer).max_in_flight(4),
+        move |job, delivery| {
+            let jobs = jobs.clone();
+            async move { jobs.run(job, delivery).await }
+        },
+    )
+    .await?;
     tracing::info!(health = %app.health_addr, "slipway-deployer running");
     app.run().await
 }

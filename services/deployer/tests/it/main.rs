@@ -1,0 +1,387 @@
+//! The deployer over real processes: a nats-server, a sandboxd with its edge, the executor and
+//! the deployer (both in this process, through the kit's spawn helper). Versions are counted at
+//! sandboxd, events in `RUN_EVENTS`, usage in `USAGE`.
+#![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
+
+use std::time::Duration;
+
+use slipway_common::{RpcClient, Service};
+use slipway_proto::v1::run_event::Payload;
+use slipway_proto::v1::*;
+use slipway_test_support::{Spawn, Spawned};
+
+/// The executor with its sandboxd, and the deployer on the same nats-server.
+struct System {
+    executor: Spawned,
+    deployer: Spawned,
+}
+
+impl System {
+    async fn start(extra: &[(&str, &str)]) -> Self {
+        let mut executor = Spawn::new(Service::Executor).with_sandboxd();
+        for (k, v) in extra {
+            executor = executor.env(k, v);
+        }
+        let executor = executor.in_process(slipway_executor::serve).await.unwrap();
+        let edge = executor.sandboxd.as_ref().unwrap().edge_addr().to_string();
+        let mut deployer = Spawn::new(Service::Deployer)
+            .on_nats(executor.nats.as_ref().unwrap())
+            .env("SLIPWAY__EDGE__RESOLVE", &edge)
+            .env("SLIPWAY__DEPLOYER__VERIFY_TIMEOUT_MS", "15000");
+        for (k, v) in extra {
+            deployer = deployer.env(k, v);
+        }
+        let deployer = deployer.in_process(slipway_deployer::serve).await.unwrap();
+        Self { executor, deployer }
+    }
+
+    fn rpc(&self) -> &RpcClient {
+        &self.deployer.rpc
+    }
+
+    fn edge(&self) -> reqwest::Client {
+        self.executor.sandboxd.as_ref().unwrap().edge_http()
+    }
+
+    /// A sandbox with `site/index.html` = `page`.
+    async fn sandbox(&self, key: &str, page: &str) -> String {
+        let created: SandboxReply = self
+            .executor
+            .rpc
+            .call(
+                "slipway.executor.v1.sandbox.create",
+                &CreateSandboxRequest {
+                    idempotency_key: key.into(),
+                    run_id: "run_d".into(),
+                    attribution: Some(user()),
+                    template_id: "node".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        let id = created.sandbox.unwrap().id;
+        self.write(&id, key, page).await;
+        id
+    }
+
+    async fn write(&self, id: &str, key: &str, page: &str) {
+        let _: WriteFilesReply = self
+            .executor
+            .rpc
+            .call(
+                "slipway.executor.v1.files.write_many",
+                &WriteFilesRequest {
+                    sandbox_id: id.into(),
+                    idempotency_key: format!("{key}:{page}"),
+                    files: vec![FileContent {
+                        path: "/workspace/site/index.html".into(),
+                        content: page.as_bytes().to_vec(),
+                        mode: 0,
+                    }],
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn deploy(&self, req: EnqueueDeployRequest) -> Result<String, slipway_common::RpcError> {
+        self.rpc()
+            .call::<_, EnqueueDeployReply>("slipway.deployer.v1.deploy", &req)
+            .await
+            .map(|r| r.job_id)
+    }
+
+    /// The run's events in `RUN_EVENTS`, in order.
+    async fn events(&self) -> Vec<RunEvent> {
+        let js = async_nats::jetstream::new(self.deployer.nats_client.clone());
+        let mut stream = js.get_stream("RUN_EVENTS").await.unwrap();
+        let info = stream.info().await.unwrap().clone();
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return out;
+        }
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            let Ok(m) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            out.push(
+                slipway_common::rpc::decode_message::<RunEvent>(Some(&m.headers), &m.payload)
+                    .unwrap(),
+            );
+        }
+        out
+    }
+
+    /// Waits for the job's outcome event.
+    async fn outcome(&self, job: &str) -> Payload {
+        for _ in 0..600 {
+            for e in self.events().await {
+                match e.payload {
+                    Some(Payload::Deployed(d)) if d.job_id == job => return Payload::Deployed(d),
+                    Some(Payload::DeployFailed(f)) if f.job_id == job => {
+                        return Payload::DeployFailed(f);
+                    }
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no outcome for job {job}");
+    }
+
+    /// Versions of `deployment` at sandboxd (the source of truth).
+    async fn versions_at_sandboxd(&self, deployment: &str) -> Vec<serde_json::Value> {
+        let sd = self.executor.sandboxd.as_ref().unwrap();
+        let v: serde_json::Value = slipway_test_support::http()
+            .get(format!(
+                "{}/deployments/{deployment}/versions",
+                sd.base_url()
+            ))
+            .bearer_auth("msk_test")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+fn user() -> Attribution {
+    Attribution {
+        user_id: "deploy-user".into(),
+        project_id: "p".into(),
+        workspace_id: String::new(),
+    }
+}
+
+fn request(sandbox: &str, key: &str) -> EnqueueDeployRequest {
+    EnqueueDeployRequest {
+        run_id: "run_d".into(),
+        sandbox_id: sandbox.into(),
+        name: "shop".into(),
+        output_path: "/workspace/site".into(),
+        idempotency_key: key.into(),
+        attribution: Some(user()),
+        ..Default::default()
+    }
+}
+
+fn deployed(p: Payload) -> Deployed {
+    match p {
+        Payload::Deployed(d) => d,
+        other => panic!("expected deployed, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn versions_roll_back_and_forward_and_each_is_verified_and_counted_once() {
+    let sys = System::start(&[]).await;
+    let sb = sys.sandbox("d:sb", "<p>one</p>").await;
+    let one = deployed(
+        sys.outcome(&sys.deploy(request(&sb, "d:1")).await.unwrap())
+            .await,
+    );
+    assert_eq!(one.version, 1);
+    sys.write(&sb, "d", "<p>two</p>").await;
+    let two = deployed(
+        sys.outcome(&sys.deploy(request(&sb, "d:2")).await.unwrap())
+            .await,
+    );
+    assert_eq!(
+        (two.version, two.deployment_id.as_str()),
+        (2, one.deployment_id.as_str()),
+        "the same name is the next version of the same deployment"
+    );
+    let page = |url: String| {
+        let http = sys.edge();
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            let digest = r.headers()["x-slipway-artifact"]
+                .to_str()
+                .unwrap()
+                .to_string();
+            (r.text().await.unwrap(), digest)
+        }
+    };
+    assert_eq!(
+        page(two.url.clone()).await,
+        ("<p>two</p>".into(), two.digest.clone())
+    );
+    let back: ServeVersionReply = sys
+        .rpc()
+        .call(
+            "slipway.deployer.v1.rollback",
+            &ServeVersionRequest {
+                deployment_id: one.deployment_id.clone(),
+                version: 0,
+                idempotency_key: "d:rollback".into(),
+                run_id: "run_d".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(back.version.unwrap().number, 1);
+    assert_eq!(
+        page(one.url.clone()).await,
+        ("<p>one</p>".into(), one.digest.clone())
+    );
+    let forward: ServeVersionReply = sys
+        .rpc()
+        .call(
+            "slipway.deployer.v1.promote",
+            &ServeVersionRequest {
+                deployment_id: one.deployment_id.clone(),
+                version: 2,
+                idempotency_key: "d:promote".into(),
+                run_id: "run_d".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(forward.version.unwrap().number, 2);
+    assert_eq!(page(two.url.clone()).await.0, "<p>two</p>");
+    // Counted at the source of truth: two versions at sandboxd; one `deployed` per job; one
+    // `deploys` per version in USAGE.
+    assert_eq!(sys.versions_at_sandboxd(&one.deployment_id).await.len(), 2);
+    let events = sys.events().await;
+    let count = |f: &dyn Fn(&Payload) -> bool| {
+        events
+            .iter()
+            .filter(|e| e.payload.as_ref().is_some_and(f))
+            .count()
+    };
+    assert_eq!(count(&|p| matches!(p, Payload::Deployed(_))), 2);
+    assert_eq!(count(&|p| matches!(p, Payload::RolledBack(_))), 1);
+    assert_eq!(count(&|p| matches!(p, Payload::Promoted(_))), 1);
+    let js = async_nats::jetstream::new(sys.deployer.nats_client.clone());
+    let mut usage = js.get_stream("USAGE").await.unwrap();
+    let info = usage.info().await.unwrap().clone();
+    let mut deploys = 0;
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        let m = usage.get_raw_message(seq).await.unwrap();
+        let e: UsageEvent =
+            slipway_common::rpc::decode_message(Some(&m.headers), &m.payload).unwrap();
+        if e.meter == "deploys" {
+            deploys += 1;
+        }
+    }
+    assert_eq!(deploys, 2);
+    // The queries.
+    let detail: DeploymentDetail = sys
+        .rpc()
+        .call(
+            "slipway.deployer.v1.deployment.get",
+            &GetDeploymentDetailRequest {
+                deployment_id: one.deployment_id.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(detail.versions.len(), 2);
+    assert_eq!(detail.run_id, "run_d");
+    let listed: ListDeploymentsReply = sys
+        .rpc()
+        .call(
+            "slipway.deployer.v1.deployments.list",
+            &ListDeploymentsRequest {
+                user_id: "deploy-user".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.deployments.len(), 1);
+}
+
+#[tokio::test]
+async fn a_failing_build_is_reported_with_its_log_and_changes_nothing_served() {
+    let sys = System::start(&[]).await;
+    let sb = sys.sandbox("f:sb", "<p>good</p>").await;
+    let good = deployed(
+        sys.outcome(&sys.deploy(request(&sb, "f:1")).await.unwrap())
+            .await,
+    );
+    let mut bad = request(&sb, "f:2");
+    bad.build_command = "echo the-build-broke >&2; exit 3".into();
+    bad.destroy_source = true;
+    let failed = match sys.outcome(&sys.deploy(bad).await.unwrap()).await {
+        Payload::DeployFailed(f) => f,
+        other => panic!("expected a failure, got {other:?}"),
+    };
+    assert!(failed.log_tail.contains("the-build-broke"), "{failed:?}");
+    let served = sys
+        .edge()
+        .get(good.url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(served, "<p>good</p>");
+    // A failed deploy never destroys its source, even when asked to on success.
+    let got: SandboxReply = sys
+        .executor
+        .rpc
+        .call(
+            "slipway.executor.v1.sandbox.get",
+            &GetSandboxRequest {
+                sandbox_id: sb,
+                name: String::new(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(got.sandbox.unwrap().state, SandboxState::Running as i32);
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_with_no_job_and_a_finished_key_is_the_same_job() {
+    // A duplicate window of a second: the same key later must still be the same job.
+    let sys = System::start(&[("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")]).await;
+    let sb = sys.sandbox("b:sb", "<p>b</p>").await;
+    let mut cases = Vec::new();
+    let mut r = request("sbx_nope", "b:1");
+    cases.push(("sandbox_id", r.clone()));
+    r = request(&sb, "b:2");
+    r.name = "Bad Name!".into();
+    cases.push(("name", r));
+    r = request(&sb, "b:3");
+    r.output_path = String::new();
+    cases.push(("output_path", r));
+    r = request(&sb, "b:4");
+    r.run_command = "node server.js".into();
+    cases.push(("port", r));
+    for (field, req) in cases {
+        let e = sys.deploy(req.clone()).await.unwrap_err();
+        let message = e
+            .service_error()
+            .map(|s| s.message.clone())
+            .unwrap_or_default();
+        assert!(message.contains(field), "{field}: {e}");
+        // No job recorded for it.
+        let js = async_nats::jetstream::new(sys.deployer.nats_client.clone());
+        let kv = js.get_key_value("slipway_deployments").await.unwrap();
+        let key = format!(
+            "job.{}",
+            slipway_deployer::service::job_id(&req.idempotency_key)
+        );
+        assert!(
+            kv.get(&key).await.unwrap().is_none(),
+            "{field}: a job was recorded"
+        );
+    }
+    let job = sys.deploy(request(&sb, "b:ok")).await.unwrap();
+    let first = deployed(sys.outcome(&job).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = sys.deploy(request(&sb, "b:ok")).await.unwrap();
+    assert_eq!(again, job, "the same key is the same job");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        sys.versions_at_sandboxd(&first.deployment_id).await.len(),
+        1
+    );
+}
