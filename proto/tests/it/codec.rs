@@ -187,6 +187,10 @@ fn payload_of(kind: EventKind) -> run_event::Payload {
             version: 1,
             ..Default::default()
         }),
+        EventKind::Promoted => P::Promoted(v1::Promoted {
+            version: 2,
+            ..Default::default()
+        }),
         EventKind::Closed => P::Closed(v1::Closed {
             reason: "stop".into(),
             sandboxes_destroyed: vec!["s".into()],
