@@ -188,7 +188,7 @@ impl Topology {
                 streams::DEPLOY_JOBS,
                 "deployer",
                 "deployer: deploy jobs",
-                Duration::from_secs(300),
+                Duration::from_secs(settings.deploy_ack_wait_sec),
             ),
         ];
         let bucket = |bucket, max_age, description| BucketSpec {

@@ -106,9 +106,12 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Result<Output> {
         if started.elapsed() > timeout {
             let _ = child.kill();
             let out = child.wait_with_output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let tail: Vec<&str> = stdout.lines().rev().take(30).collect();
             bail!(
-                "process did not finish within {timeout:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
+                "process did not finish within {timeout:?}; stderr:\n{}\nlast lines of stdout:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         std::thread::sleep(Duration::from_millis(20));

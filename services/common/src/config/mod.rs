@@ -156,6 +156,9 @@ pub struct SetupSettings {
     /// must outlive the accepted lateness), and how long run events are kept.
     pub usage_max_age_days: u64,
     pub events_max_age_days: u64,
+    /// How long a deploy job may go without an acknowledgement (the deployer sends in-progress
+    /// acks at a third of it) before it is delivered to another replica.
+    pub deploy_ack_wait_sec: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -388,6 +391,9 @@ impl Settings {
                 return Err(invalid(key, "1 to 3650 days"));
             }
         }
+        if !(1..=3600).contains(&s.deploy_ack_wait_sec) {
+            return Err(invalid("setup.deploy_ack_wait_sec", "1 to 3600 seconds"));
+        }
         // JetStream refuses a duplicate window longer than the stream keeps messages.
         if s.duplicate_window_sec > s.events_max_age_days * 86_400 {
             return Err(invalid(
@@ -458,6 +464,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("setup.usage_max_message_bytes", "65536"),
     ("setup.usage_max_age_days", "400"),
     ("setup.events_max_age_days", "30"),
+    ("setup.deploy_ack_wait_sec", "300"),
     ("service.max_in_flight", "64"),
     ("service.grace_period_ms", "25000"),
 ];

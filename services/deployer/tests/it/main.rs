@@ -385,3 +385,195 @@ async fn bad_requests_are_refused_with_no_job_and_a_finished_key_is_the_same_job
         1
     );
 }
+
+/// Where the deployer is killed (-9 in effect: the failpoint aborts the process) and restarted.
+const FAILPOINTS: [&str; 6] = [
+    "deployer.enqueue.after_record",
+    "deployer.enqueue.after_publish",
+    "deployer.job.after_platform_deploy",
+    "deployer.job.after_ready",
+    "deployer.job.after_record",
+    "deployer.job.after_event",
+];
+
+// Multi-threaded: the executor runs in this process while the test waits on the deployer's
+// process (a blocking wait).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_each_step_and_restarted_the_deployer_makes_one_version_one_event_one_count() {
+    use slipway_test_support::{FailpointRun, workspace_bin};
+    // Deploy jobs come back 3 s after their holder died (in-progress acks every second).
+    let ack = [("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")];
+    let executor = Spawn::new(Service::Executor)
+        .with_sandboxd()
+        .env(ack[0].0, ack[0].1)
+        .in_process(slipway_executor::serve)
+        .await
+        .unwrap();
+    let sd = executor.sandboxd.as_ref().unwrap();
+    let nats_url = executor.nats.as_ref().unwrap().url();
+    let mut run = FailpointRun::new(workspace_bin("slipway-deployer").unwrap())
+        .timeout(Duration::from_secs(60))
+        .env("SLIPWAY__NATS__URL", &nats_url)
+        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
+        .env("SLIPWAY__EDGE__RESOLVE", sd.edge_addr().to_string())
+        .env(ack[0].0, ack[0].1);
+    run = run.env("SLIPWAY__SETUP__VERIFY_INTERVAL_MS", "500");
+    let sys_rpc = executor.rpc.clone();
+    let created: SandboxReply = sys_rpc
+        .call(
+            "slipway.executor.v1.sandbox.create",
+            &CreateSandboxRequest {
+                idempotency_key: "crash:sb".into(),
+                run_id: "run_crash".into(),
+                attribution: Some(user()),
+                template_id: "node".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let sb = created.sandbox.unwrap().id;
+    let _: WriteFilesReply = sys_rpc
+        .call(
+            "slipway.executor.v1.files.write_many",
+            &WriteFilesRequest {
+                sandbox_id: sb.clone(),
+                idempotency_key: "crash:files".into(),
+                files: vec![FileContent {
+                    path: "/workspace/site/index.html".into(),
+                    content: b"<p>crash</p>".to_vec(),
+                    mode: 0,
+                }],
+            },
+        )
+        .await
+        .unwrap();
+    let short = RpcClient::new(executor.nats_client.clone(), Duration::from_secs(5));
+    let deployer_up = || async {
+        for _ in 0..200 {
+            let probe: Result<ListDeploymentsReply, _> = short
+                .call(
+                    "slipway.deployer.v1.deployments.list",
+                    &ListDeploymentsRequest::default(),
+                )
+                .await;
+            if probe.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the deployer never answered");
+    };
+    let js = async_nats::jetstream::new(executor.nats_client.clone());
+    let sys = EventsReader { js: js.clone() };
+    for (n, fp) in FAILPOINTS.iter().enumerate() {
+        let mut req = request(&sb, &format!("crash:{n}"));
+        req.run_id = "run_crash".into();
+        req.name = format!("crash-{n}");
+        let armed = run.spawn(Some(fp)).unwrap();
+        deployer_up().await;
+        // The first try: its reply may be lost to the crash.
+        let first = short
+            .call::<_, EnqueueDeployReply>("slipway.deployer.v1.deploy", &req)
+            .await;
+        show_first_try(fp, &first);
+        let out = armed.wait(Duration::from_secs(60)).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("failpoint `{fp}` hit")),
+            "{fp}: {stderr}"
+        );
+        // Restarted; the caller retries with the same key.
+        let again = run.spawn(None).unwrap();
+        deployer_up().await;
+        let job: EnqueueDeployReply = short
+            .call("slipway.deployer.v1.deploy", &req)
+            .await
+            .unwrap();
+        let done = sys.deployed(&job.job_id).await;
+        again.terminate().unwrap();
+        let _ = again.wait(Duration::from_secs(30));
+        // At the source of truth: one version at sandboxd, one `deployed` event, one count.
+        let versions: serde_json::Value = slipway_test_support::http()
+            .get(format!(
+                "{}/deployments/{}/versions",
+                sd.base_url(),
+                done.deployment_id
+            ))
+            .bearer_auth("msk_test")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            versions["data"].as_array().unwrap().len(),
+            1,
+            "{fp}: versions"
+        );
+        let events = sys.events().await;
+        let announced = events
+            .iter()
+            .filter(|e| matches!(&e.payload, Some(Payload::Deployed(d)) if d.job_id == job.job_id))
+            .count();
+        assert_eq!(announced, 1, "{fp}: deployed events");
+        let counted = sys
+            .usage()
+            .await
+            .into_iter()
+            .filter(|e| e.meter == "deploys" && e.id.starts_with(&done.deployment_id))
+            .count();
+        assert_eq!(counted, 1, "{fp}: deploys counted");
+    }
+}
+
+/// Reads the streams directly.
+struct EventsReader {
+    js: async_nats::jetstream::Context,
+}
+
+impl EventsReader {
+    async fn all<M: slipway_proto::WireMessage>(&self, stream: &str) -> Vec<M> {
+        let mut s = self.js.get_stream(stream).await.unwrap();
+        let info = s.info().await.unwrap().clone();
+        let mut out = Vec::new();
+        if info.state.messages == 0 {
+            return out;
+        }
+        for seq in info.state.first_sequence..=info.state.last_sequence {
+            let Ok(m) = s.get_raw_message(seq).await else {
+                continue;
+            };
+            out.push(slipway_common::rpc::decode_message(Some(&m.headers), &m.payload).unwrap());
+        }
+        out
+    }
+
+    async fn events(&self) -> Vec<RunEvent> {
+        self.all("RUN_EVENTS").await
+    }
+
+    async fn usage(&self) -> Vec<UsageEvent> {
+        self.all("USAGE").await
+    }
+
+    async fn deployed(&self, job: &str) -> Deployed {
+        for _ in 0..600 {
+            for e in self.events().await {
+                if let Some(Payload::Deployed(d)) = e.payload
+                    && d.job_id == job
+                {
+                    return d;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {job} never deployed");
+    }
+}
+
+/// What the first try answered (often nothing: the process died first), for a failing run's log.
+fn show_first_try<T: std::fmt::Debug, E: std::fmt::Debug>(fp: &str, first: &Result<T, E>) {
+    eprintln!("first try at {fp}: {first:?}");
+}
