@@ -191,6 +191,10 @@ fn payload_of(kind: EventKind) -> run_event::Payload {
             version: 2,
             ..Default::default()
         }),
+        EventKind::TakenDown => P::TakenDown(v1::TakenDown {
+            reason: "abuse".into(),
+            ..Default::default()
+        }),
         EventKind::Closed => P::Closed(v1::Closed {
             reason: "stop".into(),
             sandboxes_destroyed: vec!["s".into()],

@@ -80,6 +80,7 @@ pub const OPERATIONS: &[Operation] = &[
     op(Executor, "deployment.get", DEPLOYER),
     op(Executor, "deployment.rollback", DEPLOYER),
     op(Executor, "deployment.promote", DEPLOYER),
+    op(Executor, "deployment.delete", DEPLOYER),
     op(Executor, "version.get", DEPLOYER),
     op(Executor, "version.list", DEPLOYER),
     op(Executor, "version.logs", DEPLOYER),
@@ -115,6 +116,7 @@ pub const OPERATIONS: &[Operation] = &[
     op(Deployer, "deployment.get", PUBLIC_AND_PLANNER),
     op(Deployer, "rollback", PLANNER),
     op(Deployer, "promote", PLANNER),
+    op(Deployer, "deployment.delete", ADMIN_ONLY),
 ];
 
 /// The operations `principal` may call (admin: every one).

@@ -316,6 +316,7 @@ impl Deployer {
             url: deployment.url.clone(),
             versions: Vec::new(),
             created_at: Some(now()),
+            deleted_at: None,
         };
         match self.deployments.create(&dep_key, &record).await {
             Ok(_) | Err(RecordError::Exists { .. }) => {}

@@ -35,6 +35,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
         "deployment.get" => get,
         "rollback" => rollback,
         "promote" => promote,
+        "deployment.delete" => take_down,
     });
     let consumer = app
         .topology

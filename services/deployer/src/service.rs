@@ -228,6 +228,9 @@ impl Deployer {
             let Some((r, _)) = self.deployments.get(&key).await.map_err(store)? else {
                 continue;
             };
+            if r.deleted_at.is_some() {
+                continue;
+            }
             let a = r.attribution.clone().unwrap_or_default();
             let matches = (req.user_id.is_empty() || a.user_id == req.user_id)
                 && (req.project_id.is_empty() || a.project_id == req.project_id)
@@ -265,6 +268,76 @@ impl Deployer {
             deployment: Some(deployment_of(&r)),
             versions,
             run_id: r.run_id,
+        })
+    }
+
+    /// Takes a deployment down (admin): the platform stops serving it at once, the record says
+    /// when, and the name is freed, so deploying it again makes a new deployment.
+    pub async fn take_down(&self, req: TakeDownRequest) -> Result<TakeDownReply, ServiceError> {
+        required("idempotency_key", &req.idempotency_key)?;
+        let r = self.record_of(&req.deployment_id).await?;
+        let _: DeleteDeploymentReply = self
+            .rpc
+            .call(
+                &executor("deployment.delete"),
+                &DeleteDeploymentRequest {
+                    deployment_id: r.deployment_id.clone(),
+                    idempotency_key: req.idempotency_key.clone(),
+                },
+            )
+            .await
+            .map_err(rpc_error)?;
+        let key = format!("dep.{}", r.deployment_id);
+        for _ in 0..8 {
+            let Some((mut dep, rev)) = self.deployments.get(&key).await.map_err(store)? else {
+                break;
+            };
+            if dep.deleted_at.is_some() {
+                break;
+            }
+            dep.deleted_at = Some(now());
+            match self.deployments.update(&key, &dep, rev).await {
+                Ok(_) => break,
+                Err(RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(store(e)),
+            }
+        }
+        let user = r
+            .attribution
+            .as_ref()
+            .map(|a| a.user_id.as_str())
+            .unwrap_or("");
+        if let Ok(names_key) = name_key(user, &r.name) {
+            let still_this = self
+                .names
+                .get(&names_key)
+                .await
+                .map_err(store)?
+                .is_some_and(|(n, _)| n.deployment_id == r.deployment_id);
+            if still_this {
+                self.names
+                    .store()
+                    .delete(&names_key)
+                    .await
+                    .map_err(|e| ServiceError::unavailable(format!("deployment records: {e}")))?;
+            }
+        }
+        let step = Step::once(&format!("down-{:016x}", fnv(&req.idempotency_key)));
+        self.events
+            .publish(
+                &r.run_id,
+                &step,
+                "",
+                r.attribution.clone(),
+                Payload::TakenDown(TakenDown {
+                    deployment_id: r.deployment_id.clone(),
+                    reason: req.reason.clone(),
+                }),
+            )
+            .await
+            .map_err(|e| ServiceError::unavailable(e.to_string()))?;
+        Ok(TakeDownReply {
+            deployment: Some(deployment_of(&r)),
         })
     }
 

@@ -386,6 +386,124 @@ async fn bad_requests_are_refused_with_no_job_and_a_finished_key_is_the_same_job
     );
 }
 
+const SERVER: &str = include_str!("../../../../tests/fixtures/preview-app/server.js");
+const APP: &str = include_str!("../../../../tests/fixtures/preview-app/app.js");
+const PAGE: &str = include_str!("../../../../tests/fixtures/preview-app/index.html");
+
+#[tokio::test]
+async fn a_dynamic_deploy_serves_after_its_source_sandbox_is_destroyed() {
+    let sys = System::start(&[]).await;
+    let sb = sys.sandbox("dyn:sb", "<p>unused</p>").await;
+    let _: WriteFilesReply = sys
+        .executor
+        .rpc
+        .call(
+            "slipway.executor.v1.files.write_many",
+            &WriteFilesRequest {
+                sandbox_id: sb.clone(),
+                idempotency_key: "dyn:app".into(),
+                files: [
+                    ("/workspace/app/server.js", SERVER),
+                    ("/workspace/app/app.js", APP),
+                    ("/workspace/app/public/index.html", PAGE),
+                ]
+                .into_iter()
+                .map(|(path, body)| FileContent {
+                    path: path.into(),
+                    content: body.as_bytes().to_vec(),
+                    mode: 0,
+                })
+                .collect(),
+            },
+        )
+        .await
+        .unwrap();
+    let mut req = request(&sb, "dyn:1");
+    req.name = "dyn".into();
+    req.output_path = "/workspace/app".into();
+    req.run_command = "node server.js".into();
+    req.port = 3000;
+    req.destroy_source = true;
+    let done = deployed(sys.outcome(&sys.deploy(req).await.unwrap()).await);
+    assert!(done.source_destroyed);
+    // The source goes (after the event), and the app keeps answering from its own runtime.
+    let mut state = 0;
+    for _ in 0..200 {
+        let got: SandboxReply = sys
+            .executor
+            .rpc
+            .call(
+                "slipway.executor.v1.sandbox.get",
+                &GetSandboxRequest {
+                    sandbox_id: sb.clone(),
+                    name: String::new(),
+                },
+            )
+            .await
+            .unwrap();
+        state = got.sandbox.unwrap().state;
+        if state == SandboxState::Destroyed as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(state, SandboxState::Destroyed as i32);
+    let page = sys.edge().get(&done.url).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("VERSION_ONE"));
+}
+
+#[tokio::test]
+async fn a_deployment_taken_down_is_refused_at_once_and_its_name_deploys_anew() {
+    let sys = System::start(&[]).await;
+    let sb = sys.sandbox("down:sb", "<p>up</p>").await;
+    let first = deployed(
+        sys.outcome(&sys.deploy(request(&sb, "down:1")).await.unwrap())
+            .await,
+    );
+    assert_eq!(
+        sys.edge().get(&first.url).send().await.unwrap().status(),
+        200
+    );
+    let _: TakeDownReply = sys
+        .rpc()
+        .call(
+            "slipway.deployer.v1.deployment.delete",
+            &TakeDownRequest {
+                deployment_id: first.deployment_id.clone(),
+                idempotency_key: "down:take".into(),
+                reason: "abuse report".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let status = sys
+        .edge()
+        .get(&first.url)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert!(matches!(status, 404 | 410), "still served: {status}");
+    let again = deployed(
+        sys.outcome(&sys.deploy(request(&sb, "down:2")).await.unwrap())
+            .await,
+    );
+    assert_ne!(again.deployment_id, first.deployment_id, "a new deployment");
+    assert_eq!(again.version, 1);
+    assert_eq!(
+        sys.edge().get(&again.url).send().await.unwrap().status(),
+        200
+    );
+    let events = sys.events().await;
+    assert!(
+        events.iter().any(
+            |e| matches!(&e.payload, Some(Payload::TakenDown(t)) if t.reason == "abuse report")
+        )
+    );
+}
+
 /// Where the deployer is killed (-9 in effect: the failpoint aborts the process) and restarted.
 const FAILPOINTS: [&str; 6] = [
     "deployer.enqueue.after_record",

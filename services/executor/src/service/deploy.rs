@@ -6,9 +6,9 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use slipway_common::ServiceError;
 use slipway_proto::v1::{
-    DeployReply, DeployRequest, DeploymentReply, GetDeploymentRequest, GetVersionRequest,
-    ListVersionsReply, ListVersionsRequest, SetVersionRequest, VersionLogsReply,
-    VersionLogsRequest, VersionReply,
+    DeleteDeploymentReply, DeleteDeploymentRequest, DeployReply, DeployRequest, DeploymentReply,
+    GetDeploymentRequest, GetVersionRequest, ListVersionsReply, ListVersionsRequest,
+    SetVersionRequest, VersionLogsReply, VersionLogsRequest, VersionReply,
 };
 
 use super::{Executor, platform_error, required, resource};
@@ -205,6 +205,35 @@ impl Executor {
         Ok(DeploymentReply {
             deployment: Some(convert::deployment(&got)),
         })
+    }
+
+    /// `DELETE /deployments/{id}`: it stops serving at once; one already gone counts as deleted.
+    pub async fn delete_deployment(
+        &self,
+        req: DeleteDeploymentRequest,
+    ) -> Result<DeleteDeploymentReply, ServiceError> {
+        resource("deployment_id", &req.deployment_id)?;
+        required("idempotency_key", &req.idempotency_key)?;
+        let deleted = self
+            .client
+            .request(
+                "deployment.delete",
+                Method::DELETE,
+                format!("/deployments/{}", req.deployment_id),
+                vec![],
+                None,
+                Some(&req.idempotency_key),
+            )
+            .await;
+        match deleted {
+            Ok(_) => {}
+            Err(e) if matches!(e.status(), Some(404 | 410)) => {}
+            Err(e) => return Err(platform_error(e)),
+        }
+        if let Ok(mut urls) = self.deployment_urls.lock() {
+            urls.remove(&req.deployment_id);
+        }
+        Ok(DeleteDeploymentReply {})
     }
 
     pub async fn promote(&self, req: SetVersionRequest) -> Result<DeploymentReply, ServiceError> {

@@ -476,6 +476,7 @@ pub async fn register(
         "deployment.get" => get_deployment,
         "deployment.rollback" => rollback,
         "deployment.promote" => promote,
+        "deployment.delete" => delete_deployment,
         "version.get" => get_version,
         "version.list" => list_versions,
         "version.logs" => version_logs,

@@ -280,6 +280,21 @@ pub async fn get(
     Ok(Json(json!({ "data": deployment_view(&s, &d) })))
 }
 
+/// `DELETE /deployments/{id}` (MIOSA's): stops serving it at once; 204.
+pub async fn delete(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<axum::http::StatusCode, ApiError> {
+    for sandbox in s.deployments.delete(&id)? {
+        if let Ok(entry) = s.host.live(&sandbox)
+            && let Err(e) = s.host.destroy(&entry).await
+        {
+            tracing::warn!(%sandbox, error = %e.message, "destroying a deleted deployment's runtime");
+        }
+    }
+    Ok(axum::http::StatusCode::NO_CONTENT)
+}
+
 pub async fn versions(
     State(s): State<AppState>,
     Path(id): Path<String>,

@@ -162,7 +162,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/sandboxes/{id}", sandbox)
         .route("/events/stream", get(sandboxes::tenant_events))
         .route("/deployments", get(deployments::list))
-        .route("/deployments/{id}", get(deployments::get))
+        .route(
+            "/deployments/{id}",
+            get(deployments::get).delete(deployments::delete),
+        )
         .route("/deployments/{id}/versions", get(deployments::versions))
         .route(
             "/deployments/{id}/versions/{vid}",

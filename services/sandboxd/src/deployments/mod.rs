@@ -223,6 +223,46 @@ impl Deployments {
             .cloned()
     }
 
+    /// Deletes a deployment: it stops serving at once (its host name no longer resolves to
+    /// it), its records go, and its name may be deployed again as a new deployment. Returns the
+    /// sandboxes that served its dynamic versions, for the caller to destroy. Artifacts stay
+    /// (content-addressed, possibly shared).
+    pub fn delete(&self, id: &str) -> Result<Vec<String>, ApiError> {
+        let versions: Vec<String> = {
+            let mut st = self.lock();
+            if st.deployments.remove(id).is_none() {
+                return Err(ApiError::not_found(
+                    "deployment_not_found",
+                    format!("deployment `{id}` not found"),
+                ));
+            }
+            let ids: Vec<String> = st
+                .versions
+                .values()
+                .filter(|v| v.deployment_id == id)
+                .map(|v| v.id.clone())
+                .collect();
+            for v in &ids {
+                st.versions.remove(v);
+            }
+            ids
+        };
+        let serving: Vec<String> = {
+            let mut runtimes = self.runtimes.lock().unwrap_or_else(|p| p.into_inner());
+            let gone: Vec<String> = versions.iter().filter_map(|v| runtimes.remove(v)).collect();
+            self.save_runtimes(&runtimes)?;
+            gone
+        };
+        std::fs::remove_dir_all(self.deployment_dir(id)).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(ApiError::internal(format!("removing deployment {id}: {e}")))
+            }
+        })?;
+        Ok(serving)
+    }
+
     /// The deployment's versions, newest first.
     pub fn versions(&self, id: &str) -> Vec<Version> {
         let mut v: Vec<Version> = self

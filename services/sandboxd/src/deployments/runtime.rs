@@ -18,7 +18,7 @@ use crate::store;
 pub const RUNTIME_KEY: &str = "slipway_runtime_of";
 
 impl Deployments {
-    fn save_runtimes(&self, map: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    pub(super) fn save_runtimes(&self, map: &BTreeMap<String, String>) -> Result<(), ApiError> {
         store::write_json(&self.dir.join("runtimes.json"), map)
             .map_err(|e| ApiError::internal(format!("saving runtimes: {e}")))
     }
