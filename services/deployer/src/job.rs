@@ -88,6 +88,7 @@ impl Deployer {
                     .await?;
                     record.announced = true;
                     self.save(&key, &record, revision).await?;
+                    self.metrics.finished("failed");
                     return Ok(());
                 }
                 Err(JobError::Retry(e)) => return Err(e),
@@ -115,6 +116,7 @@ impl Deployer {
             failpoint::hit("deployer.job.after_event");
             record.announced = true;
             revision = self.save(&key, &record, revision).await?;
+            self.metrics.finished("deployed");
         }
         if req.destroy_source && !record.source_destroyed {
             self.progress(&run, &job.job_id, &who, "destroying_source")
@@ -259,6 +261,7 @@ impl Deployer {
         failpoint::hit("deployer.job.after_ready");
         self.progress(&req.run_id, job_id, &who, "verifying")
             .await?;
+        let verifying = Instant::now();
         let url = if version.url.is_empty() {
             record.url.clone()
         } else {
@@ -275,6 +278,7 @@ impl Deployer {
                 log_tail: String::new(),
             });
         }
+        self.metrics.verified(verifying.elapsed().as_secs_f64());
         let ready_at = now();
         let build_ms = version
             .created_at
@@ -284,6 +288,7 @@ impl Deployer {
                 u64::try_from(ms).unwrap_or(0)
             })
             .unwrap_or(0);
+        self.metrics.built(build_ms as f64 / 1000.0);
         record.version = version.number;
         record.url = url.clone();
         record.digest = version.digest.clone();

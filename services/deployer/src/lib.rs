@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod job;
+pub mod metrics;
 pub mod service;
 pub mod verify;
 

@@ -27,6 +27,7 @@ pub struct Deployer {
     pub(crate) verifier: Verifier,
     pub(crate) job_timeout: Duration,
     pub(crate) verify_timeout: Duration,
+    pub(crate) metrics: crate::metrics::DeployMetrics,
 }
 
 pub(crate) fn executor(op: &str) -> String {
@@ -88,6 +89,7 @@ impl Deployer {
             verifier: Verifier::new(&s.edge)?,
             job_timeout: Duration::from_millis(s.deployer.job_timeout_ms),
             verify_timeout: Duration::from_millis(s.deployer.verify_timeout_ms),
+            metrics: crate::metrics::DeployMetrics::register(app.health.metrics()),
         })
     }
 
