@@ -26,8 +26,19 @@ fn retry(e: impl std::fmt::Display) -> HandlerError {
 }
 
 impl Deployer {
-    /// The worker's handler for one job.
+    /// The worker's handler for one job. On the job's last delivery a failure to go on is the
+    /// job's failure (published), never a silent dead letter.
     pub async fn run(&self, job: DeployJob, delivery: Delivery) -> Result<(), HandlerError> {
+        match self.run_once(&job, &delivery).await {
+            Err(HandlerError::Retry { reason, .. }) if delivery.last_attempt => {
+                self.give_up(&job.job_id, ErrorCode::Unavailable, &reason)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn run_once(&self, job: &DeployJob, delivery: &Delivery) -> Result<(), HandlerError> {
         let key = format!("job.{}", job.job_id);
         let Some((mut record, mut revision)) = self.jobs.get(&key).await.map_err(retry)? else {
             return Err(HandlerError::permanent(
@@ -48,7 +59,7 @@ impl Deployer {
         if !finished.contains(&record.state) {
             if record.state != DeployJobState::Running as i32 {
                 record.state = DeployJobState::Running.into();
-                revision = self.save(&key, &record, revision).await?;
+                revision = self.save(&key, &mut record, revision).await?;
             }
             self.event(
                 &run,
@@ -61,7 +72,7 @@ impl Deployer {
             )
             .await?;
             match self
-                .build(&job.job_id, &mut record, &mut revision, &key, &delivery)
+                .build(&job.job_id, &mut record, &mut revision, &key, delivery)
                 .await
             {
                 Ok(()) => {}
@@ -70,31 +81,37 @@ impl Deployer {
                     message,
                     log_tail,
                 }) => {
+                    self.restore_serving(&record).await;
                     record.state = DeployJobState::Failed.into();
-                    record.error = message.clone();
+                    record.error = message;
+                    record.error_code = code.into();
+                    record.log_tail = log_tail;
                     record.finished_at = Some(now());
-                    revision = self.save(&key, &record, revision).await?;
-                    self.event(
-                        &run,
-                        &Step::once(&job.job_id),
-                        &who,
-                        Payload::DeployFailed(DeployFailed {
-                            job_id: job.job_id.clone(),
-                            code: code.into(),
-                            message,
-                            log_tail,
-                        }),
-                    )
-                    .await?;
-                    record.announced = true;
-                    self.save(&key, &record, revision).await?;
-                    self.metrics.finished("failed");
-                    return Ok(());
+                    revision = self.save(&key, &mut record, revision).await?;
+                    failpoint::hit("deployer.job.after_failed_record");
                 }
                 Err(JobError::Retry(e)) => return Err(e),
             }
         }
         if record.state == DeployJobState::Failed as i32 {
+            // Announced once, also when a crash came between the record and the event.
+            if !record.announced {
+                self.event(
+                    &run,
+                    &Step::once(&job.job_id),
+                    &who,
+                    Payload::DeployFailed(DeployFailed {
+                        job_id: job.job_id.clone(),
+                        code: record.error_code,
+                        message: record.error.clone(),
+                        log_tail: record.log_tail.clone(),
+                    }),
+                )
+                .await?;
+                record.announced = true;
+                self.save(&key, &mut record, revision).await?;
+                self.metrics.finished("failed");
+            }
             return Ok(());
         }
         if !record.announced {
@@ -109,13 +126,14 @@ impl Deployer {
                     version: record.version,
                     url: record.url.clone(),
                     digest: record.digest.clone(),
+                    // Asked for, and done right after this event (retried until it is).
                     source_destroyed: req.destroy_source,
                 }),
             )
             .await?;
             failpoint::hit("deployer.job.after_event");
             record.announced = true;
-            revision = self.save(&key, &record, revision).await?;
+            revision = self.save(&key, &mut record, revision).await?;
             self.metrics.finished("deployed");
         }
         if req.destroy_source && !record.source_destroyed {
@@ -133,13 +151,88 @@ impl Deployer {
                 .await
                 .map_err(|e| retry(rpc_error(e)))?;
             record.source_destroyed = true;
-            self.save(&key, &record, revision).await?;
+            self.save(&key, &mut record, revision).await?;
         }
         Ok(())
     }
 
-    /// The platform's deploy (once: keyed by the job), the version followed until it is ready,
-    /// its URL verified, and the outcome recorded in the job and the deployment.
+    /// The job's last delivery could not go on: it fails, with its reason, so the run hears.
+    async fn give_up(
+        &self,
+        job_id: &str,
+        code: ErrorCode,
+        reason: &str,
+    ) -> Result<(), HandlerError> {
+        let key = format!("job.{job_id}");
+        let Some((mut record, revision)) = self.jobs.get(&key).await.map_err(retry)? else {
+            return Ok(());
+        };
+        if record.state == DeployJobState::Succeeded as i32 {
+            // Succeeded but not all said or done: the dead letter keeps it for a replay.
+            return Err(HandlerError::permanent("unfinished", reason.to_string()));
+        }
+        if record.state != DeployJobState::Failed as i32 {
+            self.restore_serving(&record).await;
+            record.state = DeployJobState::Failed.into();
+            record.error = format!("gave up after every delivery: {reason}");
+            record.error_code = code.into();
+            record.finished_at = Some(now());
+        }
+        let req = record.request.clone().unwrap_or_default();
+        let revision = self.save(&key, &mut record, revision).await?;
+        self.event(
+            &req.run_id,
+            &Step::once(job_id),
+            &req.attribution,
+            Payload::DeployFailed(DeployFailed {
+                job_id: job_id.to_string(),
+                code: record.error_code,
+                message: record.error.clone(),
+                log_tail: record.log_tail.clone(),
+            }),
+        )
+        .await?;
+        record.announced = true;
+        self.save(&key, &mut record, revision).await?;
+        self.metrics.finished("failed");
+        Ok(())
+    }
+
+    /// After a failure past the platform's deploy (the platform may already serve the new,
+    /// unverified version), points the deployment back at the version it served before.
+    async fn restore_serving(&self, record: &DeployJobRecord) {
+        if record.deployment_id.is_empty() || record.version_id.is_empty() {
+            return;
+        }
+        let dep_key = format!("dep.{}", record.deployment_id);
+        let previous = match self.deployments.get(&dep_key).await {
+            Ok(Some((dep, _))) => dep
+                .versions
+                .iter()
+                .find(|v| v.number == dep.serving && v.version_id != record.version_id)
+                .map(|v| v.version_id.clone()),
+            _ => None,
+        };
+        let Some(previous) = previous else { return };
+        let restored: Result<DeploymentReply, _> = self
+            .rpc
+            .call(
+                &executor("deployment.rollback"),
+                &SetVersionRequest {
+                    deployment_id: record.deployment_id.clone(),
+                    version_id: previous,
+                    idempotency_key: format!("{}:restore", record.job_id),
+                },
+            )
+            .await;
+        if let Err(e) = restored {
+            tracing::warn!(job = %record.job_id, error = %e, "could not restore the version served before");
+        }
+    }
+
+    /// The platform's deploy (once: keyed by the job, with a request fixed before the call),
+    /// the version followed until it is ready, its URL verified, and the outcome recorded in the
+    /// job and the deployment.
     async fn build(
         &self,
         job_id: &str,
@@ -151,15 +244,17 @@ impl Deployer {
         let req = record.request.clone().unwrap_or_default();
         let who = req.attribution.clone();
         let user = who.as_ref().map(|a| a.user_id.clone()).unwrap_or_default();
+        let names_key = name_key(&user, &req.name).map_err(JobError::failed)?;
         if record.version_id.is_empty() {
             self.progress(&req.run_id, job_id, &who, "building").await?;
-            let names_key = name_key(&user, &req.name).map_err(JobError::failed)?;
-            let existing = self
-                .names
-                .get(&names_key)
-                .await
-                .map_err(|e| JobError::Retry(retry(e)))?
-                .map(|(n, _)| n.deployment_id);
+            if record.requested_deployment_id.is_empty() {
+                // One deployment per end user and name: the first job to reserve the name makes
+                // it; others wait for it, then add versions to it.
+                if let Some(existing) = self.reserve_name(&names_key, job_id).await? {
+                    record.requested_deployment_id = existing;
+                }
+                *revision = self.save(key, record, *revision).await?;
+            }
             let deployed: Result<DeployReply, _> = self
                 .rpc
                 .call_with_timeout(
@@ -171,7 +266,7 @@ impl Deployer {
                         build_command: req.build_command.clone(),
                         output_path: req.output_path.clone(),
                         entrypoint: req.entrypoint.clone(),
-                        deployment_id: existing.unwrap_or_default(),
+                        deployment_id: record.requested_deployment_id.clone(),
                         run_command: req.run_command.clone(),
                         port: req.port,
                         attribution: who.clone(),
@@ -201,14 +296,12 @@ impl Deployer {
             record.deployment_id = deployment.id.clone();
             record.version_id = version.id.clone();
             record.url = deployment.url.clone();
-            *revision = self
-                .save(key, record, *revision)
-                .await
-                .map_err(JobError::Retry)?;
-            self.remember_deployment(&deployment, &req, &user, &names_key)
-                .await?;
+            *revision = self.save(key, record, *revision).await?;
+            failpoint::hit("deployer.job.after_version_saved");
         }
-        // Followed until ready or failed, within the job's time.
+        // Every delivery: the deployment's and the name's records exist (both idempotent).
+        self.remember_deployment(record, &req, &names_key).await?;
+        // Followed until ready or failed, within the job's time (from its first delivery).
         let started = Instant::now();
         let version = loop {
             let got: VersionReply = self
@@ -258,6 +351,23 @@ impl Deployer {
                 log_tail: tail,
             });
         }
+        if record.build_ms == 0 {
+            // From the version's creation to the first time it is seen ready, kept: what is
+            // billed does not depend on when a redelivery looks.
+            let seen = now();
+            record.build_ms = version
+                .created_at
+                .map(|c| {
+                    let ms = (seen.seconds - c.seconds) * 1000
+                        + i64::from(seen.nanos - c.nanos) / 1_000_000;
+                    u64::try_from(ms).unwrap_or(0)
+                })
+                .unwrap_or(0)
+                .max(1);
+            record.finished_at = Some(seen);
+            *revision = self.save(key, record, *revision).await?;
+            self.metrics.built(record.build_ms as f64 / 1000.0);
+        }
         failpoint::hit("deployer.job.after_ready");
         self.progress(&req.run_id, job_id, &who, "verifying")
             .await?;
@@ -279,61 +389,99 @@ impl Deployer {
             });
         }
         self.metrics.verified(verifying.elapsed().as_secs_f64());
-        let ready_at = now();
-        let build_ms = version
-            .created_at
-            .map(|c| {
-                let ms = (ready_at.seconds - c.seconds) * 1000
-                    + i64::from(ready_at.nanos - c.nanos) / 1_000_000;
-                u64::try_from(ms).unwrap_or(0)
-            })
-            .unwrap_or(0);
-        self.metrics.built(build_ms as f64 / 1000.0);
         record.version = version.number;
         record.url = url.clone();
         record.digest = version.digest.clone();
-        record.build_ms = build_ms;
         record.state = DeployJobState::Succeeded.into();
-        record.finished_at = Some(ready_at);
         self.add_version(record, &req, &version, &url).await?;
-        *revision = self
-            .save(key, record, *revision)
-            .await
-            .map_err(JobError::Retry)?;
+        *revision = self.save(key, record, *revision).await?;
         failpoint::hit("deployer.job.after_record");
         Ok(())
     }
 
-    /// The deployment's record (once) and its name's (once per end user and name).
+    /// Reserves `names_key` for this job, or finds the deployment it names. Returns the existing
+    /// deployment's id, or `None` when this job is the one to make it. Another job that holds the
+    /// reservation without a deployment yet: try later.
+    async fn reserve_name(
+        &self,
+        names_key: &str,
+        job_id: &str,
+    ) -> Result<Option<String>, JobError> {
+        let mine = DeploymentNameRecord {
+            deployment_id: String::new(),
+            reserved_by: job_id.to_string(),
+        };
+        match self.names.create(names_key, &mine).await {
+            Ok(_) => return Ok(None),
+            Err(RecordError::Exists { .. }) => {}
+            Err(e) => return Err(JobError::Retry(retry(e))),
+        }
+        let (existing, _) = self
+            .names
+            .get(names_key)
+            .await
+            .map_err(|e| JobError::Retry(retry(e)))?
+            .ok_or_else(|| JobError::Retry(retry("the name's record vanished")))?;
+        if !existing.deployment_id.is_empty() {
+            Ok(Some(existing.deployment_id))
+        } else if existing.reserved_by == job_id {
+            Ok(None)
+        } else {
+            Err(JobError::Retry(HandlerError::retry(
+                Duration::from_secs(1),
+                "another job is making this deployment",
+            )))
+        }
+    }
+
+    /// The deployment's record (once) and its name's deployment id (once per end user and
+    /// name); both idempotent, so every delivery may call them.
     async fn remember_deployment(
         &self,
-        deployment: &Deployment,
+        job: &DeployJobRecord,
         req: &EnqueueDeployRequest,
-        _user: &str,
         names_key: &str,
     ) -> Result<(), JobError> {
-        let dep_key = format!("dep.{}", deployment.id);
+        let dep_key = format!("dep.{}", job.deployment_id);
         let record = DeploymentRecord {
-            deployment_id: deployment.id.clone(),
+            deployment_id: job.deployment_id.clone(),
             name: req.name.clone(),
             attribution: req.attribution.clone(),
             run_id: req.run_id.clone(),
-            url: deployment.url.clone(),
+            url: job.url.clone(),
             versions: Vec::new(),
             created_at: Some(now()),
             deleted_at: None,
+            serving: 0,
         };
         match self.deployments.create(&dep_key, &record).await {
             Ok(_) | Err(RecordError::Exists { .. }) => {}
             Err(e) => return Err(JobError::Retry(retry(e))),
         }
-        let name = DeploymentNameRecord {
-            deployment_id: deployment.id.clone(),
-        };
-        match self.names.create(names_key, &name).await {
-            Ok(_) | Err(RecordError::Exists { .. }) => Ok(()),
-            Err(e) => Err(JobError::Retry(retry(e))),
+        for _ in 0..8 {
+            let current = self
+                .names
+                .get(names_key)
+                .await
+                .map_err(|e| JobError::Retry(retry(e)))?;
+            let named = DeploymentNameRecord {
+                deployment_id: job.deployment_id.clone(),
+                reserved_by: String::new(),
+            };
+            let written = match current {
+                None => self.names.create(names_key, &named).await.map(|_| ()),
+                Some((n, rev)) if n.deployment_id.is_empty() && n.reserved_by == job.job_id => {
+                    self.names.update(names_key, &named, rev).await.map(|_| ())
+                }
+                Some(_) => return Ok(()),
+            };
+            match written {
+                Ok(()) => return Ok(()),
+                Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(JobError::Retry(retry(e))),
+            }
         }
+        Err(JobError::Retry(retry("the name's record kept changing")))
     }
 
     /// Adds the version to its deployment's record (once: keyed by its platform id).
@@ -358,6 +506,8 @@ impl Deployer {
                 return Ok(());
             }
             dep.url = url.to_string();
+            // A new ready version serves (the platform points the deployment at it).
+            dep.serving = version.number;
             dep.versions.push(VersionRecord {
                 number: version.number,
                 version_id: version.id.clone(),
@@ -448,14 +598,16 @@ impl Deployer {
     async fn save(
         &self,
         key: &str,
-        record: &DeployJobRecord,
+        record: &mut DeployJobRecord,
         revision: u64,
     ) -> Result<u64, HandlerError> {
-        self.jobs.update(key, record, revision).await.map_err(|e| {
-            // A conflict: another delivery of this job moved it on; this one stops, the other
-            // finishes.
-            retry(store(e))
-        })
+        record.updated_at = Some(now());
+        // A conflict: another delivery of this job moved it on; this one stops, the other
+        // finishes.
+        self.jobs
+            .update(key, record, revision)
+            .await
+            .map_err(|e| retry(store(e)))
     }
 }
 

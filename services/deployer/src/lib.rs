@@ -4,8 +4,8 @@
 //! the kit's worker runs it: the executor's `deploy`, the version followed until ready, its URL
 //! verified to serve that version, then `deployed` (or `deploy_failed`) on the run's events,
 //! usage (`deploys`, `build_ms`) and, when asked, the source sandbox destroyed. Every step is
-//! recorded in `slipway_deployments` before the next, so a crash anywhere resumes without a
-//! second version, event or count. `rollback` and `promote` re-point a deployment.
+//! recorded in `slipway_deployments` before the next, and every effect is keyed by the job or
+//! its version, so a crash anywhere resumes without a second version, event or count. `rollback` and `promote` re-point a deployment.
 #![forbid(unsafe_code)]
 
 pub mod job;

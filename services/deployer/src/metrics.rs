@@ -29,7 +29,7 @@ impl DeployMetrics {
         );
         metrics.register(
             "deploy_build_seconds",
-            "Time from a version's start to ready at the platform",
+            "Time from a version's creation to the deployer seeing it ready",
             m.build.clone(),
         );
         metrics.register(

@@ -39,9 +39,9 @@ pub(crate) fn store(e: RecordError) -> ServiceError {
     ServiceError::unavailable(format!("deployment records: {e}"))
 }
 
-/// The job of an idempotency key: the same key is the same job, however much later.
-pub fn job_id(key: &str) -> String {
-    format!("dj_{:016x}", fnv(key))
+/// The job of an end user's idempotency key: the same key is the same job, however much later.
+pub fn job_id(user_id: &str, key: &str) -> String {
+    format!("dj_{:016x}", fnv(&format!("{user_id}\n{key}")))
 }
 
 /// FNV-1a: a stable hash of a key (the standard library's is not stable across builds).
@@ -148,7 +148,7 @@ impl Deployer {
                 None => ServiceError::unavailable(format!("the executor: {e}")),
             });
         }
-        let job_id = job_id(&req.idempotency_key);
+        let job_id = job_id(user, &req.idempotency_key);
         let key = format!("job.{job_id}");
         let record = DeployJobRecord {
             job_id: job_id.clone(),
@@ -163,7 +163,18 @@ impl Deployer {
                 let (existing, _) = self.jobs.get(&key).await.map_err(store)?.ok_or_else(|| {
                     ServiceError::unavailable("the job record vanished while read")
                 })?;
-                existing.state == DeployJobState::Queued as i32
+                if existing.request.as_ref() != Some(&req) {
+                    return Err(ServiceError::invalid_input(
+                        "idempotency_key: already used for another deploy request",
+                    ));
+                }
+                // Not started, or started and not heard of for long (its holder died with every
+                // delivery spent): enqueued again.
+                let stale = existing.state == DeployJobState::Running as i32
+                    && existing.updated_at.is_some_and(|t| {
+                        now().seconds - t.seconds > (2 * self.job_timeout.as_secs()) as i64
+                    });
+                existing.state == DeployJobState::Queued as i32 || stale
             }
             Err(e) => return Err(store(e)),
         };
@@ -385,11 +396,13 @@ impl Deployer {
             .iter()
             .filter(|v| v.state == VersionState::Ready as i32)
             .collect();
+        // What the platform serves, or, for a version the records do not know (a failed deploy
+        // the platform took), what the records say serves.
         let serving = ready
             .iter()
             .find(|v| v.version_id == current_id)
             .map(|v| v.number)
-            .unwrap_or(0);
+            .unwrap_or(r.serving);
         let target = if req.version != 0 {
             ready.iter().find(|v| v.number == req.version).copied()
         } else if back {
@@ -399,7 +412,11 @@ impl Deployer {
                 .max_by_key(|v| v.number)
                 .copied()
         } else {
-            ready.iter().max_by_key(|v| v.number).copied()
+            ready
+                .iter()
+                .filter(|v| v.number > serving)
+                .max_by_key(|v| v.number)
+                .copied()
         };
         let target = target.ok_or_else(|| {
             ServiceError::invalid_input(format!(
@@ -424,6 +441,7 @@ impl Deployer {
             )
             .await
             .map_err(rpc_error)?;
+        self.set_serving(&r.deployment_id, target.number).await?;
         let run_id = if req.run_id.is_empty() {
             r.run_id.clone()
         } else {
@@ -464,6 +482,27 @@ impl Deployer {
     }
 }
 
+impl Deployer {
+    /// Records which version a deployment serves now.
+    async fn set_serving(&self, deployment_id: &str, number: u32) -> Result<(), ServiceError> {
+        let key = format!("dep.{deployment_id}");
+        for _ in 0..8 {
+            let Some((mut dep, rev)) = self.deployments.get(&key).await.map_err(store)? else {
+                return Ok(());
+            };
+            dep.serving = number;
+            match self.deployments.update(&key, &dep, rev).await {
+                Ok(_) => return Ok(()),
+                Err(RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(store(e)),
+            }
+        }
+        Err(ServiceError::unavailable(
+            "deployment records: kept changing under this write",
+        ))
+    }
+}
+
 pub(crate) fn rpc_error(e: slipway_common::RpcError) -> ServiceError {
     e.service_error()
         .cloned()
@@ -471,11 +510,7 @@ pub(crate) fn rpc_error(e: slipway_common::RpcError) -> ServiceError {
 }
 
 fn deployment_of(r: &DeploymentRecord) -> Deployment {
-    let current = r
-        .versions
-        .iter()
-        .filter(|v| v.state == VersionState::Ready as i32)
-        .max_by_key(|v| v.number);
+    let current = r.versions.iter().find(|v| v.number == r.serving);
     Deployment {
         id: r.deployment_id.clone(),
         name: r.name.clone(),

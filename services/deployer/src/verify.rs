@@ -11,6 +11,7 @@ use slipway_common::config::EdgeSettings;
 #[derive(Clone)]
 pub struct Verifier {
     http: reqwest::Client,
+    edge: EdgeSettings,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -23,10 +24,15 @@ pub enum Verdict {
 
 impl Verifier {
     pub fn new(edge: &EdgeSettings) -> anyhow::Result<Self> {
+        // No redirects: a tenant's app could send the deployer anywhere.
         let http = slipway_common::http::client_builder(edge)
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(10))
             .build()?;
-        Ok(Self { http })
+        Ok(Self {
+            http,
+            edge: edge.clone(),
+        })
     }
 
     /// Fetches `url` until it answers 200 with `version_id` (or `digest`), at most `within`.
@@ -37,6 +43,17 @@ impl Verifier {
         digest: &str,
         within: Duration,
     ) -> Verdict {
+        // Only deployment URLs under the edge's domain are fetched; and what is said of a failure
+        // names no address or error of the network (it reaches the tenant).
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let domain = self.edge.domain.trim_end_matches('.').to_ascii_lowercase();
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        if host != domain && !host.ends_with(&format!(".{domain}")) {
+            return Verdict::Wrong("its URL is not under the deployment domain".into());
+        }
         let deadline = tokio::time::Instant::now() + within;
         loop {
             let last = match self.http.get(url).send().await {
@@ -55,9 +72,13 @@ impl Verifier {
                     if status == 200 && ours {
                         return Verdict::Serves;
                     }
-                    format!("{url} answered {status} serving version `{served}`")
+                    if status == 200 {
+                        "its URL serves another version".to_string()
+                    } else {
+                        format!("its URL answered {status}")
+                    }
                 }
-                Err(e) => format!("{url}: {e}"),
+                Err(_) => "its URL did not answer".to_string(),
             };
             if tokio::time::Instant::now() >= deadline {
                 return Verdict::Wrong(last);

@@ -242,6 +242,21 @@ async fn versions_roll_back_and_forward_and_each_is_verified_and_counted_once() 
         .await
         .unwrap();
     assert_eq!(forward.version.unwrap().number, 2);
+    // Promoting again finds nothing newer to serve.
+    let e = sys
+        .rpc()
+        .call::<_, ServeVersionReply>(
+            "slipway.deployer.v1.promote",
+            &ServeVersionRequest {
+                deployment_id: one.deployment_id.clone(),
+                version: 0,
+                idempotency_key: "d:promote:again".into(),
+                run_id: "run_d".into(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(format!("{e}").contains("version"), "{e}");
     assert_eq!(page(two.url.clone()).await.0, "<p>two</p>");
     // Counted at the source of truth: two versions at sandboxd; one `deployed` per job; one
     // `deploys` per version in USAGE.
@@ -281,6 +296,11 @@ async fn versions_roll_back_and_forward_and_each_is_verified_and_counted_once() 
         .await
         .unwrap();
     assert_eq!(detail.versions.len(), 2);
+    assert_eq!(
+        detail.deployment.unwrap().current_version_id,
+        detail.versions[1].id,
+        "serving v2 again after the promote"
+    );
     assert_eq!(detail.run_id, "run_d");
     let listed: ListDeploymentsReply = sys
         .rpc()
@@ -392,7 +412,7 @@ async fn bad_requests_are_refused_with_no_job_and_a_finished_key_is_the_same_job
         let kv = js.get_key_value("slipway_deployments").await.unwrap();
         let key = format!(
             "job.{}",
-            slipway_deployer::service::job_id(&req.idempotency_key)
+            slipway_deployer::service::job_id("deploy-user", &req.idempotency_key)
         );
         assert!(
             kv.get(&key).await.unwrap().is_none(),
@@ -530,10 +550,11 @@ async fn a_deployment_taken_down_is_refused_at_once_and_its_name_deploys_anew() 
 }
 
 /// Where the deployer is killed (-9 in effect: the failpoint aborts the process) and restarted.
-const FAILPOINTS: [&str; 6] = [
+const FAILPOINTS: [&str; 7] = [
     "deployer.enqueue.after_record",
     "deployer.enqueue.after_publish",
     "deployer.job.after_platform_deploy",
+    "deployer.job.after_version_saved",
     "deployer.job.after_ready",
     "deployer.job.after_record",
     "deployer.job.after_event",
@@ -544,11 +565,14 @@ const FAILPOINTS: [&str; 6] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_each_step_and_restarted_the_deployer_makes_one_version_one_event_one_count() {
     use slipway_test_support::{FailpointRun, workspace_bin};
-    // Deploy jobs come back 3 s after their holder died (in-progress acks every second).
+    // Deploy jobs come back 3 s after their holder died (in-progress acks every second); the
+    // streams' duplicate windows are a second, so their dedupe hides no second event or count.
     let ack = [("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")];
     let executor = Spawn::new(Service::Executor)
         .with_sandboxd()
         .env(ack[0].0, ack[0].1)
+        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")
+        .env("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "1")
         .in_process(slipway_executor::serve)
         .await
         .unwrap();
@@ -559,7 +583,9 @@ async fn killed_at_each_step_and_restarted_the_deployer_makes_one_version_one_ev
         .env("SLIPWAY__NATS__URL", &nats_url)
         .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
         .env("SLIPWAY__EDGE__RESOLVE", sd.edge_addr().to_string())
-        .env(ack[0].0, ack[0].1);
+        .env(ack[0].0, ack[0].1)
+        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")
+        .env("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "1");
     run = run.env("SLIPWAY__SETUP__VERIFY_INTERVAL_MS", "500");
     let sys_rpc = executor.rpc.clone();
     let created: SandboxReply = sys_rpc
