@@ -458,6 +458,20 @@ impl Deployer {
             Ok(_) | Err(RecordError::Exists { .. }) => {}
             Err(e) => return Err(JobError::Retry(retry(e))),
         }
+        // A deployment taken down meanwhile keeps its name free.
+        let taken_down = self
+            .deployments
+            .get(&dep_key)
+            .await
+            .map_err(|e| JobError::Retry(retry(e)))?
+            .is_some_and(|(d, _)| d.deleted_at.is_some());
+        if taken_down {
+            return Err(JobError::Failed {
+                code: ErrorCode::NotFound,
+                message: "the deployment was taken down during the deploy".into(),
+                log_tail: String::new(),
+            });
+        }
         for _ in 0..8 {
             let current = self
                 .names
