@@ -746,3 +746,90 @@ impl EventsReader {
 fn show_first_try<T: std::fmt::Debug, E: std::fmt::Debug>(fp: &str, first: &Result<T, E>) {
     eprintln!("first try at {fp}: {first:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_recording_a_failure_the_deployer_still_says_it_once() {
+    use slipway_test_support::{FailpointRun, workspace_bin};
+    let executor = Spawn::new(Service::Executor)
+        .with_sandboxd()
+        .env("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")
+        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")
+        .in_process(slipway_executor::serve)
+        .await
+        .unwrap();
+    let sd = executor.sandboxd.as_ref().unwrap();
+    let run = FailpointRun::new(workspace_bin("slipway-deployer").unwrap())
+        .timeout(Duration::from_secs(60))
+        .env("SLIPWAY__NATS__URL", executor.nats.as_ref().unwrap().url())
+        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
+        .env("SLIPWAY__EDGE__RESOLVE", sd.edge_addr().to_string())
+        .env("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")
+        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1");
+    let created: SandboxReply = executor
+        .rpc
+        .call(
+            "slipway.executor.v1.sandbox.create",
+            &CreateSandboxRequest {
+                idempotency_key: "failed:sb".into(),
+                run_id: "run_failed".into(),
+                attribution: Some(user()),
+                template_id: "node".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let sb = created.sandbox.unwrap().id;
+    let mut req = request(&sb, "failed:1");
+    req.run_id = "run_failed".into();
+    req.build_command = "echo broken >&2; exit 3".into();
+    let short = RpcClient::new(executor.nats_client.clone(), Duration::from_secs(5));
+    let fp = "deployer.job.after_failed_record";
+    let armed = run.spawn(Some(fp)).unwrap();
+    let mut job = None;
+    for _ in 0..200 {
+        if let Ok(r) = short
+            .call::<_, EnqueueDeployReply>("slipway.deployer.v1.deploy", &req)
+            .await
+        {
+            job = Some(r.job_id);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let job = job.expect("the deployer answered");
+    let out = armed.wait(Duration::from_secs(60)).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint `{fp}` hit")));
+    let again = run.spawn(None).unwrap();
+    let reader = EventsReader {
+        js: async_nats::jetstream::new(executor.nats_client.clone()),
+    };
+    let mut said = 0;
+    for _ in 0..300 {
+        said = reader
+            .events()
+            .await
+            .iter()
+            .filter(|e| matches!(&e.payload, Some(Payload::DeployFailed(f)) if f.job_id == job))
+            .count();
+        if said > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once, with the log, after the restart; and again later only if something repeats it.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let failures: Vec<DeployFailed> = reader
+        .events()
+        .await
+        .into_iter()
+        .filter_map(|e| match e.payload {
+            Some(Payload::DeployFailed(f)) if f.job_id == job => Some(f),
+            _ => None,
+        })
+        .collect();
+    assert_eq!((said, failures.len()), (1, 1), "{failures:?}");
+    assert!(failures[0].log_tail.contains("broken"));
+    again.terminate().unwrap();
+    let _ = again.wait(Duration::from_secs(30));
+}
