@@ -135,3 +135,46 @@ fn decimals() {
         assert!(!is_decimal(bad), "{bad}");
     }
 }
+
+#[test]
+fn a_resource_id_names_nothing_but_itself_in_a_url_path() {
+    use slipway_proto::validate::{MAX_RESOURCE_ID_BYTES, check_resource_id};
+    let longest = "a".repeat(MAX_RESOURCE_ID_BYTES);
+    for ok in ["sbx_1", "a.b", "A-Z_0:9", "...", ".a", longest.as_str()] {
+        assert!(check_resource_id("id", ok).is_ok(), "{ok:?} refused");
+    }
+    let too_long = "a".repeat(MAX_RESOURCE_ID_BYTES + 1);
+    for bad in [
+        "",
+        ".",
+        "..",
+        "a/b",
+        "../x",
+        "a?b",
+        "a#b",
+        "a%2e",
+        "a b",
+        "é",
+        "a\n",
+        too_long.as_str(),
+    ] {
+        let e = check_resource_id("sandbox_id", bad).unwrap_err();
+        assert!(e.to_string().contains("sandbox_id"), "{bad:?}: {e}");
+    }
+}
+
+#[test]
+fn an_id_is_bounded_and_free_of_control_characters() {
+    use slipway_proto::validate::{MAX_ID_BYTES, check_id};
+    let longest = "k".repeat(MAX_ID_BYTES);
+    assert!(check_id("key", &longest, true).is_ok());
+    assert!(
+        check_id("key", "run:x:1 é", true).is_ok(),
+        "any text but controls"
+    );
+    assert!(check_id("key", "", false).is_ok(), "optional and absent");
+    for bad in ["", "a\u{0}b", "tab\there", &"k".repeat(MAX_ID_BYTES + 1)] {
+        let e = check_id("key", bad, true).unwrap_err();
+        assert!(e.to_string().contains("key"), "{bad:?}: {e}");
+    }
+}
