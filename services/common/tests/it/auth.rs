@@ -259,6 +259,7 @@ async fn the_operations_table_is_the_authorization_both_ways() {
     // Every allowed call in the table is answered.
     for o in OPERATIONS {
         for p in o.callers.iter().copied().chain([Principal::Admin]) {
+            assert!(may_call(p, o.service, o.op), "{p:?} {}", o.subject());
             let (client, _) = &clients[&p];
             let answer = tokio::time::timeout(
                 Duration::from_secs(5),

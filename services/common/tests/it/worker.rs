@@ -605,3 +605,31 @@ async fn batches_are_bounded_and_settled_per_item() {
     assert_eq!(dead[0].reason.subject, "test.jobs.b3");
     shutdown.trigger();
 }
+
+#[test]
+fn subject_patterns_match_as_nats_does() {
+    use slipway_common::deadletter::subject_matches;
+    for (pattern, subject, matches) in [
+        ("slipway.deploys.jobs", "slipway.deploys.jobs", true),
+        ("slipway.deploys.jobs", "slipway.deploys.job", false),
+        ("slipway.deploys.jobs", "slipway.deploys.jobs.x", false),
+        ("slipway.runs.*.commands", "slipway.runs.r1.commands", true),
+        ("slipway.runs.*.commands", "slipway.runs.r1.events", false),
+        ("slipway.runs.*.commands", "slipway.runs.commands", false),
+        (
+            "slipway.usage.>",
+            "slipway.usage.executor.exec_count.u",
+            true,
+        ),
+        ("slipway.usage.>", "slipway.usage", false),
+        ("slipway.usage.*.*.*", "slipway.usage.a.b.c", true),
+        ("slipway.usage.*.*.*", "slipway.usage.a.b", false),
+        ("slipway.prompts", "slipway.deployer.v1.deploy", false),
+    ] {
+        assert_eq!(
+            subject_matches(pattern, subject),
+            matches,
+            "{pattern} ~ {subject}"
+        );
+    }
+}
