@@ -161,28 +161,38 @@ impl RunEventPublisher {
         }
         let subject = subjects::run_event(&event.run_id, kind)
             .map_err(|e| PublishError::Invalid(e.to_string()))?;
-        let mut headers = message_headers::<RunEvent>(ContentType::Protobuf);
-        headers.insert("Nats-Msg-Id", event.event_id.as_str());
-        let failed = |e: &dyn std::fmt::Display| PublishError::Publish {
-            subject: subject.clone(),
-            message: e.to_string(),
-        };
-        let ack = self
-            .jetstream
-            .publish_with_headers(
-                subject.clone(),
-                headers,
-                codec::encode(event, ContentType::Protobuf).into(),
-            )
-            .await
-            .map_err(|e| failed(&e))?
-            .await
-            .map_err(|e| failed(&e))?;
-        Ok(Published {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        publish_once(&self.jetstream, subject, event, &event.event_id).await
     }
+}
+
+/// Publishes a contract message to a stream with `Nats-Msg-Id` = `id` (so a republish is stored
+/// once) and the current trace, waiting for the stream's ack.
+pub async fn publish_once<M: slipway_proto::WireMessage>(
+    jetstream: &jetstream::Context,
+    subject: String,
+    message: &M,
+    id: &str,
+) -> Result<Published, PublishError> {
+    let mut headers = message_headers::<M>(ContentType::Protobuf);
+    headers.insert("Nats-Msg-Id", id);
+    let failed = |e: &dyn std::fmt::Display| PublishError::Publish {
+        subject: subject.clone(),
+        message: e.to_string(),
+    };
+    let ack = jetstream
+        .publish_with_headers(
+            subject.clone(),
+            headers,
+            codec::encode(message, ContentType::Protobuf).into(),
+        )
+        .await
+        .map_err(|e| failed(&e))?
+        .await
+        .map_err(|e| failed(&e))?;
+    Ok(Published {
+        sequence: ack.sequence,
+        duplicate: ack.duplicate,
+    })
 }
 
 /// A step is non-empty and has no `:`; a kind that repeats in a run carries its discriminator

@@ -4,11 +4,9 @@
 //! the same event bit for bit: billing dedupes on the id, and the hour it lands in never moves.
 
 use async_nats::jetstream;
-use slipway_proto::codec::{self, ContentType};
 use slipway_proto::meters;
 use slipway_proto::v1::UsageEvent;
 
-use crate::rpc::message_headers;
 use crate::run_events::{PublishError, Published};
 use crate::subjects::{self, Service};
 
@@ -30,27 +28,7 @@ impl UsagePublisher {
         check(event)?;
         let subject = subjects::usage(self.service, &event.meter, &event.subject)
             .map_err(|e| PublishError::Invalid(e.to_string()))?;
-        let mut headers = message_headers::<UsageEvent>(ContentType::Protobuf);
-        headers.insert("Nats-Msg-Id", event.id.as_str());
-        let failed = |e: &dyn std::fmt::Display| PublishError::Publish {
-            subject: subject.clone(),
-            message: e.to_string(),
-        };
-        let ack = self
-            .jetstream
-            .publish_with_headers(
-                subject.clone(),
-                headers,
-                codec::encode(event, ContentType::Protobuf).into(),
-            )
-            .await
-            .map_err(|e| failed(&e))?
-            .await
-            .map_err(|e| failed(&e))?;
-        Ok(Published {
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        })
+        crate::run_events::publish_once(&self.jetstream, subject, event, &event.id).await
     }
 }
 

@@ -9,7 +9,6 @@ use slipway_common::run_events::{RunEventPublisher, Step};
 use slipway_common::service::{now, required};
 use slipway_common::usage::UsagePublisher;
 use slipway_common::{App, RpcClient, Service, ServiceError, subjects};
-use slipway_proto::codec::ContentType;
 use slipway_proto::v1::run_event::Payload;
 use slipway_proto::v1::*;
 
@@ -193,18 +192,14 @@ impl Deployer {
             enqueued_at: Some(now()),
             traceparent: String::new(),
         };
-        let mut headers = slipway_common::rpc::message_headers::<DeployJob>(ContentType::Protobuf);
-        headers.insert("Nats-Msg-Id", job_id);
-        self.jetstream
-            .publish_with_headers(
-                subjects::DEPLOY_JOBS,
-                headers,
-                slipway_proto::codec::encode(&job, ContentType::Protobuf).into(),
-            )
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("enqueueing: {e}")))?
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("enqueueing: {e}")))?;
+        slipway_common::run_events::publish_once(
+            &self.jetstream,
+            subjects::DEPLOY_JOBS.to_string(),
+            &job,
+            job_id,
+        )
+        .await
+        .map_err(|e| ServiceError::unavailable(format!("enqueueing: {e}")))?;
         Ok(())
     }
 
