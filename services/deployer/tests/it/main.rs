@@ -560,33 +560,40 @@ const FAILPOINTS: [&str; 7] = [
     "deployer.job.after_event",
 ];
 
+/// For crash tests: the executor (in this process, with its sandboxd) and the deployer's binary,
+/// ready to run with a failpoint. Deploy jobs come back 3 s after their holder died (in-progress
+/// acks every second); the streams' duplicate windows are a second, so their dedupe hides no
+/// second event or count.
+async fn crash_setup() -> (Spawned, slipway_test_support::FailpointRun) {
+    use slipway_test_support::{FailpointRun, workspace_bin};
+    let settings = [
+        ("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3"),
+        ("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1"),
+        ("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "1"),
+    ];
+    let mut spawn = Spawn::new(Service::Executor).with_sandboxd();
+    for (k, v) in settings {
+        spawn = spawn.env(k, v);
+    }
+    let executor = spawn.in_process(slipway_executor::serve).await.unwrap();
+    let sd = executor.sandboxd.as_ref().unwrap();
+    let mut run = FailpointRun::new(workspace_bin("slipway-deployer").unwrap())
+        .timeout(Duration::from_secs(60))
+        .env("SLIPWAY__NATS__URL", executor.nats.as_ref().unwrap().url())
+        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
+        .env("SLIPWAY__EDGE__RESOLVE", sd.edge_addr().to_string());
+    for (k, v) in settings {
+        run = run.env(k, v);
+    }
+    (executor, run)
+}
+
 // Multi-threaded: the executor runs in this process while the test waits on the deployer's
 // process (a blocking wait).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_each_step_and_restarted_the_deployer_makes_one_version_one_event_one_count() {
-    use slipway_test_support::{FailpointRun, workspace_bin};
-    // Deploy jobs come back 3 s after their holder died (in-progress acks every second); the
-    // streams' duplicate windows are a second, so their dedupe hides no second event or count.
-    let ack = [("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")];
-    let executor = Spawn::new(Service::Executor)
-        .with_sandboxd()
-        .env(ack[0].0, ack[0].1)
-        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")
-        .env("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "1")
-        .in_process(slipway_executor::serve)
-        .await
-        .unwrap();
+    let (executor, run) = crash_setup().await;
     let sd = executor.sandboxd.as_ref().unwrap();
-    let nats_url = executor.nats.as_ref().unwrap().url();
-    let mut run = FailpointRun::new(workspace_bin("slipway-deployer").unwrap())
-        .timeout(Duration::from_secs(60))
-        .env("SLIPWAY__NATS__URL", &nats_url)
-        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
-        .env("SLIPWAY__EDGE__RESOLVE", sd.edge_addr().to_string())
-        .env(ack[0].0, ack[0].1)
-        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")
-        .env("SLIPWAY__SETUP__USAGE_DUPLICATE_WINDOW_SEC", "1");
-    run = run.env("SLIPWAY__SETUP__VERIFY_INTERVAL_MS", "500");
     let sys_rpc = executor.rpc.clone();
     let created: SandboxReply = sys_rpc
         .call(
@@ -749,22 +756,7 @@ fn show_first_try<T: std::fmt::Debug, E: std::fmt::Debug>(fp: &str, first: &Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_recording_a_failure_the_deployer_still_says_it_once() {
-    use slipway_test_support::{FailpointRun, workspace_bin};
-    let executor = Spawn::new(Service::Executor)
-        .with_sandboxd()
-        .env("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")
-        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1")
-        .in_process(slipway_executor::serve)
-        .await
-        .unwrap();
-    let sd = executor.sandboxd.as_ref().unwrap();
-    let run = FailpointRun::new(workspace_bin("slipway-deployer").unwrap())
-        .timeout(Duration::from_secs(60))
-        .env("SLIPWAY__NATS__URL", executor.nats.as_ref().unwrap().url())
-        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
-        .env("SLIPWAY__EDGE__RESOLVE", sd.edge_addr().to_string())
-        .env("SLIPWAY__SETUP__DEPLOY_ACK_WAIT_SEC", "3")
-        .env("SLIPWAY__SETUP__DUPLICATE_WINDOW_SEC", "1");
+    let (executor, run) = crash_setup().await;
     let created: SandboxReply = executor
         .rpc
         .call(
