@@ -4,20 +4,18 @@
 
 use std::time::Duration;
 
-use slipway_common::RpcClient;
 use slipway_common::records::Records;
 use slipway_common::topology::buckets;
 use slipway_proto::v1::*;
-use slipway_test_support::{NatsServer, Sandboxd, workspace_bin};
+use slipway_test_support::{NatsServer, Sandboxd, Spawned, workspace_bin};
 
 use crate::fake::{Fake, reply};
 use crate::harness::op;
 
-async fn rpc(nats: &NatsServer) -> RpcClient {
-    RpcClient::new(
-        async_nats::connect(nats.url()).await.unwrap(),
-        Duration::from_secs(30),
-    )
+/// The executor's sandbox registry, read at the bucket.
+async fn registry(ex: &Spawned) -> Records<SandboxRecord> {
+    let js = async_nats::jetstream::new(ex.nats_client.clone());
+    Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap())
 }
 
 #[tokio::test]
@@ -60,7 +58,7 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
     );
     let base = fake.serve().await;
     let mut ex = crate::service::executor_at(&nats, &base).await;
-    let rpc = rpc(&nats).await;
+    let rpc = ex.rpc.clone();
     let request = RestoreSnapshotRequest {
         sandbox_id: "sbx_src".into(),
         snapshot_id: "snap_1".into(),
@@ -90,17 +88,16 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
         "merged, not replaced"
     );
     // Recorded, with the key that made it.
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let records: Records<SandboxRecord> =
-        Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap());
+    let records = registry(&ex).await;
     let (record, _) = records.get("sbx_new").await.unwrap().expect("recorded");
     assert_eq!(record.created_by, "run_1:restore:1");
     // Billed once, counted at the stream.
-    let created: Vec<UsageEvent> = crate::usage::events(&js)
-        .await
-        .into_iter()
-        .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
-        .collect();
+    let created: Vec<UsageEvent> =
+        crate::usage::events(&async_nats::jetstream::new(ex.nats_client.clone()))
+            .await
+            .into_iter()
+            .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
+            .collect();
     assert_eq!(created.len(), 1, "{created:?}");
     assert_eq!(created[0].id, "run_1:restore:1:sandboxes_created");
     ex.stop().await.unwrap();
@@ -111,7 +108,7 @@ async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
     let mut ex = crate::service::executor(&nats, &sd).await;
-    let rpc = rpc(&nats).await;
+    let rpc = ex.rpc.clone();
     let created: SandboxReply = rpc
         .call(&op("sandbox.create"), &crate::service::create("relaunch:1"))
         .await
@@ -231,9 +228,7 @@ async fn processes_flagged_to_restart_are_relaunched_by_resume_and_logs_need_no_
     );
     assert_eq!(running[0].command, "echo up; sleep 300");
     // Nothing about restarting went to the platform: it lives in the executor's record.
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let records: Records<SandboxRecord> =
-        Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap());
+    let records = registry(&ex).await;
     let (record, _) = records.get(&id).await.unwrap().unwrap();
     assert_eq!(record.restart.len(), 1);
     assert_eq!(record.restart[0].name, kept.name);
@@ -263,7 +258,7 @@ async fn inputs_outside_miosas_shapes_are_refused_before_the_platform() {
     let nats = NatsServer::start().unwrap();
     let sd = Sandboxd::start(workspace_bin("slipway-sandboxd").unwrap(), &[]).unwrap();
     let mut ex = crate::service::executor(&nats, &sd).await;
-    let rpc = rpc(&nats).await;
+    let rpc = ex.rpc.clone();
     let created: SandboxReply = rpc
         .call(&op("sandbox.create"), &crate::service::create("refuse:1"))
         .await
@@ -479,7 +474,7 @@ async fn a_fork_from_a_platform_that_takes_only_the_public_body_is_recorded_then
     );
     let base = fake.serve().await;
     let mut ex = crate::service::executor_at(&nats, &base).await;
-    let rpc = rpc(&nats).await;
+    let rpc = ex.rpc.clone();
     let got: SandboxReply = rpc
         .call(
             &op("sandbox.fork"),
@@ -521,12 +516,10 @@ async fn a_fork_from_a_platform_that_takes_only_the_public_body_is_recorded_then
     assert_eq!(patched["metadata"]["slipway_created_by"], "run_9:fork:1");
     assert_eq!(patched["name"], "variant");
     // Recorded and billed once.
-    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let records: Records<SandboxRecord> =
-        Records::new(js.get_key_value(buckets::SANDBOXES).await.unwrap());
+    let records = registry(&ex).await;
     let (record, _) = records.get("sbx_f").await.unwrap().expect("recorded");
     assert_eq!(record.sandbox.unwrap().run_id, "run_9");
-    let created = crate::usage::events(&js)
+    let created = crate::usage::events(&async_nats::jetstream::new(ex.nats_client.clone()))
         .await
         .into_iter()
         .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
