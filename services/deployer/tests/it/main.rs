@@ -45,44 +45,13 @@ impl System {
 
     /// A sandbox with `site/index.html` = `page`.
     async fn sandbox(&self, key: &str, page: &str) -> String {
-        let created: SandboxReply = self
-            .executor
-            .rpc
-            .call(
-                "slipway.executor.v1.sandbox.create",
-                &CreateSandboxRequest {
-                    idempotency_key: key.into(),
-                    run_id: "run_d".into(),
-                    attribution: Some(user()),
-                    template_id: "node".into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .unwrap();
-        let id = created.sandbox.unwrap().id;
+        let id = create_sandbox(&self.executor.rpc, key, "run_d").await;
         self.write(&id, key, page).await;
         id
     }
 
     async fn write(&self, id: &str, key: &str, page: &str) {
-        let _: WriteFilesReply = self
-            .executor
-            .rpc
-            .call(
-                "slipway.executor.v1.files.write_many",
-                &WriteFilesRequest {
-                    sandbox_id: id.into(),
-                    idempotency_key: format!("{key}:{page}"),
-                    files: vec![FileContent {
-                        path: "/workspace/site/index.html".into(),
-                        content: page.as_bytes().to_vec(),
-                        mode: 0,
-                    }],
-                },
-            )
-            .await
-            .unwrap();
+        write_page(&self.executor.rpc, id, key, page).await;
     }
 
     async fn deploy(&self, req: EnqueueDeployRequest) -> Result<String, slipway_common::RpcError> {
@@ -147,6 +116,43 @@ impl System {
             .unwrap();
         v["data"].as_array().cloned().unwrap_or_default()
     }
+}
+
+/// A node sandbox for `run`, created through the executor.
+async fn create_sandbox(rpc: &RpcClient, key: &str, run: &str) -> String {
+    let created: SandboxReply = rpc
+        .call(
+            "slipway.executor.v1.sandbox.create",
+            &CreateSandboxRequest {
+                idempotency_key: key.into(),
+                run_id: run.into(),
+                attribution: Some(user()),
+                template_id: "node".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    created.sandbox.unwrap().id
+}
+
+/// Writes `site/index.html` = `page` into sandbox `id`.
+async fn write_page(rpc: &RpcClient, id: &str, key: &str, page: &str) {
+    let _: WriteFilesReply = rpc
+        .call(
+            "slipway.executor.v1.files.write_many",
+            &WriteFilesRequest {
+                sandbox_id: id.into(),
+                idempotency_key: format!("{key}:{page}"),
+                files: vec![FileContent {
+                    path: "/workspace/site/index.html".into(),
+                    content: page.as_bytes().to_vec(),
+                    mode: 0,
+                }],
+            },
+        )
+        .await
+        .unwrap();
 }
 
 fn user() -> Attribution {
@@ -594,36 +600,8 @@ async fn crash_setup() -> (Spawned, slipway_test_support::FailpointRun) {
 async fn killed_at_each_step_and_restarted_the_deployer_makes_one_version_one_event_one_count() {
     let (executor, run) = crash_setup().await;
     let sd = executor.sandboxd.as_ref().unwrap();
-    let sys_rpc = executor.rpc.clone();
-    let created: SandboxReply = sys_rpc
-        .call(
-            "slipway.executor.v1.sandbox.create",
-            &CreateSandboxRequest {
-                idempotency_key: "crash:sb".into(),
-                run_id: "run_crash".into(),
-                attribution: Some(user()),
-                template_id: "node".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let sb = created.sandbox.unwrap().id;
-    let _: WriteFilesReply = sys_rpc
-        .call(
-            "slipway.executor.v1.files.write_many",
-            &WriteFilesRequest {
-                sandbox_id: sb.clone(),
-                idempotency_key: "crash:files".into(),
-                files: vec![FileContent {
-                    path: "/workspace/site/index.html".into(),
-                    content: b"<p>crash</p>".to_vec(),
-                    mode: 0,
-                }],
-            },
-        )
-        .await
-        .unwrap();
+    let sb = create_sandbox(&executor.rpc, "crash:sb", "run_crash").await;
+    write_page(&executor.rpc, &sb, "crash:files", "<p>crash</p>").await;
     let short = RpcClient::new(executor.nats_client.clone(), Duration::from_secs(5));
     let deployer_up = || async {
         for _ in 0..200 {
@@ -757,21 +735,7 @@ fn show_first_try<T: std::fmt::Debug, E: std::fmt::Debug>(fp: &str, first: &Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_after_recording_a_failure_the_deployer_still_says_it_once() {
     let (executor, run) = crash_setup().await;
-    let created: SandboxReply = executor
-        .rpc
-        .call(
-            "slipway.executor.v1.sandbox.create",
-            &CreateSandboxRequest {
-                idempotency_key: "failed:sb".into(),
-                run_id: "run_failed".into(),
-                attribution: Some(user()),
-                template_id: "node".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-    let sb = created.sandbox.unwrap().id;
+    let sb = create_sandbox(&executor.rpc, "failed:sb", "run_failed").await;
     let mut req = request(&sb, "failed:1");
     req.run_id = "run_failed".into();
     req.build_command = "echo broken >&2; exit 3".into();
