@@ -79,7 +79,8 @@ async fn consumer_state(js: &jetstream::Context) -> (u64, u64, usize, usize) {
     consumer_state_of(js, STREAM).await
 }
 
-async fn consumer_state_of(js: &jetstream::Context, stream: &str) -> (u64, u64, usize, usize) {
+/// The server's view of the "tester" consumer on `stream`.
+async fn consumer_info(js: &jetstream::Context, stream: &str) -> consumer::Info {
     let mut c: consumer::PullConsumer = js
         .get_stream(stream)
         .await
@@ -87,7 +88,11 @@ async fn consumer_state_of(js: &jetstream::Context, stream: &str) -> (u64, u64, 
         .get_consumer("tester")
         .await
         .unwrap();
-    let i = c.info().await.unwrap();
+    c.info().await.unwrap().clone()
+}
+
+async fn consumer_state_of(js: &jetstream::Context, stream: &str) -> (u64, u64, usize, usize) {
+    let i = consumer_info(js, stream).await;
     (
         i.ack_floor.stream_sequence,
         i.num_pending,
@@ -220,14 +225,10 @@ async fn a_handler_three_times_longer_than_ack_wait_is_not_redelivered() {
     })
     .await;
     // Delivered exactly twice in all: neither was delivered again.
-    let mut c: consumer::PullConsumer = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .get_consumer("tester")
-        .await
-        .unwrap();
-    assert_eq!(c.info().await.unwrap().delivered.consumer_sequence, 2);
+    assert_eq!(
+        consumer_info(&js, STREAM).await.delivered.consumer_sequence,
+        2
+    );
     assert_eq!(runs.load(Ordering::SeqCst), 2, "each handled once");
     shutdown.trigger();
 }
@@ -513,15 +514,8 @@ async fn a_worker_asks_only_for_what_it_can_hold() {
         floor == 3 && ack_pending == 0
     })
     .await;
-    let mut c: consumer::PullConsumer = js
-        .get_stream(STREAM)
-        .await
-        .unwrap()
-        .get_consumer("tester")
-        .await
-        .unwrap();
     assert_eq!(
-        c.info().await.unwrap().delivered.consumer_sequence,
+        consumer_info(&js, STREAM).await.delivered.consumer_sequence,
         3,
         "each delivered once"
     );
