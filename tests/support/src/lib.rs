@@ -1,7 +1,7 @@
 //! Test support for Slipway (not published): a real `nats-server` per test on a random port,
 //! killed and cleaned on drop; a service spawned in this process or as its binary, with its own
 //! nats-server and sandboxd (`Spawn`); runs of real binaries to a named failpoint and back; real
-//! sandboxd processes; a headless browser; the size of randomized suites.
+//! sandboxd processes; what a stream holds; a headless browser; the size of randomized suites.
 #![forbid(unsafe_code)]
 
 pub mod browser;
@@ -9,6 +9,7 @@ pub mod nats;
 pub mod process;
 pub mod sandboxd;
 pub mod spawn;
+pub mod streams;
 
 pub use nats::NatsServer;
 pub use process::{FailpointRun, RunningProcess};

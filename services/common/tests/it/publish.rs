@@ -20,25 +20,9 @@ async fn stored<M: slipway_proto::WireMessage>(
     js: &jetstream::Context,
     stream: &str,
 ) -> Vec<(String, M)> {
-    let mut s = js.get_stream(stream).await.unwrap();
-    let info = s.info().await.unwrap().clone();
-    let mut out = Vec::new();
-    if info.state.messages == 0 {
-        return out;
-    }
-    for seq in info.state.first_sequence..=info.state.last_sequence {
-        let m = s.get_raw_message(seq).await.unwrap();
-        let id = m
-            .headers
-            .get("Nats-Msg-Id")
-            .map(|v| v.as_str().to_string())
-            .unwrap_or_default();
-        out.push((
-            id,
-            slipway_common::rpc::decode_message::<M>(Some(&m.headers), &m.payload).unwrap(),
-        ));
-    }
-    out
+    slipway_test_support::streams::stored(js, stream)
+        .await
+        .unwrap()
 }
 
 fn progress(phase: &str) -> Payload {

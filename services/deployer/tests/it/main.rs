@@ -8,7 +8,7 @@ use std::time::Duration;
 use slipway_common::{RpcClient, Service};
 use slipway_proto::v1::run_event::Payload;
 use slipway_proto::v1::*;
-use slipway_test_support::{Spawn, Spawned};
+use slipway_test_support::{Spawn, Spawned, streams};
 
 /// The executor with its sandboxd, and the deployer on the same nats-server.
 struct System {
@@ -64,22 +64,7 @@ impl System {
     /// The run's events in `RUN_EVENTS`, in order.
     async fn events(&self) -> Vec<RunEvent> {
         let js = async_nats::jetstream::new(self.deployer.nats_client.clone());
-        let mut stream = js.get_stream("RUN_EVENTS").await.unwrap();
-        let info = stream.info().await.unwrap().clone();
-        let mut out = Vec::new();
-        if info.state.messages == 0 {
-            return out;
-        }
-        for seq in info.state.first_sequence..=info.state.last_sequence {
-            let Ok(m) = stream.get_raw_message(seq).await else {
-                continue;
-            };
-            out.push(
-                slipway_common::rpc::decode_message::<RunEvent>(Some(&m.headers), &m.payload)
-                    .unwrap(),
-            );
-        }
-        out
+        streams::messages(&js, "RUN_EVENTS").await.unwrap()
     }
 
     /// Waits for the job's outcome event.
@@ -278,17 +263,8 @@ async fn versions_roll_back_and_forward_and_each_is_verified_and_counted_once() 
     assert_eq!(count(&|p| matches!(p, Payload::RolledBack(_))), 1);
     assert_eq!(count(&|p| matches!(p, Payload::Promoted(_))), 1);
     let js = async_nats::jetstream::new(sys.deployer.nats_client.clone());
-    let mut usage = js.get_stream("USAGE").await.unwrap();
-    let info = usage.info().await.unwrap().clone();
-    let mut deploys = 0;
-    for seq in info.state.first_sequence..=info.state.last_sequence {
-        let m = usage.get_raw_message(seq).await.unwrap();
-        let e: UsageEvent =
-            slipway_common::rpc::decode_message(Some(&m.headers), &m.payload).unwrap();
-        if e.meter == "deploys" {
-            deploys += 1;
-        }
-    }
+    let usage: Vec<UsageEvent> = streams::messages(&js, "USAGE").await.unwrap();
+    let deploys = usage.iter().filter(|e| e.meter == "deploys").count();
     assert_eq!(deploys, 2);
     // The queries.
     let detail: DeploymentDetail = sys
@@ -689,19 +665,7 @@ struct EventsReader {
 
 impl EventsReader {
     async fn all<M: slipway_proto::WireMessage>(&self, stream: &str) -> Vec<M> {
-        let mut s = self.js.get_stream(stream).await.unwrap();
-        let info = s.info().await.unwrap().clone();
-        let mut out = Vec::new();
-        if info.state.messages == 0 {
-            return out;
-        }
-        for seq in info.state.first_sequence..=info.state.last_sequence {
-            let Ok(m) = s.get_raw_message(seq).await else {
-                continue;
-            };
-            out.push(slipway_common::rpc::decode_message(Some(&m.headers), &m.payload).unwrap());
-        }
-        out
+        streams::messages(&self.js, stream).await.unwrap()
     }
 
     async fn events(&self) -> Vec<RunEvent> {

@@ -23,22 +23,9 @@ const METERS: [&str; 5] = [
 
 /// Every usage event in the USAGE stream, read at the stream itself.
 pub(crate) async fn events(js: &async_nats::jetstream::Context) -> Vec<UsageEvent> {
-    let stream = js.get_stream("USAGE").await.unwrap();
-    let info = stream.get_info().await.unwrap();
-    let mut out = Vec::new();
-    if info.state.messages == 0 {
-        return out;
-    }
-    for seq in info.state.first_sequence..=info.state.last_sequence {
-        let Ok(m) = stream.get_raw_message(seq).await else {
-            continue;
-        };
-        out.push(
-            slipway_common::rpc::decode_message::<UsageEvent>(Some(&m.headers), &m.payload)
-                .unwrap(),
-        );
-    }
-    out
+    slipway_test_support::streams::messages(js, "USAGE")
+        .await
+        .unwrap()
 }
 
 /// Per meter: the deduplicated intervals' sum, and whether they chain from 0 without gaps or
