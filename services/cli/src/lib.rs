@@ -28,14 +28,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Create the streams, consumers and KV buckets (idempotent); report drift.
+    /// Create the streams, consumers, KV buckets and object stores (idempotent); report drift.
     Setup {
-        /// Also correct drifted configuration where JetStream allows it.
+        /// Also correct drifted configuration where JetStream allows it, and move a partitioned
+        /// stream to a changed partition count in the safe order.
         #[arg(long)]
         update: bool,
         /// Only verify; create nothing.
         #[arg(long, conflicts_with = "update")]
         check: bool,
+        /// With `--update`: how long to wait for the old partition consumers to drain before
+        /// leaving the move half-done (the next `--update` carries on).
+        #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+        drain_timeout: u64,
     },
     /// NATS authorization for Slipway's components.
     Auth {
@@ -86,9 +91,17 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", settings()?.to_masked_toml());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Setup { update, check } => {
+        Command::Setup {
+            update,
+            check,
+            drain_timeout,
+        } => {
             let settings = settings()?;
-            setup_command(&settings, update, check).await
+            let drain = setup::DrainWait {
+                timeout: std::time::Duration::from_secs(drain_timeout),
+                ..Default::default()
+            };
+            setup_command(&settings, update, check, drain).await
         }
         Command::Dlq { command } => {
             let client = connect_once(&settings()?).await?;
@@ -133,7 +146,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-async fn setup_command(settings: &Settings, update: bool, check: bool) -> Result<ExitCode> {
+async fn setup_command(
+    settings: &Settings,
+    update: bool,
+    check: bool,
+    drain: setup::DrainWait,
+) -> Result<ExitCode> {
     let client = connect_once(settings).await?;
     let js = async_nats::jetstream::new(client.clone());
     let topo = Topology::new(&settings.setup);
@@ -154,12 +172,15 @@ async fn setup_command(settings: &Settings, update: bool, check: bool) -> Result
     } else {
         Mode::CreateMissing
     };
-    let report = setup::apply(&js, &topo, mode).await?;
+    let report = setup::apply_with(&js, &topo, mode, drain).await?;
     for r in &report.created {
         println!("created  {r}");
     }
     for r in &report.updated {
         println!("updated  {r}");
+    }
+    for r in &report.deleted {
+        println!("deleted  {r}");
     }
     for r in &report.unchanged {
         println!("ok       {r}");

@@ -61,6 +61,28 @@ fn consume_stream(p: &mut Permissions, stream: &str) {
         format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
         format!("$JS.ACK.{stream}.>"),
         format!("$JS.FC.{stream}.>"),
+        // Partition consumers: found by name, and released (unpinned) by their owner.
+        format!("$JS.API.CONSUMER.NAMES.{stream}"),
+        format!("$JS.API.CONSUMER.UNPIN.{stream}.*"),
+    ] {
+        p.publish.insert(s);
+    }
+}
+
+/// Reading a stream by subject (a key's messages after its cursor).
+fn direct_get(p: &mut Permissions, stream: &str) {
+    p.publish.insert(format!("$JS.API.DIRECT.GET.{stream}"));
+    p.publish.insert(format!("$JS.API.DIRECT.GET.{stream}.>"));
+}
+
+fn use_object_store(p: &mut Permissions, bucket: &str) {
+    let stream = format!("OBJ_{bucket}");
+    consume_stream(p, &stream);
+    direct_get(p, &stream);
+    for s in [
+        format!("$O.{bucket}.>"),
+        format!("$JS.API.STREAM.MSG.GET.{stream}"),
+        format!("$JS.API.STREAM.PURGE.{stream}"),
     ] {
         p.publish.insert(s);
     }
@@ -84,6 +106,8 @@ fn use_bucket(p: &mut Permissions, bucket: &str) {
 fn stream_publish_subjects(service: Service, stream: &str, topo: &Topology) -> Vec<String> {
     match stream {
         streams::USAGE => vec![format!("{}.usage.{}.>", subjects::ROOT, service.as_str())],
+        // Commands come from the platform; the planner adds only its own steps.
+        streams::RUN_COMMANDS => vec![format!("{}.runs.*.steps", subjects::ROOT)],
         streams::RUN_EVENTS => EventKind::ALL
             .iter()
             .filter(|k| Service::from_publisher(k.publisher()) == Some(service))
@@ -142,13 +166,22 @@ pub fn permissions(principal: Principal, topo: &Topology) -> Permissions {
             }
             for s in role.consumes {
                 consume_stream(&mut p, s);
+                if topo.stream(s).is_some_and(|s| s.allow_direct) {
+                    direct_get(&mut p, s);
+                }
             }
+            // How many replicas of it are alive (partitions are balanced over them).
+            p.publish
+                .insert(format!("$SRV.PING.{}", service.nats_service_name()));
             for s in role.publishes {
                 p.publish.insert(format!("$JS.API.STREAM.INFO.{s}"));
                 p.publish.extend(stream_publish_subjects(service, s, topo));
             }
             for b in role.buckets {
                 use_bucket(&mut p, b);
+            }
+            for o in role.object_stores {
+                use_object_store(&mut p, o);
             }
             match service {
                 Service::Executor => {

@@ -16,6 +16,7 @@ pub mod http;
 pub mod metrics;
 pub mod nats;
 pub mod operations;
+pub mod partition;
 pub mod records;
 pub mod rpc;
 pub mod run_events;

@@ -20,6 +20,7 @@ pub struct Metrics {
     consumer_messages: Family<Labels, Counter>,
     handler_latency: Family<Labels, Histogram>,
     consumer_pending: Family<Labels, Gauge>,
+    partitions_pinned: Family<Labels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -58,7 +59,7 @@ impl Metrics {
         let consumer_pending = Family::<Labels, Gauge>::default();
         registry.register(
             "consumer_messages",
-            "Messages of a durable consumer by outcome: delivered, redelivered, acked, nakked, dead_lettered",
+            "Messages of a durable consumer by outcome: delivered, redelivered, acked, nakked, dead_lettered, fenced",
             consumer_messages.clone(),
         );
         registry.register(
@@ -71,6 +72,12 @@ impl Metrics {
             "Messages not yet delivered to a durable consumer, from its info",
             consumer_pending.clone(),
         );
+        let partitions_pinned = Family::<Labels, Gauge>::default();
+        registry.register(
+            "partitions_pinned",
+            "Partitions of a stream this replica is pinned to, by stream and owner",
+            partitions_pinned.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -78,6 +85,7 @@ impl Metrics {
             consumer_messages,
             handler_latency,
             consumer_pending,
+            partitions_pinned,
         }
     }
 
@@ -105,6 +113,15 @@ impl Metrics {
         self.consumer_pending
             .get_or_create(&Self::consumer_labels(stream, consumer))
             .set(pending);
+    }
+
+    pub fn set_pinned(&self, stream: &str, owner: &str, pinned: i64) {
+        self.partitions_pinned
+            .get_or_create(&vec![
+                ("stream".to_string(), stream.to_string()),
+                ("owner".to_string(), owner.to_string()),
+            ])
+            .set(pinned);
     }
 
     /// Records one handled request. `outcome` is `ok` or an error code name.

@@ -104,6 +104,18 @@ pub fn run_commands(run_id: &str) -> Result<String, SubjectError> {
     Ok(format!("{ROOT}.runs.{}.commands", token(run_id)?))
 }
 
+/// `slipway.runs.<run>.steps`: the planner's own follow-ups of a run (outcomes of the steps it
+/// started), in the run's partition beside its commands so they are applied in one order.
+pub fn run_steps(run_id: &str) -> Result<String, SubjectError> {
+    Ok(format!("{ROOT}.runs.{}.steps", token(run_id)?))
+}
+
+/// Every message of one run in `RUN_COMMANDS` as stored (commands and steps, whatever its
+/// partition token): what the planner reads from a run's cursor.
+pub fn run_inbox_stored(run_id: &str) -> Result<String, SubjectError> {
+    Ok(format!("{ROOT}.runs.{}.*.*", token(run_id)?))
+}
+
 /// `slipway.runs.<run>.events.<kind>`
 pub fn run_event(run_id: &str, kind: EventKind) -> Result<String, SubjectError> {
     Ok(format!(
@@ -184,7 +196,10 @@ pub fn stream_subjects() -> Vec<(&'static str, Vec<String>)> {
         (streams::PROMPTS, vec![PROMPTS.to_string()]),
         (
             streams::RUN_COMMANDS,
-            vec![format!("{ROOT}.runs.*.commands")],
+            vec![
+                format!("{ROOT}.runs.*.commands"),
+                format!("{ROOT}.runs.*.steps"),
+            ],
         ),
         (streams::RUN_EVENTS, vec![format!("{ROOT}.runs.*.events.*")]),
         (streams::USAGE, vec![format!("{ROOT}.usage.*.*.*")]),

@@ -33,17 +33,108 @@ pub struct StreamSpec {
     pub duplicate_window: Duration,
     pub max_message_size: i32,
     pub description: &'static str,
+    /// Split by a key into partitions, each with its own pinned consumer.
+    pub partitioning: Option<Partitioning>,
+    /// Reads by subject (`DIRECT.GET` with `next_by_subj`) served by any replica: what a
+    /// partition's worker reads a key's messages with.
+    pub allow_direct: bool,
+}
+
+/// A stream split into `partitions` by one token of its subjects: the server appends
+/// `partition(P, key)` as the stored subject's last token (so prefix filters keep working and
+/// stored subjects overlap no other stream), and one consumer per partition, pinned to one
+/// client at a time, filters on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partitioning {
+    pub partitions: u32,
+    /// The published subjects the transform applies to (one `*` per token).
+    pub source: String,
+    /// Which wildcard of `source` is the key (1-based, as in the server's mapping functions).
+    pub key_wildcard: u8,
+    /// Who consumes the partitions: consumers are named `<owner>-<p>-of-<P>`.
+    pub owner: Service,
+    /// How long the server keeps a partition pinned to a client that stopped pulling.
+    pub priority_timeout: Duration,
+    pub ack_wait: Duration,
+}
+
+impl Partitioning {
+    /// The stream's subject transform destination: the source's tokens, then the partition.
+    pub fn destination(&self) -> String {
+        let wildcards = self.source.split('.').filter(|t| *t == "*").count();
+        let mut dest: Vec<String> = Vec::new();
+        let mut w = 0;
+        for token in self.source.split('.') {
+            if token == "*" {
+                w += 1;
+                dest.push(format!("{{{{wildcard({w})}}}}"));
+            } else {
+                dest.push(token.to_string());
+            }
+        }
+        debug_assert!(usize::from(self.key_wildcard) <= wildcards);
+        dest.push(format!(
+            "{{{{partition({},{})}}}}",
+            self.partitions, self.key_wildcard
+        ));
+        dest.join(".")
+    }
+
+    /// The stored subjects of partition `p`.
+    pub fn filter(&self, p: u32) -> String {
+        format!("{}.{p}", self.source)
+    }
+
+    /// The durable consumer of partition `p`. The count is in the name so that a change of `P`
+    /// creates a new set beside the old one while the old drains (a consumer's filter cannot
+    /// change meaning under it).
+    pub fn consumer_name(&self, p: u32) -> String {
+        format!("{}-{p}-of-{}", self.owner.as_str(), self.partitions)
+    }
+
+    /// The priority group every partition consumer pins clients in.
+    pub fn group(&self) -> String {
+        self.owner.as_str().to_string()
+    }
+}
+
+/// Reads `<owner>-<p>-of-<P>` back: the partition and the count.
+pub fn parse_partition_consumer(owner: Service, name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix(owner.as_str())?.strip_prefix('-')?;
+    let (p, count) = rest.split_once("-of-")?;
+    let (p, count): (u32, u32) = (p.parse().ok()?, count.parse().ok()?);
+    (p < count && name == format!("{}-{p}-of-{count}", owner.as_str())).then_some((p, count))
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConsumerSpec {
     pub stream: &'static str,
-    pub durable: &'static str,
+    pub durable: String,
+    /// The service that pulls from it.
+    pub owner: Service,
     pub filter_subject: String,
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub max_ack_pending: i64,
+    pub description: String,
+    /// For a partition consumer: its priority group, pinned to one client at a time, and the
+    /// server's `priority_timeout`.
+    pub pinned: Option<(String, Duration)>,
+}
+
+/// An Object Store bucket (values past the KV limit).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectStoreSpec {
+    pub bucket: &'static str,
+    pub max_age: Duration,
     pub description: &'static str,
+}
+
+impl ObjectStoreSpec {
+    /// The stream JetStream keeps the store in.
+    pub fn stream_name(&self) -> String {
+        format!("OBJ_{}", self.bucket)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,6 +166,8 @@ pub mod buckets {
     pub const BILLING_DEDUPE: &str = "slipway_billing_dedupe";
     pub const QUOTAS: &str = "slipway_quotas";
     pub const DEPLOYMENTS: &str = "slipway_deployments";
+    /// An Object Store: values past the KV limit, referenced from records.
+    pub const BLOBS: &str = "slipway_blobs";
 }
 
 /// The whole topology, with the storage and replication of this installation.
@@ -83,6 +176,7 @@ pub struct Topology {
     pub streams: Vec<StreamSpec>,
     pub consumers: Vec<ConsumerSpec>,
     pub buckets: Vec<BucketSpec>,
+    pub object_stores: Vec<ObjectStoreSpec>,
     pub storage: StorageKind,
     pub replicas: usize,
 }
@@ -104,6 +198,16 @@ impl Topology {
             duplicate_window: Duration::from_secs(settings.duplicate_window_sec),
             max_message_size: settings.max_message_bytes,
             description,
+            partitioning: None,
+            allow_direct: false,
+        };
+        let partitioned = |source: String, key_wildcard, partitions, owner| Partitioning {
+            partitions,
+            source,
+            key_wildcard,
+            owner,
+            priority_timeout: Duration::from_millis(settings.priority_timeout_ms),
+            ack_wait: Duration::from_secs(settings.partition_ack_wait_sec),
         };
         let days = |d: u64| DAY * u32::try_from(d).unwrap_or(u32::MAX);
         let streams = vec![
@@ -113,12 +217,21 @@ impl Topology {
                 7 * DAY,
                 "prompts to start runs",
             ),
-            stream(
-                streams::RUN_COMMANDS,
-                Retention::Limits,
-                30 * DAY,
-                "commands for runs in progress",
-            ),
+            StreamSpec {
+                partitioning: Some(partitioned(
+                    format!("{}.runs.*.*", subjects::ROOT),
+                    1,
+                    settings.run_command_partitions,
+                    Service::Planner,
+                )),
+                allow_direct: true,
+                ..stream(
+                    streams::RUN_COMMANDS,
+                    Retention::Limits,
+                    30 * DAY,
+                    "commands and steps of runs in progress, partitioned by run",
+                )
+            },
             stream(
                 streams::RUN_EVENTS,
                 Retention::Limits,
@@ -130,6 +243,12 @@ impl Topology {
                 // days of accepted lateness; the stream outlives both.
                 max_message_size: settings.usage_max_message_bytes,
                 duplicate_window: Duration::from_secs(settings.usage_duplicate_window_sec),
+                partitioning: Some(partitioned(
+                    format!("{}.usage.*.*.*", subjects::ROOT),
+                    3,
+                    settings.usage_partitions,
+                    Service::Billing,
+                )),
                 ..stream(
                     streams::USAGE,
                     Retention::Limits,
@@ -162,35 +281,36 @@ impl Topology {
                 "messages that can never be valid, with the reason",
             ),
         ];
-        let consumer = |stream, durable, description, ack_wait| ConsumerSpec {
+        let consumer = |stream, owner: Service, description: &str, ack_wait| ConsumerSpec {
             stream,
-            durable,
+            durable: owner.as_str().to_string(),
+            owner,
             filter_subject: stream_subjects(stream).join(","),
             ack_wait,
             max_deliver: settings.max_deliver,
             max_ack_pending: 1000,
-            description,
+            description: description.to_string(),
+            pinned: None,
         };
-        let consumers = vec![
+        let mut consumers = vec![
             consumer(
                 streams::PROMPTS,
-                "planner",
+                Service::Planner,
                 "planner: prompts to runs",
                 Duration::from_secs(60),
             ),
             consumer(
-                streams::USAGE,
-                "billing",
-                "billing: fold usage exactly once",
-                Duration::from_secs(30),
-            ),
-            consumer(
                 streams::DEPLOY_JOBS,
-                "deployer",
+                Service::Deployer,
                 "deployer: deploy jobs",
                 Duration::from_secs(settings.deploy_ack_wait_sec),
             ),
         ];
+        for s in &streams {
+            if let Some(part) = &s.partitioning {
+                consumers.extend(partition_consumers(s.name, part, settings.max_deliver));
+            }
+        }
         let bucket = |bucket, max_age, description| BucketSpec {
             bucket,
             history: 1,
@@ -246,10 +366,16 @@ impl Topology {
                 "deployments and versions (deployer)",
             ),
         ];
+        let object_stores = vec![ObjectStoreSpec {
+            bucket: buckets::BLOBS,
+            max_age: days(settings.blobs_max_age_days),
+            description: "values past the KV limit (plans, model outputs), referenced from records",
+        }];
         Self {
             streams,
             consumers,
             buckets,
+            object_stores,
             storage: settings.storage,
             replicas: settings.replicas,
         }
@@ -272,7 +398,7 @@ impl Topology {
             consumers: self
                 .consumers
                 .iter()
-                .filter(|c| role.consumes.contains(&c.stream) && c.durable == service.as_str())
+                .filter(|c| role.consumes.contains(&c.stream) && c.owner == service)
                 .cloned()
                 .collect(),
             buckets: self
@@ -281,10 +407,41 @@ impl Topology {
                 .filter(|b| role.buckets.contains(&b.bucket))
                 .cloned()
                 .collect(),
+            object_stores: self
+                .object_stores
+                .iter()
+                .filter(|o| role.object_stores.contains(&o.bucket))
+                .cloned()
+                .collect(),
             storage: self.storage,
             replicas: self.replicas,
         }
     }
+}
+
+/// The `P` consumers of a partitioned stream.
+pub fn partition_consumers(
+    stream: &'static str,
+    part: &Partitioning,
+    max_deliver: i64,
+) -> Vec<ConsumerSpec> {
+    (0..part.partitions)
+        .map(|p| ConsumerSpec {
+            stream,
+            durable: part.consumer_name(p),
+            owner: part.owner,
+            filter_subject: part.filter(p),
+            ack_wait: part.ack_wait,
+            max_deliver,
+            max_ack_pending: 1000,
+            description: format!(
+                "{}: partition {p} of {}",
+                part.owner.as_str(),
+                part.partitions
+            ),
+            pinned: Some((part.group(), part.priority_timeout)),
+        })
+        .collect()
 }
 
 /// What one service does with the topology.
@@ -295,6 +452,7 @@ pub struct Role {
     /// Streams it publishes into (with acknowledgements).
     pub publishes: &'static [&'static str],
     pub buckets: &'static [&'static str],
+    pub object_stores: &'static [&'static str],
 }
 
 impl Role {
@@ -303,23 +461,32 @@ impl Role {
         match service {
             Service::Planner => Role {
                 consumes: &[streams::PROMPTS, streams::RUN_COMMANDS],
-                publishes: &[streams::RUN_EVENTS, streams::USAGE, streams::DLQ],
+                publishes: &[
+                    streams::RUN_COMMANDS,
+                    streams::RUN_EVENTS,
+                    streams::USAGE,
+                    streams::DLQ,
+                ],
                 buckets: &[b::RUNS, b::LEASES],
+                object_stores: &[b::BLOBS],
             },
             Service::Executor => Role {
                 consumes: &[],
                 publishes: &[streams::USAGE],
                 buckets: &[b::SANDBOXES, b::METER, b::RELAYS, b::LEASES],
+                object_stores: &[],
             },
             Service::Preview => Role {
                 consumes: &[],
                 publishes: &[streams::RUN_EVENTS],
                 buckets: &[b::PREVIEWS, b::SHARES, b::LEASES],
+                object_stores: &[],
             },
             Service::Billing => Role {
                 consumes: &[streams::USAGE],
                 publishes: &[streams::BILLED, streams::USAGE_REJECTED, streams::DLQ],
                 buckets: &[b::BILLING, b::BILLING_DEDUPE, b::QUOTAS, b::LEASES],
+                object_stores: &[],
             },
             Service::Deployer => Role {
                 consumes: &[streams::DEPLOY_JOBS],
@@ -330,6 +497,7 @@ impl Role {
                     streams::DLQ,
                 ],
                 buckets: &[b::DEPLOYMENTS, b::LEASES],
+                object_stores: &[],
             },
         }
     }

@@ -106,7 +106,7 @@ impl WorkerSpec {
 
     /// The worker of one of the topology's durable consumers.
     pub fn for_consumer(consumer: &ConsumerSpec) -> Self {
-        Self::new(consumer.stream, consumer.durable)
+        Self::new(consumer.stream, &consumer.durable)
     }
 
     pub fn max_in_flight(mut self, n: usize) -> Self {
@@ -186,10 +186,10 @@ impl Acks {
 }
 
 /// A message held by the worker: its acks, kept alive by a ticker until settled, and its slot.
-struct Held {
+pub(crate) struct Held {
     message: async_nats::Message,
     acks: Arc<Acks>,
-    delivery: Delivery,
+    pub(crate) delivery: Delivery,
     stream: String,
     consumer: String,
     alive: CancellationToken,
@@ -197,7 +197,11 @@ struct Held {
 }
 
 impl Held {
-    async fn settle(&self, kind: AckKind) {
+    pub(crate) fn message(&self) -> &async_nats::Message {
+        &self.message
+    }
+
+    pub(crate) async fn settle(&self, kind: AckKind) {
         self.alive.cancel();
         self.acks.settle(kind, self.delivery.stream_sequence).await;
     }
@@ -213,9 +217,9 @@ impl Drop for Held {
 
 /// The consumer's settings the worker runs by.
 #[derive(Clone, Copy)]
-struct Limits {
-    ack_wait: Duration,
-    max_deliver: i64,
+pub(crate) struct Limits {
+    pub(crate) ack_wait: Duration,
+    pub(crate) max_deliver: i64,
 }
 
 async fn open(
@@ -336,7 +340,7 @@ async fn hand_back<R, Fut>(
 }
 
 /// How long a handed-back message waits before it is delivered again.
-const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 /// As `start`, with a handler for batches (bounded by `batch`), one batch at a time. It returns
 /// one outcome per item, in order; a mismatch is logged, and items without one are retried.
@@ -576,7 +580,7 @@ fn spawn_puller(
     rx
 }
 
-fn hold(
+pub(crate) fn hold(
     ctx: &WorkerContext,
     message: jetstream::Message,
     stream: &str,
@@ -635,7 +639,7 @@ fn hold(
 }
 
 /// Settles one message by its handler's outcome.
-async fn settle(
+pub(crate) async fn settle(
     ctx: &WorkerContext,
     held: Held,
     outcome: Result<(), HandlerError>,

@@ -159,6 +159,19 @@ pub struct SetupSettings {
     /// How long a deploy job may go without an acknowledgement (the deployer sends in-progress
     /// acks at a third of it) before it is delivered to another replica.
     pub deploy_ack_wait_sec: u64,
+    /// Partitions of `USAGE` (by end-user) and of `RUN_COMMANDS` (by run): one pinned consumer
+    /// each, so one replica folds a user's usage or drives a run at a time. A change is applied
+    /// by `slipway setup --update` in the safe order (docs/architecture.md).
+    pub usage_partitions: u32,
+    pub run_command_partitions: u32,
+    /// How long a partition stays pinned to a replica that stopped pulling before another takes
+    /// it over (the server's `priority_timeout`); pulls expire at a third of it.
+    pub priority_timeout_ms: u64,
+    /// `ack_wait` of the partition consumers: how long a message handed to a replica that died
+    /// waits before it is delivered again.
+    pub partition_ack_wait_sec: u64,
+    /// How long the `slipway_blobs` object store keeps a value (plans, model outputs).
+    pub blobs_max_age_days: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -394,6 +407,26 @@ impl Settings {
         if !(1..=3600).contains(&s.deploy_ack_wait_sec) {
             return Err(invalid("setup.deploy_ack_wait_sec", "1 to 3600 seconds"));
         }
+        for (key, value) in [
+            ("setup.usage_partitions", s.usage_partitions),
+            ("setup.run_command_partitions", s.run_command_partitions),
+        ] {
+            if !(1..=MAX_PARTITIONS).contains(&value) {
+                return Err(invalid(key, "1 to 256 partitions"));
+            }
+        }
+        if !(1000..=600_000).contains(&s.priority_timeout_ms) {
+            return Err(invalid(
+                "setup.priority_timeout_ms",
+                "1 second to 10 minutes",
+            ));
+        }
+        if !(1..=3600).contains(&s.partition_ack_wait_sec) {
+            return Err(invalid("setup.partition_ack_wait_sec", "1 to 3600 seconds"));
+        }
+        if !(1..=3650).contains(&s.blobs_max_age_days) {
+            return Err(invalid("setup.blobs_max_age_days", "1 to 3650 days"));
+        }
         // JetStream refuses a duplicate window longer than the stream keeps messages.
         if s.duplicate_window_sec > s.events_max_age_days * 86_400 {
             return Err(invalid(
@@ -442,6 +475,10 @@ fn read_secret(key: &'static str, path: &Path) -> Result<Secret, ConfigError> {
     Ok(Secret::new(value))
 }
 
+/// Most partitions of one stream: each is a consumer the server keeps, and every replica holds
+/// a pull open on each.
+pub const MAX_PARTITIONS: u32 = 256;
+
 /// The compiled-in defaults: everything on one machine, on loopback.
 const DEFAULTS: &[(&str, &str)] = &[
     ("nats.url", "nats://127.0.0.1:4222"),
@@ -465,6 +502,11 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("setup.usage_max_age_days", "400"),
     ("setup.events_max_age_days", "30"),
     ("setup.deploy_ack_wait_sec", "300"),
+    ("setup.usage_partitions", "8"),
+    ("setup.run_command_partitions", "8"),
+    ("setup.priority_timeout_ms", "6000"),
+    ("setup.partition_ack_wait_sec", "10"),
+    ("setup.blobs_max_age_days", "30"),
     ("service.max_in_flight", "64"),
     ("service.grace_period_ms", "25000"),
 ];

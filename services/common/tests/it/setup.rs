@@ -22,7 +22,8 @@ async fn setup_creates_everything_once_and_reopens_it() {
     let server = NatsServer::start().unwrap();
     let js = js(&server).await;
     let topo = topology(&server);
-    let expected = topo.streams.len() + topo.buckets.len() + topo.consumers.len();
+    let expected =
+        topo.streams.len() + topo.buckets.len() + topo.object_stores.len() + topo.consumers.len();
 
     let first = setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
     assert_eq!(first.created.len(), expected, "{:?}", first.created);

@@ -155,8 +155,14 @@ fn the_architecture_page_names_every_stream_bucket_and_subject() {
         }
     }
     for c in &topo.consumers {
+        // Partition consumers are documented by their pattern.
+        let name = if c.pinned.is_some() {
+            format!("{}-<p>-of-<P>", c.owner.as_str())
+        } else {
+            c.durable.clone()
+        };
         assert!(
-            doc.contains(&format!("`{}` / `{}`", c.stream, c.durable)),
+            doc.contains(&format!("`{}` / `{}`", c.stream, name)),
             "consumer {}/{}",
             c.stream,
             c.durable
@@ -167,6 +173,13 @@ fn the_architecture_page_names_every_stream_bucket_and_subject() {
             doc.contains(&format!("| `{}` |", b.bucket)),
             "bucket {} is documented",
             b.bucket
+        );
+    }
+    for o in &topo.object_stores {
+        assert!(
+            doc.contains(&format!("| `{}` |", o.bucket)),
+            "object store {} is documented",
+            o.bucket
         );
     }
 }

@@ -2,12 +2,17 @@
 //! resource whose configuration drifted is reported (and with `Mode::Update`, corrected where
 //! JetStream allows it), never silently replaced.
 
-use std::fmt;
+mod partitions;
 
-use async_nats::jetstream::{self, consumer, kv, stream};
+use std::fmt;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, object_store, stream};
 
 use crate::config::StorageKind;
-use crate::topology::{BucketSpec, ConsumerSpec, Retention, StreamSpec, Topology};
+use crate::topology::{BucketSpec, ConsumerSpec, ObjectStoreSpec, Retention, StreamSpec, Topology};
+
+pub use partitions::{DrainWait, partition_state};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -42,6 +47,8 @@ pub struct Report {
     pub created: Vec<String>,
     pub unchanged: Vec<String>,
     pub updated: Vec<String>,
+    /// Partition consumers of an earlier partition count, removed once drained.
+    pub deleted: Vec<String>,
     pub drifted: Vec<Drift>,
 }
 
@@ -65,6 +72,18 @@ pub async fn apply(
     topo: &Topology,
     mode: Mode,
 ) -> Result<Report, SetupError> {
+    apply_with(js, topo, mode, DrainWait::default()).await
+}
+
+/// As `apply`, with a bound on how long `Mode::Update` waits for the old partition consumers of a
+/// changed partition count to drain (past it, the change stays half-done, reported as drift, and
+/// the next run carries on).
+pub async fn apply_with(
+    js: &jetstream::Context,
+    topo: &Topology,
+    mode: Mode,
+    drain: DrainWait,
+) -> Result<Report, SetupError> {
     let mut report = Report::default();
     for spec in &topo.streams {
         let resource = format!("stream {}", spec.name);
@@ -79,8 +98,41 @@ pub async fn apply(
             }
             Some(actual) => {
                 let drift = diff_stream(&resource, &expected, &actual);
+                let repartition = spec.partitioning.is_some()
+                    && actual.subject_transform != expected.subject_transform;
+                if repartition && mode == Mode::Update {
+                    // Marks where the new partitioning starts, for the new consumers.
+                    partitions::update_transform(js, spec, expected).await?;
+                    report.updated.push(resource);
+                } else {
+                    // What the server and a partition change keep in the metadata stays.
+                    let expected = stream::Config {
+                        metadata: actual.metadata.clone(),
+                        ..expected
+                    };
+                    settle(&mut report, resource, drift, mode, || async {
+                        js.update_stream(expected.clone()).await.map(|_| ())
+                    })
+                    .await?;
+                }
+            }
+        }
+    }
+    for spec in &topo.object_stores {
+        let resource = format!("object store {}", spec.bucket);
+        match stream_info(js, &spec.stream_name()).await? {
+            None => {
+                js.create_object_store(object_store_config(spec, topo))
+                    .await
+                    .map_err(|e| err(&resource, e))?;
+                report.created.push(resource);
+            }
+            Some(actual) => {
+                let drift = diff_object_store(&resource, spec, topo, &actual);
                 settle(&mut report, resource, drift, mode, || async {
-                    js.update_stream(expected.clone()).await.map(|_| ())
+                    let mut config = actual.clone();
+                    config.max_age = spec.max_age;
+                    js.update_stream(config).await.map(|_| ())
                 })
                 .await?;
             }
@@ -107,7 +159,23 @@ pub async fn apply(
             }
         }
     }
+    // A partitioned stream whose consumers are of another partition count (or the single
+    // durable of before) is moved over in the safe order, not created beside it.
+    let mut moving = Vec::new();
+    for stream in &topo.streams {
+        if let Some(part) = &stream.partitioning {
+            let state = partitions::partition_state(js, stream.name, part).await?;
+            if !state.stale.is_empty() {
+                moving.push(stream.name);
+                partitions::repartition(js, topo, stream, part, &state, mode, drain, &mut report)
+                    .await?;
+            }
+        }
+    }
     for spec in &topo.consumers {
+        if moving.contains(&spec.stream) {
+            continue;
+        }
         let resource = format!("consumer {}/{}", spec.stream, spec.durable);
         let expected = consumer_config(spec);
         match consumer_info(js, spec).await? {
@@ -195,11 +263,26 @@ pub async fn verify(js: &jetstream::Context, topo: &Topology) -> Result<Vec<Drif
             Some(actual) => drifts.extend(diff_bucket(&resource, spec, topo, &actual)),
         }
     }
+    for spec in &topo.object_stores {
+        let resource = format!("object store {}", spec.bucket);
+        match stream_info(js, &spec.stream_name()).await? {
+            None => drifts.push(missing(resource)),
+            Some(actual) => drifts.extend(diff_object_store(&resource, spec, topo, &actual)),
+        }
+    }
     for spec in &topo.consumers {
         let resource = format!("consumer {}/{}", spec.stream, spec.durable);
         match consumer_info(js, spec).await? {
             None => drifts.push(missing(resource)),
             Some(actual) => drifts.extend(diff_consumer(&resource, spec, &actual)),
+        }
+    }
+    for stream in &topo.streams {
+        if let Some(part) = &stream.partitioning
+            && stream_info(js, stream.name).await?.is_some()
+        {
+            let state = partitions::partition_state(js, stream.name, part).await?;
+            drifts.extend(partitions::stale_drift(stream.name, part, &state));
         }
     }
     Ok(drifts)
@@ -240,7 +323,7 @@ async fn consumer_info(
         .get_stream_no_info(spec.stream)
         .await
         .map_err(|e| err(&resource, e))?;
-    match s.consumer_info(spec.durable).await {
+    match s.consumer_info(&spec.durable).await {
         Ok(info) => Ok(Some(info.config)),
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(None),
         Err(e) => Err(err(&resource, e)),
@@ -270,8 +353,58 @@ pub fn stream_config(spec: &StreamSpec, topo: &Topology) -> stream::Config {
         storage: storage(topo),
         num_replicas: topo.replicas,
         discard: stream::DiscardPolicy::Old,
+        allow_direct: spec.allow_direct,
+        subject_transform: spec
+            .partitioning
+            .as_ref()
+            .map(|p| stream::SubjectTransform {
+                source: p.source.clone(),
+                destination: p.destination(),
+            }),
         ..Default::default()
     }
+}
+
+fn object_store_config(spec: &ObjectStoreSpec, topo: &Topology) -> object_store::Config {
+    object_store::Config {
+        bucket: spec.bucket.to_string(),
+        description: Some(spec.description.to_string()),
+        max_age: spec.max_age,
+        storage: storage(topo),
+        num_replicas: topo.replicas,
+        ..Default::default()
+    }
+}
+
+fn diff_object_store(
+    resource: &str,
+    spec: &ObjectStoreSpec,
+    topo: &Topology,
+    actual: &stream::Config,
+) -> Vec<Drift> {
+    let mut d = Vec::new();
+    push(
+        &mut d,
+        resource,
+        "max_age",
+        secs(spec.max_age),
+        secs(actual.max_age),
+    );
+    push(
+        &mut d,
+        resource,
+        "storage",
+        format!("{:?}", storage(topo)),
+        format!("{:?}", actual.storage),
+    );
+    push(
+        &mut d,
+        resource,
+        "num_replicas",
+        topo.replicas.to_string(),
+        actual.num_replicas.to_string(),
+    );
+    d
 }
 
 fn bucket_config(spec: &BucketSpec, topo: &Topology) -> kv::Config {
@@ -286,7 +419,7 @@ fn bucket_config(spec: &BucketSpec, topo: &Topology) -> kv::Config {
     }
 }
 
-fn consumer_config(spec: &ConsumerSpec) -> consumer::pull::Config {
+pub(crate) fn consumer_config(spec: &ConsumerSpec) -> consumer::pull::Config {
     let filters: Vec<String> = spec.filter_subject.split(',').map(str::to_string).collect();
     let (filter_subject, filter_subjects) = if filters.len() == 1 {
         (filters[0].clone(), Vec::new())
@@ -294,8 +427,8 @@ fn consumer_config(spec: &ConsumerSpec) -> consumer::pull::Config {
         (String::new(), filters)
     };
     consumer::pull::Config {
-        durable_name: Some(spec.durable.to_string()),
-        description: Some(spec.description.to_string()),
+        durable_name: Some(spec.durable.clone()),
+        description: Some(spec.description.clone()),
         filter_subject,
         filter_subjects,
         ack_policy: consumer::AckPolicy::Explicit,
@@ -303,6 +436,13 @@ fn consumer_config(spec: &ConsumerSpec) -> consumer::pull::Config {
         max_deliver: spec.max_deliver,
         max_ack_pending: spec.max_ack_pending,
         deliver_policy: consumer::DeliverPolicy::All,
+        priority_policy: if spec.pinned.is_some() {
+            consumer::PriorityPolicy::PinnedClient
+        } else {
+            consumer::PriorityPolicy::None
+        },
+        priority_groups: spec.pinned.iter().map(|(g, _)| g.clone()).collect(),
+        priority_timeout: spec.pinned.as_ref().map(|(_, t)| *t).unwrap_or_default(),
         ..Default::default()
     }
 }
@@ -386,6 +526,25 @@ fn diff_stream(resource: &str, expected: &stream::Config, actual: &stream::Confi
         "discard",
         format!("{:?}", expected.discard),
         format!("{:?}", actual.discard),
+    );
+    push(
+        &mut d,
+        resource,
+        "allow_direct",
+        expected.allow_direct.to_string(),
+        actual.allow_direct.to_string(),
+    );
+    let transform = |t: &Option<stream::SubjectTransform>| {
+        t.as_ref()
+            .map(|t| format!("{} -> {}", t.source, t.destination))
+            .unwrap_or_else(|| "none".into())
+    };
+    push(
+        &mut d,
+        resource,
+        "subject_transform",
+        transform(&expected.subject_transform),
+        transform(&actual.subject_transform),
     );
     d
 }
@@ -471,9 +630,38 @@ fn diff_consumer(resource: &str, spec: &ConsumerSpec, actual: &consumer::Config)
         spec.max_ack_pending.to_string(),
         actual.max_ack_pending.to_string(),
     );
+    let (policy, groups, timeout) = match &spec.pinned {
+        Some((group, timeout)) => ("PinnedClient", group.clone(), secs_ms(*timeout)),
+        None => ("None", String::new(), secs_ms(Duration::ZERO)),
+    };
+    push(
+        &mut d,
+        resource,
+        "priority_policy",
+        policy.into(),
+        format!("{:?}", actual.priority_policy),
+    );
+    push(
+        &mut d,
+        resource,
+        "priority_groups",
+        groups,
+        actual.priority_groups.join(","),
+    );
+    push(
+        &mut d,
+        resource,
+        "priority_timeout",
+        timeout,
+        secs_ms(actual.priority_timeout),
+    );
     d
 }
 
-fn secs(d: std::time::Duration) -> String {
+fn secs_ms(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+fn secs(d: Duration) -> String {
     format!("{}s", d.as_secs())
 }

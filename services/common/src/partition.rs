@@ -1,0 +1,610 @@
+//! Partitioned workers: a stream split by key into `P` partitions (the server's `partition()`
+//! subject transform), one durable consumer per partition pinned to one client at a time (the
+//! `pinned_client` priority policy, ADR-42), so one replica handles a key's messages however
+//! many replicas run, with `P` consumers whatever the number of keys.
+//!
+//! Every replica keeps one pull open on every partition: the pinned one gets the messages, the
+//! others wait on standby and take over when the pinned one stops pulling for the consumer's
+//! `priority_timeout` (pulls expire at a third of it, so a live replica never loses its pin by
+//! being slow to ask again). A pin is not a lock: a replica that was stopped or cut off can
+//! resume with a batch in hand, and a consumer leader change clears the pin. So the handler
+//! fences every effect with a revision-checked write and says `Fenced` when one fails; the
+//! worker then drops that partition's batch without acking it (it is delivered again to the
+//! replica that holds the pin now) and reopens its pull.
+//!
+//! Balance: each replica aims for `ceil(partitions / live replicas)` pins, counting replicas by
+//! the NATS service API (`$SRV.PING`), and gives up the excess by draining that partition and
+//! unpinning it, so a new or restarted replica gets work. On shutdown it unpins what it holds,
+//! so another replica takes over at once rather than after `priority_timeout`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::Stream as PullStream;
+use async_nats::jetstream::{self, AckKind};
+use futures::{FutureExt, StreamExt, TryStreamExt};
+use slipway_proto::WireMessage;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::rpc::decode_message;
+use crate::subjects::Service;
+use crate::topology::parse_partition_consumer;
+use crate::worker::{
+    BatchSpec, HandlerError, Held, Item, Limits, WorkerContext, WorkerError, hold, settle,
+};
+
+/// A handler's word that an effect's revision-checked write failed: another replica holds the
+/// partition now. The batch is dropped unacknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("fence conflict: {0}")]
+pub struct Fenced(pub String);
+
+/// One outcome per item, in order; or the whole batch fenced.
+pub type BatchOutcome = Result<Vec<Result<(), HandlerError>>, Fenced>;
+
+/// Which partitioned stream, whose partitions, and how.
+#[derive(Clone, Debug)]
+pub struct PartitionSpec {
+    pub stream: String,
+    /// Whose partition consumers (`<owner>-<p>-of-<P>`).
+    pub owner: Service,
+    pub batch: BatchSpec,
+    /// The NATS service (`$SRV.PING.<name>`) whose live instances share the partitions.
+    pub presence: String,
+    /// How often partitions are looked up (a changed `P` adds consumers) and pins balanced.
+    pub balance_every: Duration,
+    /// How long a partition given up stays unpulled here, so another replica takes it.
+    pub standby_pause: Duration,
+}
+
+impl PartitionSpec {
+    pub fn new(stream: &str, owner: Service) -> Self {
+        Self {
+            stream: stream.to_string(),
+            owner,
+            batch: BatchSpec::default(),
+            presence: owner.nats_service_name(),
+            balance_every: Duration::from_secs(2),
+            standby_pause: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One partition consumer as seen by this replica.
+struct Lane {
+    consumer: String,
+    partition: u32,
+    /// Asks the lane to drain and unpin (balance).
+    release: Notify,
+    /// The pin id this replica's pull holds, from the last message's `Nats-Pin-Id`.
+    pin: Mutex<Option<String>>,
+}
+
+impl Lane {
+    fn pin(&self) -> Option<String> {
+        self.pin.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_pin(&self, pin: Option<String>) {
+        *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = pin;
+    }
+}
+
+/// What runs of a partitioned worker: the lanes (one per partition consumer) of this replica.
+#[derive(Clone, Default)]
+pub struct Partitions {
+    lanes: Arc<Mutex<BTreeMap<String, Arc<Lane>>>>,
+}
+
+impl Partitions {
+    /// For each partition consumer this replica pulls from, the pin id it was given, if any
+    /// (whether it is still the server's pin is the server's to say: `priority_groups`).
+    pub fn pins(&self) -> BTreeMap<String, Option<String>> {
+        self.lanes()
+            .into_iter()
+            .map(|l| (l.consumer.clone(), l.pin()))
+            .collect()
+    }
+
+    fn lanes(&self) -> Vec<Arc<Lane>> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Starts the lanes of `spec`'s partitions and hands each batch of a partition (in stream
+/// order) to `handler`, one batch per partition at a time. Returns once the stream is found.
+pub async fn start_partitioned<M, F, Fut>(
+    ctx: WorkerContext,
+    spec: PartitionSpec,
+    handler: F,
+) -> Result<Partitions, WorkerError>
+where
+    M: WireMessage + 'static,
+    F: Fn(u32, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = BatchOutcome> + Send + 'static,
+{
+    let stream = ctx
+        .jetstream
+        .get_stream(&spec.stream)
+        .await
+        .map_err(|e| WorkerError {
+            stream: spec.stream.clone(),
+            durable: format!("{}-*", spec.owner.as_str()),
+            message: format!("the stream: {e}"),
+        })?;
+    let partitions = Partitions::default();
+    let handler = Arc::new(handler);
+    let supervisor = {
+        let (ctx, spec, partitions) = (ctx.clone(), spec.clone(), partitions.clone());
+        async move {
+            loop {
+                discover(&ctx, &spec, &stream, &partitions, &handler).await;
+                balance(&ctx, &spec, &stream, &partitions).await;
+                tokio::select! {
+                    _ = ctx.shutdown.triggered() => break,
+                    _ = tokio::time::sleep(spec.balance_every) => {}
+                }
+            }
+        }
+    };
+    ctx.shutdown.tracker().spawn(supervisor);
+    Ok(partitions)
+}
+
+/// Opens a lane for every partition consumer of the owner not pulled yet.
+async fn discover<M, F, Fut>(
+    ctx: &WorkerContext,
+    spec: &PartitionSpec,
+    stream: &jetstream::stream::Stream,
+    partitions: &Partitions,
+    handler: &Arc<F>,
+) where
+    M: WireMessage + 'static,
+    F: Fn(u32, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = BatchOutcome> + Send + 'static,
+{
+    let names: Vec<String> = match stream.consumer_names().try_collect().await {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(stream = %spec.stream, error = %e, "listing partition consumers");
+            return;
+        }
+    };
+    for name in names {
+        let Some((partition, _)) = parse_partition_consumer(spec.owner, &name) else {
+            continue;
+        };
+        let lane = {
+            let mut lanes = partitions.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            if lanes.contains_key(&name) {
+                continue;
+            }
+            let lane = Arc::new(Lane {
+                consumer: name.clone(),
+                partition,
+                release: Notify::new(),
+                pin: Mutex::new(None),
+            });
+            lanes.insert(name.clone(), lane.clone());
+            lane
+        };
+        let run = run_lane(
+            ctx.clone(),
+            spec.clone(),
+            stream.clone(),
+            lane,
+            partitions.clone(),
+            handler.clone(),
+        );
+        ctx.shutdown.tracker().spawn(run);
+    }
+}
+
+/// Why a lane's pull ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Shutdown,
+    Fenced,
+    Released,
+    Deleted,
+    Failed,
+}
+
+async fn run_lane<M, F, Fut>(
+    ctx: WorkerContext,
+    spec: PartitionSpec,
+    stream: jetstream::stream::Stream,
+    lane: Arc<Lane>,
+    partitions: Partitions,
+    handler: Arc<F>,
+) where
+    M: WireMessage + 'static,
+    F: Fn(u32, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = BatchOutcome> + Send + 'static,
+{
+    let group = spec.owner.as_str().to_string();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if ctx.shutdown.is_triggered() {
+            break;
+        }
+        let opened = open(&stream, &lane.consumer, &group, &spec.batch).await;
+        let ended = match opened {
+            Ok((mut pull, limits)) => {
+                backoff = Duration::from_millis(200);
+                let ended = pull_batches(&ctx, &spec, &lane, &mut pull, limits, &*handler).await;
+                drop(pull);
+                ended
+            }
+            Err(Some(e)) => {
+                tracing::warn!(consumer = %lane.consumer, error = %e, "opening a partition");
+                Ended::Failed
+            }
+            Err(None) => Ended::Deleted,
+        };
+        if ended != Ended::Deleted {
+            release_pin(&stream, &lane, &group).await;
+        }
+        lane.set_pin(None);
+        let pause = match ended {
+            Ended::Shutdown | Ended::Deleted => break,
+            Ended::Fenced => Duration::from_millis(500),
+            Ended::Released => spec.standby_pause,
+            Ended::Failed => {
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                backoff
+            }
+        };
+        tokio::select! {
+            _ = ctx.shutdown.triggered() => break,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    partitions
+        .lanes
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&lane.consumer);
+}
+
+/// The lane's pull on its consumer's priority group, with expiries a third of the consumer's
+/// `priority_timeout`. `Err(None)`: the consumer is gone.
+async fn open(
+    stream: &jetstream::stream::Stream,
+    consumer: &str,
+    group: &str,
+    batch: &BatchSpec,
+) -> Result<(PullStream, Limits), Option<String>> {
+    match stream.consumer_info(consumer).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            return Err(None);
+        }
+        Err(e) => return Err(Some(e.to_string())),
+    }
+    let consumer: PullConsumer = stream
+        .get_consumer(consumer)
+        .await
+        .map_err(|e| Some(e.to_string()))?;
+    let config = &consumer.cached_info().config;
+    let limits = Limits {
+        ack_wait: config.ack_wait.max(Duration::from_millis(300)),
+        max_deliver: config.max_deliver,
+    };
+    let timeout = if config.priority_timeout.is_zero() {
+        Duration::from_secs(120)
+    } else {
+        config.priority_timeout
+    };
+    let expires = (timeout / 3).max(Duration::from_secs(1));
+    let pull = consumer
+        .stream()
+        .group(group)
+        .max_messages_per_batch(batch.max_messages)
+        .expires(expires)
+        .heartbeat(expires / 4)
+        .messages()
+        .await
+        .map_err(|e| Some(e.to_string()))?;
+    Ok((pull, limits))
+}
+
+/// Gathers batches from the lane's pull and hands them to the handler until the pull ends.
+async fn pull_batches<M, F, Fut>(
+    ctx: &WorkerContext,
+    spec: &PartitionSpec,
+    lane: &Lane,
+    pull: &mut PullStream,
+    limits: Limits,
+    handler: &F,
+) -> Ended
+where
+    M: WireMessage + 'static,
+    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    Fut: Future<Output = BatchOutcome>,
+{
+    let slots = Arc::new(Semaphore::new(spec.batch.max_messages.max(1)));
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = ctx.shutdown.triggered() => return Ended::Shutdown,
+            _ = lane.release.notified() => return Ended::Released,
+            next = pull.next() => next,
+        };
+        let mut gathered = Vec::new();
+        let mut bytes = 0;
+        let mut next = first;
+        let deadline = tokio::time::Instant::now() + spec.batch.max_wait;
+        loop {
+            match next {
+                Some(Ok(m)) => {
+                    if let Some(pin) = m
+                        .headers
+                        .as_ref()
+                        .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+                    {
+                        lane.set_pin(Some(pin.as_str().to_string()));
+                    }
+                    bytes += m.payload.len();
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        // More than a batch: not held, so back at once.
+                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                        break;
+                    };
+                    if let Some(h) = hold(ctx, m, &spec.stream, &lane.consumer, limits, slot) {
+                        gathered.push(h);
+                    }
+                }
+                Some(Err(e)) => {
+                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+                    let kind = e.kind();
+                    if gathered.is_empty() {
+                        return if kind == K::ConsumerDeleted {
+                            Ended::Deleted
+                        } else {
+                            tracing::debug!(consumer = %lane.consumer, error = %e, "a partition pull ended");
+                            Ended::Failed
+                        };
+                    }
+                    break;
+                }
+                None if gathered.is_empty() => return Ended::Failed,
+                None => break,
+            }
+            if gathered.len() >= spec.batch.max_messages || bytes >= spec.batch.max_bytes {
+                break;
+            }
+            next = match tokio::time::timeout_at(deadline, pull.next()).await {
+                Ok(n) => n,
+                Err(_) => break,
+            };
+        }
+        if gathered.is_empty() {
+            continue;
+        }
+        if !handle(ctx, spec, lane, gathered, limits, handler).await {
+            return Ended::Fenced;
+        }
+    }
+}
+
+/// Runs one batch and settles it; false when it was fenced (nothing settled).
+async fn handle<M, F, Fut>(
+    ctx: &WorkerContext,
+    spec: &PartitionSpec,
+    lane: &Lane,
+    gathered: Vec<Held>,
+    limits: Limits,
+    handler: &F,
+) -> bool
+where
+    M: WireMessage,
+    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    Fut: Future<Output = BatchOutcome>,
+{
+    let started = Instant::now();
+    let mut items = Vec::new();
+    let mut held = Vec::new();
+    let mut settled = Vec::new();
+    for h in gathered {
+        let m = h.message();
+        match decode_message::<M>(m.headers.as_ref(), &m.payload) {
+            Ok(message) => {
+                items.push(Item {
+                    message,
+                    delivery: h.delivery.clone(),
+                });
+                held.push(h);
+            }
+            Err(e) => settled.push((h, Err(HandlerError::permanent("malformed", e.to_string())))),
+        }
+    }
+    let count = items.len();
+    let outcome = if items.is_empty() {
+        Ok(Vec::new())
+    } else {
+        AssertUnwindSafe(handler(lane.partition, items))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                Ok(vec![
+                    Err(HandlerError::retry(
+                        Duration::from_secs(1),
+                        "the handler panicked"
+                    ));
+                    count
+                ])
+            })
+    };
+    ctx.metrics.observe_handler(
+        &spec.stream,
+        &lane.consumer,
+        started.elapsed().as_secs_f64(),
+    );
+    let mut outcomes = match outcome {
+        Ok(o) => o,
+        Err(Fenced(reason)) => {
+            tracing::warn!(
+                stream = %spec.stream,
+                consumer = %lane.consumer,
+                partition = lane.partition,
+                %reason,
+                dropped = held.len(),
+                "fence conflict: another replica holds this partition now; dropping the batch unacknowledged"
+            );
+            for h in &held {
+                let _ = h;
+                ctx.metrics
+                    .count_consumer(&spec.stream, &lane.consumer, "fenced");
+            }
+            // Dropping them stops their in-progress acks: the new holder gets them.
+            drop(held);
+            for (h, outcome) in settled {
+                settle(ctx, h, outcome, limits).await;
+            }
+            return false;
+        }
+    };
+    if outcomes.len() != count {
+        tracing::error!(
+            items = count,
+            outcomes = outcomes.len(),
+            "the partition handler's outcomes do not match its items: those without one are retried"
+        );
+    }
+    outcomes.resize(
+        count,
+        Err(HandlerError::retry(
+            Duration::from_secs(1),
+            "the partition handler gave no outcome for it",
+        )),
+    );
+    settled.extend(held.into_iter().zip(outcomes));
+    for (h, outcome) in settled {
+        settle(ctx, h, outcome, limits).await;
+    }
+    true
+}
+
+/// Unpins the lane's partition if the server's pin is still the one this replica was given
+/// (never another replica's).
+async fn release_pin(stream: &jetstream::stream::Stream, lane: &Lane, group: &str) {
+    let Some(mine) = lane.pin() else { return };
+    if server_pin(stream, &lane.consumer).await.as_deref() == Some(mine.as_str()) {
+        match stream.unpin_consumer(&lane.consumer, group).await {
+            Ok(()) => tracing::debug!(consumer = %lane.consumer, "unpinned"),
+            Err(e) => tracing::debug!(consumer = %lane.consumer, error = %e, "unpinning"),
+        }
+    }
+}
+
+/// The pin id the server holds for a partition consumer's group.
+async fn server_pin(stream: &jetstream::stream::Stream, consumer: &str) -> Option<String> {
+    let info = stream.consumer_info(consumer).await.ok()?;
+    info.priority_groups
+        .first()
+        .and_then(|g| g.pinned_client_id.clone())
+        .filter(|p| !p.is_empty())
+}
+
+/// Counts this replica's pins at the server and gives up those past its share.
+async fn balance(
+    ctx: &WorkerContext,
+    spec: &PartitionSpec,
+    stream: &jetstream::stream::Stream,
+    partitions: &Partitions,
+) {
+    let lanes = partitions.lanes();
+    let mut mine = Vec::new();
+    for lane in &lanes {
+        if let Some(pin) = lane.pin()
+            && server_pin(stream, &lane.consumer).await.as_deref() == Some(pin.as_str())
+        {
+            mine.push(lane.clone());
+        }
+    }
+    ctx.metrics.set_pinned(
+        &spec.stream,
+        spec.owner.as_str(),
+        i64::try_from(mine.len()).unwrap_or(i64::MAX),
+    );
+    let Some(replicas) = live_replicas(&ctx.jetstream.client(), &spec.presence).await else {
+        return;
+    };
+    let share = lanes.len().div_ceil(replicas.max(1));
+    if mine.len() > share {
+        for lane in mine.iter().rev().take(mine.len() - share) {
+            tracing::info!(consumer = %lane.consumer, replicas, share, "giving up a partition for balance");
+            lane.release.notify_one();
+        }
+    }
+}
+
+/// The live instances of a NATS service: one answer each to `$SRV.PING.<name>`.
+async fn live_replicas(client: &async_nats::Client, name: &str) -> Option<usize> {
+    let inbox = client.new_inbox();
+    let mut answers = client.subscribe(inbox.clone()).await.ok()?;
+    client
+        .publish_with_reply(format!("$SRV.PING.{name}"), inbox, bytes::Bytes::new())
+        .await
+        .ok()?;
+    let mut count = 0;
+    let first_wait = Duration::from_secs(1);
+    let quiet = Duration::from_millis(200);
+    let mut wait = first_wait;
+    while let Ok(Some(_)) = tokio::time::timeout(wait, answers.next()).await {
+        count += 1;
+        wait = quiet;
+    }
+    (count > 0).then_some(count)
+}
+
+/// A key's message read by subject, after the key's cursor.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    pub sequence: u64,
+    pub subject: String,
+    pub headers: async_nats::HeaderMap,
+    pub payload: bytes::Bytes,
+}
+
+/// The messages of one key (`filter`: its subjects as stored) after `after` and up to `upto`,
+/// in stream order, read with direct gets. A delivery wakes a key up; it is not the unit of
+/// order: after a handover or a nak, the replica that holds the key applies what follows the
+/// key's cursor in stream order, and acks what is at or below it.
+pub async fn read_after(
+    stream: &jetstream::stream::Stream,
+    filter: &str,
+    after: u64,
+    upto: u64,
+) -> Result<Vec<Stored>, String> {
+    use jetstream::stream::DirectGetErrorKind as K;
+    let mut out = Vec::new();
+    let mut next = after + 1;
+    while next <= upto {
+        match stream.direct_get_next_for_subject(filter, Some(next)).await {
+            Ok(m) if m.sequence <= upto => {
+                next = m.sequence + 1;
+                out.push(Stored {
+                    sequence: m.sequence,
+                    subject: m.subject.to_string(),
+                    headers: m.headers,
+                    payload: m.payload,
+                });
+            }
+            Ok(_) => break,
+            Err(e) if e.kind() == K::NotFound => break,
+            Err(e) => return Err(format!("reading `{filter}` after {after}: {e}")),
+        }
+    }
+    Ok(out)
+}
