@@ -13,6 +13,7 @@ pub mod deadletter;
 pub mod failpoint;
 pub mod health;
 pub mod http;
+pub mod keys;
 pub mod metrics;
 pub mod nats;
 pub mod operations;

@@ -4,6 +4,7 @@
 mod auth;
 mod config;
 mod helpers;
+mod keys;
 mod publish;
 mod records;
 mod rpc;
