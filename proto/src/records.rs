@@ -32,3 +32,7 @@ impl Record for crate::v1::DeploymentRecord {
 impl Record for crate::v1::DeploymentNameRecord {
     const SCHEMA_VERSION: u32 = 1;
 }
+
+impl Record for crate::v1::Lease {
+    const SCHEMA_VERSION: u32 = 1;
+}

@@ -7,6 +7,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod deadletter;
@@ -14,6 +15,7 @@ pub mod failpoint;
 pub mod health;
 pub mod http;
 pub mod keys;
+pub mod lease;
 pub mod metrics;
 pub mod nats;
 pub mod operations;

@@ -2,9 +2,11 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
 
 mod auth;
+mod blobs;
 mod config;
 mod helpers;
 mod keys;
+mod lease;
 mod publish;
 mod records;
 mod rpc;
