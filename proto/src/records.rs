@@ -17,8 +17,10 @@ impl Record for crate::v1::MeterWatermark {
     const SCHEMA_VERSION: u32 = 1;
 }
 
+/// Schema 2: the relay's lease moved to `slipway_leases`; a schema-1 reader would take a record
+/// with no lease in it for an expired one and run the relay a second time.
 impl Record for crate::v1::RelayRecord {
-    const SCHEMA_VERSION: u32 = 1;
+    const SCHEMA_VERSION: u32 = 2;
 }
 
 impl Record for crate::v1::DeployJobRecord {
@@ -30,5 +32,9 @@ impl Record for crate::v1::DeploymentRecord {
 }
 
 impl Record for crate::v1::DeploymentNameRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::Lease {
     const SCHEMA_VERSION: u32 = 1;
 }

@@ -7,12 +7,15 @@
 
 pub mod app;
 pub mod auth;
+pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod deadletter;
 pub mod failpoint;
 pub mod health;
 pub mod http;
+pub mod keys;
+pub mod lease;
 pub mod metrics;
 pub mod nats;
 pub mod operations;

@@ -204,7 +204,9 @@ impl Deployer {
         if record.deployment_id.is_empty() || record.version_id.is_empty() {
             return;
         }
-        let dep_key = format!("dep.{}", record.deployment_id);
+        let Ok(dep_key) = crate::service::dep_key(&record.deployment_id) else {
+            return;
+        };
         let previous = match self.deployments.get(&dep_key).await {
             Ok(Some((dep, _))) => dep
                 .versions
@@ -442,7 +444,7 @@ impl Deployer {
         req: &EnqueueDeployRequest,
         names_key: &str,
     ) -> Result<(), JobError> {
-        let dep_key = format!("dep.{}", job.deployment_id);
+        let dep_key = crate::service::dep_key(&job.deployment_id).map_err(JobError::failed)?;
         let record = DeploymentRecord {
             deployment_id: job.deployment_id.clone(),
             name: req.name.clone(),
@@ -506,7 +508,7 @@ impl Deployer {
         version: &DeploymentVersion,
         url: &str,
     ) -> Result<(), JobError> {
-        let dep_key = format!("dep.{}", record.deployment_id);
+        let dep_key = crate::service::dep_key(&record.deployment_id).map_err(JobError::failed)?;
         for _ in 0..8 {
             let Some((mut dep, rev)) = self
                 .deployments

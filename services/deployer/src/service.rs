@@ -74,6 +74,14 @@ pub(crate) fn name_key(user_id: &str, name: &str) -> Result<String, ServiceError
     Ok(format!("name.{user}.{name}"))
 }
 
+/// `dep.<deployment id>`, the id encoded: ids come from the platform and may hold `:` (readable
+/// ones stay as they are, so keys written before the encoding are unchanged).
+pub(crate) fn dep_key(deployment_id: &str) -> Result<String, ServiceError> {
+    let id = slipway_common::keys::encode_key(deployment_id)
+        .map_err(|e| ServiceError::invalid_input(format!("deployment_id: {e}")))?;
+    Ok(format!("dep.{id}"))
+}
+
 impl Deployer {
     pub fn new(app: &App, store: kv::Store) -> anyhow::Result<Self> {
         let s = &app.settings;
@@ -207,7 +215,7 @@ impl Deployer {
         slipway_proto::validate::check_resource_id("deployment_id", deployment_id)
             .map_err(ServiceError::from)?;
         self.deployments
-            .get(&format!("dep.{deployment_id}"))
+            .get(&dep_key(deployment_id)?)
             .await
             .map_err(store)?
             .map(|(r, _)| r)
@@ -295,7 +303,7 @@ impl Deployer {
             )
             .await
             .map_err(rpc_error)?;
-        let key = format!("dep.{}", r.deployment_id);
+        let key = dep_key(&r.deployment_id)?;
         for _ in 0..8 {
             let Some((mut dep, rev)) = self.deployments.get(&key).await.map_err(store)? else {
                 break;
@@ -480,7 +488,7 @@ impl Deployer {
 impl Deployer {
     /// Records which version a deployment serves now.
     async fn set_serving(&self, deployment_id: &str, number: u32) -> Result<(), ServiceError> {
-        let key = format!("dep.{deployment_id}");
+        let key = dep_key(deployment_id)?;
         for _ in 0..8 {
             let Some((mut dep, rev)) = self.deployments.get(&key).await.map_err(store)? else {
                 return Ok(());

@@ -1,17 +1,19 @@
 //! File-watch relays: on `relay.start`, a replica follows a sandbox's watch stream and republishes
 //! each change as a `FileChange` on `slipway.sandboxes.<sandbox>.files` (core NATS). Each relay is
-//! a record in the `relays` bucket with a lease its replica renews; when a replica dies, another
-//! finds the lease expired, takes the relay over and publishes a `resync` change first (changes
-//! may have been missed in between). A relay ends with `relay.stop` or when its sandbox is
-//! destroyed.
+//! a record in `slipway_relays` (what to relay) and a lease `relay.<sandbox>` in `slipway_leases`
+//! (who relays it: `slipway_common::lease`, since no stream delivers this work), which its replica
+//! renews; when a replica dies, another finds the lease expired, takes the relay over and
+//! publishes a `resync` change first (changes may have been missed in between). A relay ends
+//! with `relay.stop` or when its sandbox is destroyed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use serde_json::Value;
+use slipway_common::lease::{Held, LeaseError, Leases};
 use slipway_common::records::{RecordError, Records};
 use slipway_common::topology::buckets;
 use slipway_common::{ServiceError, Shutdown};
@@ -26,15 +28,28 @@ use crate::service::Executor;
 pub const LEASE: Duration = Duration::from_secs(3);
 const TICK: Duration = Duration::from_millis(1000);
 
+/// A relay this replica runs: its follower and the lease it holds for it.
+struct Running {
+    cancel: CancellationToken,
+    held: Held,
+}
+
 pub struct Relays {
     executor: Arc<Executor>,
     holder: String,
-    running: Mutex<HashMap<String, CancellationToken>>,
+    running: Mutex<HashMap<String, Running>>,
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000)
-        .unwrap_or(i64::MAX)
+/// The name of a relay's lease in `slipway_leases` (encoded into its key by the lease helper).
+pub fn lease_name(sandbox_id: &str) -> String {
+    format!("relay.{sandbox_id}")
+}
+
+/// A relay's key in `slipway_relays`: the sandbox id, encoded (ids may hold `:`; readable ones
+/// stay as they are, so keys written before the encoding are unchanged).
+fn record_key(sandbox_id: &str) -> Result<String, ServiceError> {
+    slipway_common::keys::encode_key(sandbox_id)
+        .map_err(|e| ServiceError::invalid_input(format!("sandbox_id: {e}")))
 }
 
 fn store_error(e: impl std::fmt::Display) -> ServiceError {
@@ -54,7 +69,7 @@ impl Relays {
         })
     }
 
-    /// This replica's name in relay records (it carries the process id).
+    /// This replica's name in relay leases (it carries the process id).
     pub fn holder(&self) -> &str {
         &self.holder
     }
@@ -67,7 +82,17 @@ impl Relays {
             .map_err(store_error)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+    async fn leases(&self) -> Result<Leases, ServiceError> {
+        let store = self
+            .executor
+            .jetstream
+            .get_key_value(buckets::LEASES)
+            .await
+            .map_err(store_error)?;
+        Leases::new(store, self.holder.clone()).map_err(store_error)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Running>> {
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -92,16 +117,27 @@ impl Relays {
         let record = RelayRecord {
             sandbox_id: req.sandbox_id.clone(),
             run_id: req.run_id.clone(),
-            holder: self.holder.clone(),
-            lease_expires_ms: now_ms() + LEASE.as_millis() as i64,
+            ..Default::default()
         };
-        match records.create(&req.sandbox_id, &record).await {
+        match records.create(&record_key(&req.sandbox_id)?, &record).await {
             Ok(_) => {}
             Err(RecordError::Exists { .. }) => return Ok(RelayReply { active: true }),
             Err(e) => return Err(store_error(e)),
         }
+        // The record first: a replica that dies before its lease is written leaves a relay with
+        // no lease, which the others take over.
+        let Some(held) = self
+            .leases()
+            .await?
+            .try_acquire(&lease_name(&req.sandbox_id), LEASE)
+            .await
+            .map_err(store_error)?
+        else {
+            // A supervising pass took it in between, and runs it.
+            return Ok(RelayReply { active: true });
+        };
         let (opened, wait) = tokio::sync::oneshot::channel();
-        self.spawn_follow(record, false, Some(opened));
+        self.spawn_follow(record, held, false, Some(opened));
         match tokio::time::timeout(Duration::from_secs(15), wait).await {
             Ok(Ok(Ok(()))) => Ok(RelayReply { active: true }),
             Ok(Ok(Err(e))) => Err(e),
@@ -109,17 +145,24 @@ impl Relays {
         }
     }
 
-    /// Stops the relay wherever it runs (its replica sees the record gone at its next renewal).
+    /// Stops the relay wherever it runs: the record goes, then the lease, so its replica finds
+    /// the lease lost (or the record gone) at its next renewal, and a new `relay.start` can take
+    /// the lease at once.
     pub async fn stop(&self, req: RelayRequest) -> Result<RelayReply, ServiceError> {
         slipway_proto::validate::check_resource_id("sandbox_id", &req.sandbox_id)
             .map_err(ServiceError::from)?;
         self.store()
             .await?
-            .delete(&req.sandbox_id)
+            .delete(&record_key(&req.sandbox_id)?)
             .await
             .map_err(store_error)?;
-        if let Some(cancel) = self.lock().remove(&req.sandbox_id) {
-            cancel.cancel();
+        self.leases()
+            .await?
+            .revoke(&lease_name(&req.sandbox_id))
+            .await
+            .map_err(store_error)?;
+        if let Some(running) = self.lock().remove(&req.sandbox_id) {
+            running.cancel.cancel();
         }
         Ok(RelayReply { active: false })
     }
@@ -127,15 +170,17 @@ impl Relays {
     fn spawn_follow(
         self: &Arc<Self>,
         record: RelayRecord,
+        held: Held,
         resync: bool,
         opened: Option<tokio::sync::oneshot::Sender<Result<(), ServiceError>>>,
     ) {
         let cancel = CancellationToken::new();
-        if let Some(old) = self
-            .lock()
-            .insert(record.sandbox_id.clone(), cancel.clone())
-        {
-            old.cancel();
+        let running = Running {
+            cancel: cancel.clone(),
+            held,
+        };
+        if let Some(old) = self.lock().insert(record.sandbox_id.clone(), running) {
+            old.cancel.cancel();
         }
         let me = self.clone();
         tokio::spawn(async move { me.follow(record, resync, opened, cancel).await });
@@ -232,11 +277,14 @@ impl Relays {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
         if !cancel.is_cancelled() {
-            // Finished for good (the sandbox is gone): the record goes too.
-            if let Ok(store) = self.store().await {
-                let _ = store.delete(&id).await;
+            // Finished for good (the sandbox is gone): the record and the lease go too.
+            if let (Ok(store), Ok(key)) = (self.store().await, record_key(&id)) {
+                let _ = store.delete(&key).await;
             }
-            self.lock().remove(&id);
+            let running = self.lock().remove(&id);
+            if let (Some(running), Ok(leases)) = (running, self.leases().await) {
+                let _ = leases.release(running.held).await;
+            }
         }
     }
 
@@ -267,46 +315,54 @@ impl Relays {
     async fn tick(self: &Arc<Self>) -> Result<(), ServiceError> {
         let store = self.store().await?;
         let records = Records::<RelayRecord>::new(store.clone());
+        let leases = self.leases().await?;
         let mut keys = store.keys().await.map_err(store_error)?;
-        let mut seen = Vec::new();
+        let mut seen = HashSet::new();
         while let Some(key) = keys.next().await {
             let Ok(key) = key else { continue };
-            seen.push(key.clone());
-            let Some((record, revision)) = records.get(&key).await.map_err(store_error)? else {
+            let Some((record, _)) = records.get(&key).await.map_err(store_error)? else {
                 continue;
             };
-            let mine = record.holder == self.holder;
-            let expired = record.lease_expires_ms <= now_ms();
-            if !(mine || expired) {
+            let id = record.sandbox_id.clone();
+            seen.insert(id.clone());
+            let held = self.lock().get(&id).map(|r| r.held.clone());
+            if let Some(held) = held {
+                match leases.renew(&held, LEASE).await {
+                    Ok(renewed) => {
+                        if let Some(running) = self.lock().get_mut(&id) {
+                            running.held = renewed;
+                        }
+                    }
+                    Err(LeaseError::Lost { .. }) => {
+                        tracing::info!(sandbox = %id, "a relay's lease was lost; stopping it here");
+                        if let Some(running) = self.lock().remove(&id) {
+                            running.cancel.cancel();
+                        }
+                    }
+                    Err(e) => return Err(store_error(e)),
+                }
                 continue;
             }
-            let renewed = RelayRecord {
-                holder: self.holder.clone(),
-                lease_expires_ms: now_ms() + LEASE.as_millis() as i64,
-                ..record.clone()
-            };
-            match records.update(&key, &renewed, revision).await {
-                Ok(_) if !mine => {
-                    tracing::info!(sandbox = %key, from = %record.holder, "taking over a relay");
-                    self.spawn_follow(renewed, true, None);
-                }
-                Ok(_) => {}
-                // Another replica got there first.
-                Err(RecordError::Conflict { .. }) => {}
-                Err(e) => return Err(store_error(e)),
+            // Not running here: taken over when its lease is free or expired.
+            let acquired = leases.try_acquire(&lease_name(&id), LEASE).await;
+            if let Some(held) = acquired.map_err(store_error)? {
+                tracing::info!(sandbox = %id, "taking over a relay");
+                self.spawn_follow(record, held, true, None);
             }
         }
-        // Relays whose record is gone (stopped elsewhere) stop here too.
-        let gone: Vec<String> = self
-            .lock()
-            .keys()
-            .filter(|k| !seen.contains(k))
-            .cloned()
-            .collect();
-        for k in gone {
-            if let Some(c) = self.lock().remove(&k) {
-                c.cancel();
-            }
+        // Relays whose record is gone (stopped elsewhere) stop here too, and give their lease up.
+        let gone: Vec<Running> = {
+            let mut running = self.lock();
+            let ids: Vec<String> = running
+                .keys()
+                .filter(|k| !seen.contains(*k))
+                .cloned()
+                .collect();
+            ids.iter().filter_map(|k| running.remove(k)).collect()
+        };
+        for running in gone {
+            running.cancel.cancel();
+            let _ = leases.release(running.held).await;
         }
         Ok(())
     }

@@ -11,14 +11,15 @@
 //! A restart finds a pending interval and publishes it again under the same id (billing dedupes
 //! on it), before reading anything new; so the published deltas of a sandbox sum to its counter,
 //! exactly. A destroyed sandbox's final counters are billed, then its watermarks are closed.
-//! One sampler runs at a time across replicas: it holds a lease in the `leases` bucket.
+//! One sampler runs at a time across replicas: it holds the lease `executor.usage_sampler`
+//! (`slipway_common::lease`, in `slipway_leases`), since no stream delivers its work.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::kv;
 use slipway_common::Shutdown;
 use slipway_common::failpoint;
+use slipway_common::lease::{Held, LeaseError, Leases};
 use slipway_common::records::{RecordError, Records};
 use slipway_common::service::now;
 use slipway_common::topology::buckets;
@@ -39,7 +40,9 @@ const METERS: [(&str, Reading); 5] = [
     (meters::EXEC_COUNT, |c| c.exec_count),
 ];
 
-const LEASE_KEY: &str = "executor.sampler";
+/// The sampler's lease. (Before `slipway_common::lease`, a JSON lease under `executor.sampler`:
+/// a new name, so such a leftover is never misread.)
+pub const LEASE: &str = "executor.usage_sampler";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SampleError {
@@ -53,6 +56,12 @@ pub enum SampleError {
 
 impl From<RecordError> for SampleError {
     fn from(e: RecordError) -> Self {
+        SampleError::Store(e.to_string())
+    }
+}
+
+impl From<LeaseError> for SampleError {
+    fn from(e: LeaseError) -> Self {
         SampleError::Store(e.to_string())
     }
 }
@@ -80,13 +89,14 @@ impl Sampler {
         shutdown: Shutdown,
         health: slipway_common::health::Health,
     ) {
+        let mut held = None;
         loop {
             // A pass stops where it is on shutdown: the sampler is built to survive being cut
             // off at any point (as by a crash), and waiting on NATS or the platform would hold
             // the exit up.
             let leased = tokio::select! {
                 () = shutdown.triggered() => return,
-                leased = self.lease(every * 3) => leased,
+                leased = self.lease(&mut held, every * 3) => leased,
             };
             match leased {
                 Ok(true) => {
@@ -112,43 +122,32 @@ impl Sampler {
         }
     }
 
-    /// Takes or renews the lease; false when another live replica holds it.
-    async fn lease(&self, ttl: Duration) -> Result<bool, SampleError> {
+    /// Renews the lease this sampler holds, or takes it when it is free or expired; false when
+    /// another live replica holds it.
+    async fn lease(&self, held: &mut Option<Held>, ttl: Duration) -> Result<bool, SampleError> {
         let store = self
             .executor
             .jetstream
             .get_key_value(buckets::LEASES)
             .await
             .map_err(|e| SampleError::Store(e.to_string()))?;
-        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-        let value = serde_json::json!({
-            "holder": self.holder,
-            "expires_at_ms": now_ms + ttl.as_millis() as i128,
-        })
-        .to_string();
-        match store
-            .entry(LEASE_KEY)
-            .await
-            .map_err(|e| SampleError::Store(e.to_string()))?
-        {
-            None => Ok(store.create(LEASE_KEY, value.into()).await.is_ok()),
-            Some(entry) => {
-                let held: serde_json::Value =
-                    serde_json::from_slice(&entry.value).unwrap_or_default();
-                let mine = held["holder"] == self.holder.as_str();
-                let expired = held["expires_at_ms"]
-                    .as_i64()
-                    .is_none_or(|t| i128::from(t) <= now_ms);
-                let deleted = !matches!(entry.operation, kv::Operation::Put);
-                if !(mine || expired || deleted) {
-                    return Ok(false);
+        let leases = Leases::new(store, self.holder.clone()).map_err(SampleError::from)?;
+        if let Some(current) = held.as_ref() {
+            match leases.renew(current, ttl).await {
+                Ok(renewed) => {
+                    *held = Some(renewed);
+                    return Ok(true);
                 }
-                Ok(store
-                    .update(LEASE_KEY, value.into(), entry.revision)
-                    .await
-                    .is_ok())
+                Err(LeaseError::Lost { .. }) => {
+                    tracing::info!("the usage sampler's lease went to another replica");
+                    *held = None;
+                }
+                // Kept: the next tick renews at the same revision, or finds the lease lost.
+                Err(e) => return Err(e.into()),
             }
         }
+        *held = leases.try_acquire(LEASE, ttl).await?;
+        Ok(held.is_some())
     }
 
     async fn watermarks(&self) -> Result<Records<MeterWatermark>, SampleError> {
@@ -183,7 +182,13 @@ impl Sampler {
             if !ours
                 || sandbox.id.is_empty()
                 || sandbox.state == SandboxState::Destroyed as i32
-                || records.get(&sandbox.id).await?.is_some()
+                || records
+                    .get(
+                        &Executor::registry_key(&sandbox.id)
+                            .map_err(|e| SampleError::Store(e.message))?,
+                    )
+                    .await?
+                    .is_some()
             {
                 continue;
             }
@@ -254,7 +259,7 @@ impl Sampler {
         // Each watermark is read once per pass and carried through its updates.
         let mut current = Vec::with_capacity(METERS.len());
         for (meter, _) in METERS {
-            current.push(marks.get(&mark_key(&sandbox.id, meter)).await?);
+            current.push(marks.get(&mark_key(&sandbox.id, meter)?).await?);
         }
         // Closed on every meter: this sandbox is done.
         if current
@@ -314,7 +319,7 @@ impl Sampler {
             ..mark
         };
         let revision = marks
-            .update(&mark_key(&sandbox.id, meter), &moved, revision)
+            .update(&mark_key(&sandbox.id, meter)?, &moved, revision)
             .await?;
         Ok((moved, revision))
     }
@@ -329,7 +334,7 @@ impl Sampler {
         value: u64,
         gone: bool,
     ) -> Result<(), SampleError> {
-        let key = mark_key(&sandbox.id, meter);
+        let key = mark_key(&sandbox.id, meter)?;
         let (mark, revision) = match current {
             Some(found) => found,
             None => {
@@ -404,7 +409,10 @@ impl Sampler {
     }
 }
 
-/// `<sandbox>.<meter>`: KV keys allow `.`, and sandbox ids and meter names have no dots.
-fn mark_key(sandbox: &str, meter: &str) -> String {
-    format!("{sandbox}.{meter}")
+/// `<sandbox>.<meter>`, with the sandbox id encoded (ids may hold `:`; readable ones stay as
+/// they are). One encoded id before a meter name, which has no `.`: no two pairs share a key.
+fn mark_key(sandbox: &str, meter: &str) -> Result<String, SampleError> {
+    let sandbox = slipway_common::keys::encode_key(sandbox)
+        .map_err(|e| SampleError::Store(format!("sandbox `{sandbox}`: {e}")))?;
+    Ok(format!("{sandbox}.{meter}"))
 }

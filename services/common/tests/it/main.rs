@@ -2,8 +2,11 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
 
 mod auth;
+mod blobs;
 mod config;
 mod helpers;
+mod keys;
+mod lease;
 mod partition;
 mod publish;
 mod records;

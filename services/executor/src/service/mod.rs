@@ -122,6 +122,13 @@ impl Executor {
         Ok(Records::new(store))
     }
 
+    /// A sandbox's key in the registry: its id, encoded (ids may hold `:`; readable ones stay as
+    /// they are, so the keys written before the encoding are unchanged).
+    pub(crate) fn registry_key(sandbox_id: &str) -> Result<String, ServiceError> {
+        slipway_common::keys::encode_key(sandbox_id)
+            .map_err(|e| ServiceError::invalid_input(format!("sandbox_id: {e}")))
+    }
+
     /// Records (or refreshes) a sandbox in the registry; what the record holds besides the
     /// sandbox (who created it, processes to relaunch) is kept.
     pub(crate) async fn remember(
@@ -147,11 +154,12 @@ impl Executor {
         mut change: impl FnMut(&mut SandboxRecord),
     ) -> Result<SandboxRecord, ServiceError> {
         use slipway_common::records::RecordError;
+        let key = Self::registry_key(sandbox_id)?;
         let records = self.registry().await?;
         let store_err =
             |e: RecordError| ServiceError::unavailable(format!("sandbox registry: {e}"));
         for _ in 0..8 {
-            let current = records.get(sandbox_id).await.map_err(store_err)?;
+            let current = records.get(&key).await.map_err(store_err)?;
             let (mut record, revision) = match current {
                 Some((record, revision)) => (record, Some(revision)),
                 None => (SandboxRecord::default(), None),
@@ -159,8 +167,8 @@ impl Executor {
             change(&mut record);
             record.updated_at = Some(now());
             let written = match revision {
-                None => records.create(sandbox_id, &record).await,
-                Some(revision) => records.update(sandbox_id, &record, revision).await,
+                None => records.create(&key, &record).await,
+                Some(revision) => records.update(&key, &record, revision).await,
             };
             match written {
                 Ok(_) => return Ok(record),
@@ -222,9 +230,10 @@ impl Executor {
         &self,
         sandbox_id: &str,
     ) -> Result<Option<SandboxRecord>, ServiceError> {
+        let key = Self::registry_key(sandbox_id)?;
         self.registry()
             .await?
-            .get(sandbox_id)
+            .get(&key)
             .await
             .map(|r| r.map(|(record, _)| record))
             .map_err(|e| ServiceError::unavailable(format!("sandbox registry: {e}")))

@@ -98,13 +98,24 @@ async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
     .await;
     assert_ne!(c.kind, FileChangeKind::Resync as i32);
 
-    // Which replica runs it: its record names the holder, which carries the process id.
+    // Which replica runs it: the relay's lease names the holder, which carries the process id.
     let records = slipway_common::records::Records::<RelayRecord>::new(
         js.get_key_value("slipway_relays").await.unwrap(),
     );
+    let leases = slipway_common::lease::Leases::new(
+        js.get_key_value("slipway_leases").await.unwrap(),
+        "the test",
+    )
+    .unwrap();
+    let lease = slipway_executor::relay::lease_name(&id);
+    let holder = || async { leases.current(&lease).await.unwrap().unwrap().0.holder };
     let (record, _) = records.get(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.sandbox_id.as_str(), record.run_id.as_str()),
+        (id.as_str(), "relay-run")
+    );
     let pid_of = |holder: &str| holder.split('-').nth(1).unwrap().parse::<u32>().unwrap();
-    let holder_pid = pid_of(&record.holder);
+    let holder_pid = pid_of(&holder().await);
     let dying = replicas
         .iter()
         .position(|r| r.as_ref().unwrap().id() == Some(holder_pid))
@@ -122,10 +133,9 @@ async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
         c.path == "/workspace/two.txt"
     })
     .await;
-    let (record, _) = records.get(&id).await.unwrap().unwrap();
-    assert_ne!(pid_of(&record.holder), holder_pid);
+    assert_ne!(pid_of(&holder().await), holder_pid);
 
-    // Destroying the sandbox ends the relay and removes its record.
+    // Destroying the sandbox ends the relay and removes its record and its lease.
     let _: SandboxReply = rpc
         .call(
             &op("sandbox.destroy"),
@@ -137,12 +147,14 @@ async fn a_relay_survives_the_death_of_the_replica_that_ran_it() {
         .await
         .unwrap();
     for _ in 0..200 {
-        if records.get(&id).await.unwrap().is_none() {
+        if records.get(&id).await.unwrap().is_none()
+            && leases.current(&lease).await.unwrap().is_none()
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("the relay record outlived its sandbox");
+    panic!("the relay record or lease outlived its sandbox");
 }
 
 /// A watch stream that ends is reopened with `Last-Event-ID`, and a `resync` tells consumers
@@ -220,6 +232,17 @@ async fn a_watch_that_ends_is_reopened_with_last_event_id_and_a_resync() {
     assert!(watches.len() >= 2, "{watches:?}");
     assert!(watches[0].headers.get("last-event-id").is_none());
     assert_eq!(watches[1].headers["last-event-id"], "7");
+
+    // The relay's lease is this replica's, in `slipway_leases`; a stop ends it with the record.
+    let js = async_nats::jetstream::new(client.clone());
+    let leases = slipway_common::lease::Leases::new(
+        js.get_key_value("slipway_leases").await.unwrap(),
+        "the test",
+    )
+    .unwrap();
+    let lease = slipway_executor::relay::lease_name("sbx_1");
+    let (held, _) = leases.current(&lease).await.unwrap().unwrap();
+    assert_eq!(held.holder, relays.holder());
     relays
         .stop(RelayRequest {
             sandbox_id: "sbx_1".into(),
@@ -227,4 +250,7 @@ async fn a_watch_that_ends_is_reopened_with_last_event_id_and_a_resync() {
         })
         .await
         .unwrap();
+    assert_eq!(leases.current(&lease).await.unwrap(), None);
+    let relay_records = js.get_key_value("slipway_relays").await.unwrap();
+    assert!(relay_records.get("sbx_1").await.unwrap().is_none());
 }

@@ -278,3 +278,68 @@ async fn a_sampling_pass_sets_live_sandboxes_per_user_in_the_metrics() {
     );
     assert!(!text.contains(r#"user="bob""#), "{text}");
 }
+
+/// One sampler across replicas: it holds the lease `executor.usage_sampler` in `slipway_leases`,
+/// and when its replica is killed the other takes the lease over once it expires.
+#[tokio::test]
+async fn one_replica_samples_at_a_time_and_another_takes_over_when_it_dies() {
+    let all = setup(&[("SLIPWAY__PLATFORM__USAGE_SAMPLE_MS", "200")]).await;
+    let (run, rpc, js) = (&all.run, &all.rpc, &all.js);
+    let mut replicas = [
+        Some(run.spawn(None).unwrap()),
+        Some(run.spawn(None).unwrap()),
+    ];
+    wait_for_service(rpc).await;
+    let leases = slipway_common::lease::Leases::new(
+        js.get_key_value("slipway_leases").await.unwrap(),
+        "the test",
+    )
+    .unwrap();
+    let pid_of = |holder: &str| holder.split('-').nth(1).unwrap().parse::<u32>().unwrap();
+    let holder = || async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let current = leases
+                .current(slipway_executor::sampler::LEASE)
+                .await
+                .unwrap();
+            if let Some((lease, revision)) = current {
+                return (pid_of(&lease.holder), revision);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "nobody took the sampler lease"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (first, revision) = holder().await;
+    let dying = replicas
+        .iter()
+        .position(|r| r.as_ref().unwrap().id() == Some(first))
+        .expect("the holder is one of the two replicas");
+    // Renewed while its replica lives: the revision moves, the holder stays.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (still, renewed) = holder().await;
+    assert_eq!(still, first);
+    assert!(
+        renewed > revision,
+        "renewed at {renewed}, taken at {revision}"
+    );
+
+    // SIGKILL: the lease is not renewed, and the other replica takes it once it has expired.
+    replicas[dying] = None;
+    let survivor = replicas[1 - dying].as_ref().unwrap().id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (now, _) = holder().await;
+        if Some(now) == survivor {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sampler lease stayed with {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
