@@ -251,7 +251,6 @@ async fn owners(
 
 #[derive(serde::Deserialize)]
 struct Effect {
-    cursor: u64,
     count: u64,
     next_index: u64,
     out_of_order: u64,
@@ -468,8 +467,127 @@ async fn pinned_partitions_fail_over_fence_and_balance_with_10000_keys() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     println!("balanced after {:?}: {balanced:?}", joined.elapsed());
+
+    // SIGTERM: the replica unpins what it holds, so its partitions move without waiting for
+    // priority_timeout.
+    let leaving = replicas
+        .iter()
+        .find(|r| !balanced[&r.name].is_empty())
+        .unwrap();
+    let its = balanced[&leaving.name].clone();
+    let before = server_pins(&js).await;
+    leaving.signal("TERM");
+    let termed = Instant::now();
+    loop {
+        let now = server_pins(&js).await;
+        if its.iter().all(|c| now[c].is_some() && now[c] != before[c]) {
+            break;
+        }
+        assert!(
+            termed.elapsed() < PRIORITY_TIMEOUT,
+            "{its:?} still pinned to the stopping replica: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "after SIGTERM, {its:?} pinned elsewhere within {:?}",
+        termed.elapsed()
+    );
     stop.store(true, Ordering::Relaxed);
     let published = traffic.await.unwrap();
     drained(&js, Duration::from_secs(180)).await;
     assert_exactly_once(&effects, &published).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_partition_count_is_drift_and_update_moves_over_with_nothing_lost_or_doubled() {
+    let server = NatsServer::start().unwrap();
+    let (js, effects) = prepare(&server, 4).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url();
+    let four: Vec<String> = (0..4).map(|p| format!("planner-{p}-of-4")).collect();
+    assert_eq!(partition_consumers(&js).await, four);
+
+    let replicas = [
+        Replica::start(dir.path(), &url, "a", 1),
+        Replica::start(dir.path(), &url, "b", 1),
+    ];
+    for r in &replicas {
+        r.ready().await;
+    }
+    let keys = keys(10_000);
+    let mut published = Published::default();
+    published.wave(&js, &keys).await;
+
+    // Eight partitions now: reported as drift, changed by nothing but `--update`.
+    let eight = Topology::new(&partitioned_settings(&url, 8).setup);
+    let drift = setup::verify(&js, &eight).await.unwrap();
+    let fields: Vec<String> = drift
+        .iter()
+        .map(|d| format!("{} {}", d.resource, d.field))
+        .collect();
+    assert!(
+        fields.contains(&"stream RUN_COMMANDS subject_transform".to_string()),
+        "{fields:?}"
+    );
+    for old in &four {
+        assert!(
+            fields.contains(&format!("consumer RUN_COMMANDS/{old} partitions")),
+            "{fields:?}"
+        );
+    }
+    let report = setup::apply(&js, &eight, Mode::CreateMissing)
+        .await
+        .unwrap();
+    assert!(!report.drifted.is_empty());
+    assert_eq!(
+        partition_consumers(&js).await,
+        four,
+        "without --update nothing moves"
+    );
+
+    // --update while a second wave is published and both replicas keep working.
+    let publishing = {
+        let (js, keys) = (js.clone(), keys.clone());
+        tokio::spawn(async move {
+            published.wave(&js, &keys).await;
+            published
+        })
+    };
+    let drain = DrainWait {
+        timeout: Duration::from_secs(120),
+        poll: Duration::from_millis(200),
+    };
+    let report = setup::apply_with(&js, &eight, Mode::Update, drain)
+        .await
+        .unwrap();
+    assert!(report.drifted.is_empty(), "{:?}", report.drifted);
+    let mut deleted = report.deleted.clone();
+    deleted.sort();
+    assert_eq!(
+        deleted,
+        four.iter()
+            .map(|c| format!("consumer RUN_COMMANDS/{c}"))
+            .collect::<Vec<_>>()
+    );
+    let mut published = publishing.await.unwrap();
+    published.wave(&js, &keys).await;
+
+    let eight_names: Vec<String> = (0..8).map(|p| format!("planner-{p}-of-8")).collect();
+    assert_eq!(partition_consumers(&js).await, eight_names);
+    let stream = js.get_stream(streams::RUN_COMMANDS).await.unwrap();
+    for name in &eight_names {
+        let info = stream.consumer_info(name).await.unwrap();
+        assert!(!info.paused, "{name} resumed");
+    }
+    assert!(setup::verify(&js, &eight).await.unwrap().is_empty());
+    drained(&js, Duration::from_secs(180)).await;
+    assert_exactly_once(&effects, &published).await;
+    // New messages are stored under the new partitioning.
+    let last = stream
+        .direct_get_last_for_subject(format!("slipway.runs.{}.commands.*", keys[0]))
+        .await
+        .unwrap();
+    let p: u32 = last.subject.rsplit('.').next().unwrap().parse().unwrap();
+    assert!(p < 8);
 }

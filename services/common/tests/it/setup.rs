@@ -137,3 +137,101 @@ async fn drift_makes_readyz_fail_naming_it_and_update_corrects_it() {
     app.shutdown.trigger();
     app.task.await.unwrap().unwrap();
 }
+
+#[test]
+fn partition_consumer_names_read_back_only_in_their_one_form() {
+    use slipway_common::topology::parse_partition_consumer;
+    assert_eq!(
+        parse_partition_consumer(Service::Billing, "billing-3-of-8"),
+        Some((3, 8))
+    );
+    for bad in [
+        "billing",
+        "billing-8-of-8",
+        "billing-03-of-8",
+        "billing--1-of-8",
+        "billing-1-of-08",
+        "billing-1-of-",
+        "billingx-1-of-8",
+        "planner-1-of-8",
+        "billing-1-of-8-of-9",
+        "billing-+1-of-8",
+    ] {
+        assert_eq!(
+            parse_partition_consumer(Service::Billing, bad),
+            None,
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn partitioned_streams_put_the_partition_last_and_name_p_consumers() {
+    let topo = Topology::new(
+        &settings(
+            "nats://127.0.0.1:1",
+            &[("SLIPWAY__SETUP__USAGE_PARTITIONS", "3")],
+        )
+        .setup,
+    );
+    let usage = topo.stream(streams::USAGE).unwrap();
+    let part = usage.partitioning.as_ref().unwrap();
+    assert_eq!(
+        part.destination(),
+        "slipway.usage.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{partition(3,3)}}"
+    );
+    let runs = topo.stream(streams::RUN_COMMANDS).unwrap();
+    assert_eq!(
+        runs.partitioning.as_ref().unwrap().destination(),
+        "slipway.runs.{{wildcard(1)}}.{{wildcard(2)}}.{{partition(8,1)}}"
+    );
+    let billing: Vec<(&str, &str)> = topo
+        .consumers
+        .iter()
+        .filter(|c| c.stream == streams::USAGE)
+        .map(|c| (c.durable.as_str(), c.filter_subject.as_str()))
+        .collect();
+    assert_eq!(
+        billing,
+        [
+            ("billing-0-of-3", "slipway.usage.*.*.*.0"),
+            ("billing-1-of-3", "slipway.usage.*.*.*.1"),
+            ("billing-2-of-3", "slipway.usage.*.*.*.2"),
+        ]
+    );
+    // Only the owner may unpin its partitions, and only the planner reads runs by subject.
+    let billing = slipway_common::auth::permissions(
+        slipway_common::auth::Principal::Service(Service::Billing),
+        &topo,
+    );
+    assert!(billing.publish.contains("$JS.API.CONSUMER.UNPIN.USAGE.*"));
+    assert!(
+        !billing
+            .publish
+            .iter()
+            .any(|s| s.contains("UNPIN.RUN_COMMANDS"))
+    );
+    let planner = slipway_common::auth::permissions(
+        slipway_common::auth::Principal::Service(Service::Planner),
+        &topo,
+    );
+    assert!(
+        planner
+            .publish
+            .contains("$JS.API.DIRECT.GET.RUN_COMMANDS.>")
+    );
+    assert!(planner.publish.contains("slipway.runs.*.steps"));
+    assert!(!planner.publish.contains("slipway.runs.*.commands"));
+    for bad in ["0", "257"] {
+        let err = slipway_common::config::Settings::load(&slipway_common::config::Sources {
+            env: [(
+                "SLIPWAY__SETUP__USAGE_PARTITIONS".to_string(),
+                bad.to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("setup.usage_partitions"), "{err}");
+    }
+}
