@@ -25,7 +25,8 @@ async fn setup_aborted_half_way_completes_on_restart_without_duplicates() {
     let js = async_nats::jetstream::new(client);
     let topo = topology();
     let missing = setup::verify(&js, &topo).await.unwrap();
-    let total = topo.streams.len() + topo.buckets.len() + topo.consumers.len();
+    let total =
+        topo.streams.len() + topo.buckets.len() + topo.object_stores.len() + topo.consumers.len();
     assert_eq!(
         missing.len(),
         total - 3,
@@ -56,6 +57,7 @@ async fn setup_aborted_half_way_completes_on_restart_without_duplicates() {
         .iter()
         .map(|s| s.name.to_string())
         .chain(topo.buckets.iter().map(|b| b.stream_name()))
+        .chain(topo.object_stores.iter().map(|o| o.stream_name()))
         .collect();
     expected.sort();
     assert_eq!(names, expected);
