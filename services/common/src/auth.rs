@@ -61,9 +61,21 @@ fn consume_stream(p: &mut Permissions, stream: &str) {
         format!("$JS.API.CONSUMER.DELETE.{stream}.*"),
         format!("$JS.ACK.{stream}.>"),
         format!("$JS.FC.{stream}.>"),
-        // Partition consumers: found by name, and released (unpinned) by their owner.
+    ] {
+        p.publish.insert(s);
+    }
+}
+
+/// The partitions of a stream, for their owner: found by name, pulled, acknowledged and
+/// released (unpinned). Setup creates the consumers; their owner cannot create or delete one.
+fn consume_partitions(p: &mut Permissions, stream: &str) {
+    for s in [
+        format!("$JS.API.STREAM.INFO.{stream}"),
+        format!("$JS.API.CONSUMER.INFO.{stream}.*"),
+        format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.*"),
         format!("$JS.API.CONSUMER.NAMES.{stream}"),
         format!("$JS.API.CONSUMER.UNPIN.{stream}.*"),
+        format!("$JS.ACK.{stream}.>"),
     ] {
         p.publish.insert(s);
     }
@@ -159,14 +171,27 @@ pub fn permissions(principal: Principal, topo: &Topology) -> Permissions {
             let role = Role::of(service);
             p.allow_responses = true;
             p.subscribe.insert(service.all_ops());
-            p.subscribe.insert("$SRV.>".into());
+            // The NATS service API, for its own name only: no other service's pings, so
+            // nothing can answer for it (partitions are balanced over the replicas that answer).
+            let name = service.nats_service_name();
+            p.subscribe.insert("$SRV.*".into());
+            p.subscribe.insert(format!("$SRV.*.{name}"));
+            p.subscribe.insert(format!("$SRV.*.{name}.*"));
             // Only the operations the table lets it call.
             for o in crate::operations::callable_by(principal) {
                 p.publish.insert(o.subject());
             }
             for s in role.consumes {
-                consume_stream(&mut p, s);
-                if topo.stream(s).is_some_and(|s| s.allow_direct) {
+                let spec = topo.stream(s);
+                if spec
+                    .and_then(|s| s.partitioning.as_ref())
+                    .is_some_and(|part| part.owner == service)
+                {
+                    consume_partitions(&mut p, s);
+                } else {
+                    consume_stream(&mut p, s);
+                }
+                if spec.is_some_and(|s| s.allow_direct) {
                     direct_get(&mut p, s);
                 }
             }

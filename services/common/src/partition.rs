@@ -5,16 +5,19 @@
 //!
 //! Every replica keeps one pull open on every partition: the pinned one gets the messages, the
 //! others wait on standby and take over when the pinned one stops pulling for the consumer's
-//! `priority_timeout` (pulls expire at a third of it, so a live replica never loses its pin by
-//! being slow to ask again). A pin is not a lock: a replica that was stopped or cut off can
+//! `priority_timeout`. Pulls expire at a third of it, and the pull is asked again between
+//! batches: a batch must be handled well within `priority_timeout`, or the partition moves (and
+//! the slow replica's writes are fenced). A pull is reopened (after unpinning) only when it
+//! broke, was fenced, or was given up for balance. A pin is not a lock: a replica that was stopped or cut off can
 //! resume with a batch in hand, and a consumer leader change clears the pin. So the handler
 //! fences every effect with a revision-checked write and says `Fenced` when one fails; the
 //! worker then drops that partition's batch without acking it (it is delivered again to the
 //! replica that holds the pin now) and reopens its pull.
 //!
 //! Balance: each replica aims for `ceil(partitions / live replicas)` pins, counting replicas by
-//! the NATS service API (`$SRV.PING`), and gives up the excess by draining that partition and
-//! unpinning it, so a new or restarted replica gets work. On shutdown it unpins what it holds,
+//! the NATS service API (`$SRV.PING`), and gives up the excess: it finishes the batch in hand,
+//! unpins the partition, hands back what the server had already sent it (nak), and stays off it
+//! for a moment, so a new or restarted replica gets work. On shutdown it unpins what it holds,
 //! so another replica takes over at once rather than after `priority_timeout`.
 
 use std::collections::BTreeMap;
@@ -242,7 +245,20 @@ async fn run_lane<M, F, Fut>(
             Ok((mut pull, limits)) => {
                 backoff = Duration::from_millis(200);
                 let ended = pull_batches(&ctx, &spec, &lane, &mut pull, limits, &*handler).await;
+                // What the server already sent this pull goes back at once (after the unpin
+                // below, so to the next holder), not after its ack_wait.
+                let unread = if matches!(ended, Ended::Released | Ended::Shutdown) {
+                    unread(&mut pull, spec.batch.max_messages * 2).await
+                } else {
+                    Vec::new()
+                };
                 drop(pull);
+                if !unread.is_empty() {
+                    release_pin(&stream, &lane, &group).await;
+                    for m in unread {
+                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                    }
+                }
                 ended
             }
             Err(Some(e)) => {
@@ -274,6 +290,18 @@ async fn run_lane<M, F, Fut>(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&lane.consumer);
+}
+
+/// Messages a pull already holds in its buffer (a short wait each, at most `max`).
+async fn unread(pull: &mut PullStream, max: usize) -> Vec<jetstream::Message> {
+    let mut out = Vec::new();
+    while out.len() < max {
+        match tokio::time::timeout(Duration::from_millis(50), pull.next()).await {
+            Ok(Some(Ok(m))) => out.push(m),
+            _ => break,
+        }
+    }
+    out
 }
 
 /// The lane's pull on its consumer's priority group, with expiries a third of the consumer's
@@ -333,7 +361,7 @@ where
     Fut: Future<Output = BatchOutcome>,
 {
     let slots = Arc::new(Semaphore::new(spec.batch.max_messages.max(1)));
-    loop {
+    'batches: loop {
         let first = tokio::select! {
             biased;
             _ = ctx.shutdown.triggered() => return Ended::Shutdown,
@@ -367,6 +395,14 @@ where
                 Some(Err(e)) => {
                     use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
                     let kind = e.kind();
+                    if kind == K::MissingHeartbeat {
+                        // The pull carries on (a slow machine, a stopped process resumed).
+                        tracing::debug!(consumer = %lane.consumer, "a missed heartbeat");
+                        if gathered.is_empty() {
+                            continue 'batches;
+                        }
+                        break;
+                    }
                     if gathered.is_empty() {
                         return if kind == K::ConsumerDeleted {
                             Ended::Deleted
@@ -557,15 +593,23 @@ async fn live_replicas(client: &async_nats::Client, name: &str) -> Option<usize>
         .publish_with_reply(format!("$SRV.PING.{name}"), inbox, bytes::Bytes::new())
         .await
         .ok()?;
-    let mut count = 0;
-    let first_wait = Duration::from_secs(1);
-    let quiet = Duration::from_millis(200);
-    let mut wait = first_wait;
-    while let Ok(Some(_)) = tokio::time::timeout(wait, answers.next()).await {
-        count += 1;
-        wait = quiet;
+    // Distinct instances of that name only: a stray answer does not count.
+    let mut ids = std::collections::BTreeSet::new();
+    let mut wait = Duration::from_secs(1);
+    while let Ok(Some(answer)) = tokio::time::timeout(wait, answers.next()).await {
+        #[derive(serde::Deserialize)]
+        struct Ping {
+            name: String,
+            id: String,
+        }
+        if let Ok(ping) = serde_json::from_slice::<Ping>(&answer.payload)
+            && ping.name == name
+        {
+            ids.insert(ping.id);
+        }
+        wait = Duration::from_millis(300);
     }
-    (count > 0).then_some(count)
+    (!ids.is_empty()).then_some(ids.len())
 }
 
 /// A key's message read by subject, after the key's cursor.
@@ -581,6 +625,10 @@ pub struct Stored {
 /// in stream order, read with direct gets. A delivery wakes a key up; it is not the unit of
 /// order: after a handover or a nak, the replica that holds the key applies what follows the
 /// key's cursor in stream order, and acks what is at or below it.
+///
+/// `upto` is the sequence of the delivered message, which matches `filter`: a read that does not
+/// reach it (a lagging replica answering a direct get) is an error to retry, never a short list
+/// that would let the caller ack a message it did not apply.
 pub async fn read_after(
     stream: &jetstream::stream::Stream,
     filter: &str,
@@ -606,5 +654,11 @@ pub async fn read_after(
             Err(e) => return Err(format!("reading `{filter}` after {after}: {e}")),
         }
     }
-    Ok(out)
+    match out.last() {
+        Some(m) if m.sequence == upto => Ok(out),
+        _ if upto <= after => Ok(out),
+        _ => Err(format!(
+            "reading `{filter}` after {after} did not reach {upto} (a replica behind?)"
+        )),
+    }
 }

@@ -326,7 +326,7 @@ impl Topology {
             bucket(
                 buckets::LEASES,
                 Duration::ZERO,
-                "leases: one holder per run, partition, sampler or relay",
+                "leases for work no stream delivers: the usage sampler, file-watch relays",
             ),
             bucket(
                 buckets::SANDBOXES,
@@ -467,7 +467,7 @@ impl Role {
                     streams::USAGE,
                     streams::DLQ,
                 ],
-                buckets: &[b::RUNS, b::LEASES],
+                buckets: &[b::RUNS],
                 object_stores: &[b::BLOBS],
             },
             Service::Executor => Role {
@@ -485,7 +485,7 @@ impl Role {
             Service::Billing => Role {
                 consumes: &[streams::USAGE],
                 publishes: &[streams::BILLED, streams::USAGE_REJECTED, streams::DLQ],
-                buckets: &[b::BILLING, b::BILLING_DEDUPE, b::QUOTAS, b::LEASES],
+                buckets: &[b::BILLING, b::BILLING_DEDUPE, b::QUOTAS],
                 object_stores: &[],
             },
             Service::Deployer => Role {
@@ -496,7 +496,7 @@ impl Role {
                     streams::USAGE,
                     streams::DLQ,
                 ],
-                buckets: &[b::DEPLOYMENTS, b::LEASES],
+                buckets: &[b::DEPLOYMENTS],
                 object_stores: &[],
             },
         }

@@ -5,13 +5,17 @@
 //! 1. record the stream's last sequence `S` and update the transform (`S + 1` is kept in the
 //!    stream's metadata, so a run cut short carries on);
 //! 2. create the new consumers from `S + 1`, paused;
-//! 3. wait until every old consumer has acknowledged everything up to `S` (the same wait also
-//!    takes over from the single durable of before partitioning);
+//! 3. wait until every old consumer has acknowledged everything stored up to the transform
+//!    change (read after it, so a message stored in between in the old form is handled by the
+//!    old set);
 //! 4. resume the new consumers and delete the old ones.
 //!
-//! Messages stored between steps 1's read and update may reach both sets; the effects of a
-//! partition's work are fenced and deduplicated per key (a run's cursor, billing's ids), so they
-//! apply once.
+//! Until they are deleted, the old consumers also receive new messages whose partition token
+//! they share, and some messages reach both sets: a key may be worked in two places during the
+//! move. The effects of a partition's work are fenced and deduplicated per key (a run's cursor,
+//! billing's ids), so each applies once. A second change while one is in progress is refused.
+//! The single durable of before partitioning is deleted, not drained: nothing pulls it, and what
+//! it had not handled keeps its un-partitioned subjects in the stream.
 
 use std::time::Duration;
 
@@ -48,6 +52,8 @@ pub struct PartitionState {
     pub current: Vec<String>,
     /// Of another count, or the single durable named after the owner (before partitioning).
     pub stale: Vec<String>,
+    /// The single durable of before partitioning, if it is still there.
+    pub legacy: Option<String>,
 }
 
 pub async fn partition_state(
@@ -71,7 +77,10 @@ pub async fn partition_state(
         match parse_partition_consumer(part.owner, &name) {
             Some((_, count)) if count == part.partitions => state.current.push(name),
             Some(_) => state.stale.push(name),
-            None if name == part.owner.as_str() => state.stale.push(name),
+            None if name == part.owner.as_str() => {
+                state.legacy = Some(name.clone());
+                state.stale.push(name);
+            }
             None => {}
         }
     }
@@ -157,7 +166,7 @@ pub(super) async fn repartition(
         .get_stream(stream.name)
         .await
         .map_err(|e| err(&resource, e))?;
-    let info = s.info().await.map_err(|e| err(&resource, e))?;
+    let info = s.info().await.map_err(|e| err(&resource, e))?.clone();
     let from_seq = info
         .config
         .metadata
@@ -182,15 +191,25 @@ pub(super) async fn repartition(
             .created
             .push(format!("consumer {}/{} (paused)", c.stream, c.durable));
     }
+    // Everything stored up to now, read after the transform changed: a message stored between
+    // the first read of `S` and the change still has the old form, so the old set must handle
+    // it too.
+    let drain_to = info.state.last_sequence;
     let deadline = tokio::time::Instant::now() + drain.timeout;
     let waiting = loop {
         let mut waiting = Vec::new();
-        for name in &state.stale {
+        // The single durable of before is not pulled by any partitioned worker: what it holds
+        // keeps its un-partitioned subjects in the stream (a rebuild reads both forms).
+        for name in state
+            .stale
+            .iter()
+            .filter(|n| Some(*n) != state.legacy.as_ref())
+        {
             let info = s
                 .consumer_info(name)
                 .await
                 .map_err(|e| err(&format!("consumer {}/{name}", stream.name), e))?;
-            if !drained(&info, from_seq.saturating_sub(1)) {
+            if !drained(&info, drain_to) {
                 waiting.push(name.clone());
             }
         }
@@ -207,7 +226,7 @@ pub(super) async fn repartition(
             actual: format!(
                 "moving: waiting for {} to handle what was stored up to {} (run `slipway setup --update` again)",
                 waiting.join(", "),
-                from_seq.saturating_sub(1)
+                drain_to
             ),
         });
         return Ok(());
@@ -218,6 +237,14 @@ pub(super) async fn repartition(
             .map_err(|e| err(&format!("consumer {}/{}", c.stream, c.durable), e))?;
     }
     for name in &state.stale {
+        if Some(name) == state.legacy.as_ref() {
+            let left = s
+                .consumer_info(name)
+                .await
+                .map(|i| i.num_pending + i.num_ack_pending as u64)
+                .unwrap_or(0);
+            tracing::warn!(consumer = %name, left, "deleting the durable of before partitioning; what it had not handled stays in the stream under its un-partitioned subjects");
+        }
         s.delete_consumer(name)
             .await
             .map_err(|e| err(&format!("consumer {}/{name}", stream.name), e))?;

@@ -358,3 +358,52 @@ async fn the_operations_table_is_the_authorization_both_ways() {
         );
     }
 }
+
+#[tokio::test]
+async fn each_service_verifies_its_part_and_owners_release_their_partitions_only() {
+    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
+    let keys = Keys::new();
+    let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
+    let (admin, _) = connect_as(&server, &keys, Principal::Admin).await;
+    let js = async_nats::jetstream::new(admin.clone());
+    slipway_common::setup::apply(&js, &topo, slipway_common::setup::Mode::CreateMissing)
+        .await
+        .unwrap();
+
+    // What each service checks before it is ready, with its own permissions.
+    for service in Service::ALL {
+        let (client, _) = connect_as(&server, &keys, Principal::Service(service)).await;
+        let sjs = async_nats::jetstream::new(client);
+        let drift = slipway_common::setup::verify(&sjs, &topo.for_service(service))
+            .await
+            .unwrap_or_else(|e| panic!("{service:?} cannot verify its part: {e}"));
+        assert!(drift.is_empty(), "{service:?}: {drift:?}");
+    }
+
+    // Billing releases its own partitions, and may neither delete one nor touch the planner's.
+    let (billing, _) = connect_as(&server, &keys, Principal::Service(Service::Billing)).await;
+    let bjs = async_nats::jetstream::new(billing);
+    let usage = bjs.get_stream("USAGE").await.unwrap();
+    usage
+        .unpin_consumer("billing-0-of-8", "billing")
+        .await
+        .expect("billing unpins its partition");
+    assert!(usage.delete_consumer("billing-0-of-8").await.is_err());
+    let runs = bjs.get_stream_no_info("RUN_COMMANDS").await.unwrap();
+    assert!(
+        runs.unpin_consumer("planner-0-of-8", "planner")
+            .await
+            .is_err()
+    );
+    let still: Vec<String> = {
+        use futures::TryStreamExt;
+        js.get_stream("USAGE")
+            .await
+            .unwrap()
+            .consumer_names()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    assert_eq!(still.len(), 8, "no consumer was deleted: {still:?}");
+}

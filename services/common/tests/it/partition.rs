@@ -416,13 +416,14 @@ async fn pinned_partitions_fail_over_fence_and_balance_with_10000_keys() {
     let held = owners(&client, &js, &live).await;
     let deposed = held.iter().max_by_key(|(_, p)| p.len()).unwrap().0.clone();
     let deposed = replicas.iter().find(|r| r.name == deposed).unwrap();
+    let logged_before = deposed.log().len();
     deposed.signal("STOP");
     tokio::time::sleep(PRIORITY_TIMEOUT + ACK_WAIT + Duration::from_secs(4)).await;
     deposed.signal("CONT");
     phase("deposed replica resumed");
     drained(&js, Duration::from_secs(180)).await;
     assert_exactly_once(&effects, &published).await;
-    let log = deposed.log();
+    let log = deposed.log()[logged_before..].to_string();
     assert!(
         log.contains("fence conflict"),
         "the deposed replica reports a fence conflict: {log}"
@@ -506,15 +507,11 @@ async fn a_changed_partition_count_is_drift_and_update_moves_over_with_nothing_l
     let dir = tempfile::tempdir().unwrap();
     let url = server.url();
     let four: Vec<String> = (0..4).map(|p| format!("planner-{p}-of-4")).collect();
+    let eight_names: Vec<String> = (0..8).map(|p| format!("planner-{p}-of-8")).collect();
     assert_eq!(partition_consumers(&js).await, four);
+    let stream = js.get_stream(streams::RUN_COMMANDS).await.unwrap();
 
-    let replicas = [
-        Replica::start(dir.path(), &url, "a", 1),
-        Replica::start(dir.path(), &url, "b", 1),
-    ];
-    for r in &replicas {
-        r.ready().await;
-    }
+    // A first wave waits in the four partitions: no worker runs yet.
     let keys = keys(10_000);
     let mut published = Published::default();
     published.wave(&js, &keys).await;
@@ -546,7 +543,51 @@ async fn a_changed_partition_count_is_drift_and_update_moves_over_with_nothing_l
         "without --update nothing moves"
     );
 
-    // --update while a second wave is published and both replicas keep working.
+    // `--update` with nobody draining the old set: cut short, the new set waits paused and
+    // has delivered nothing.
+    let short = DrainWait {
+        timeout: Duration::from_secs(1),
+        poll: Duration::from_millis(100),
+    };
+    let report = setup::apply_with(&js, &eight, Mode::Update, short)
+        .await
+        .unwrap();
+    assert!(
+        report
+            .drifted
+            .iter()
+            .any(|d| d.field == "partitions" && d.actual.contains("waiting")),
+        "{:?}",
+        report.drifted
+    );
+    let mut both = four.clone();
+    both.extend(eight_names.clone());
+    both.sort();
+    assert_eq!(partition_consumers(&js).await, both);
+    for name in &eight_names {
+        let info = stream.consumer_info(name).await.unwrap();
+        assert!(info.paused, "{name} waits paused");
+        assert_eq!(
+            (info.delivered.consumer_sequence, info.num_ack_pending),
+            (0, 0),
+            "{name} delivered nothing"
+        );
+    }
+    // A different count while that change is unfinished is refused.
+    let sixteen = Topology::new(&partitioned_settings(&url, 16).setup);
+    let refused = setup::apply_with(&js, &sixteen, Mode::Update, short)
+        .await
+        .unwrap_err();
+    assert!(refused.message.contains("still in progress"), "{refused}");
+
+    // Workers start; `--update` again, while a second wave is published: it carries on.
+    let replicas = [
+        Replica::start(dir.path(), &url, "a", 1),
+        Replica::start(dir.path(), &url, "b", 1),
+    ];
+    for r in &replicas {
+        r.ready().await;
+    }
     let publishing = {
         let (js, keys) = (js.clone(), keys.clone());
         tokio::spawn(async move {
@@ -573,9 +614,7 @@ async fn a_changed_partition_count_is_drift_and_update_moves_over_with_nothing_l
     let mut published = publishing.await.unwrap();
     published.wave(&js, &keys).await;
 
-    let eight_names: Vec<String> = (0..8).map(|p| format!("planner-{p}-of-8")).collect();
     assert_eq!(partition_consumers(&js).await, eight_names);
-    let stream = js.get_stream(streams::RUN_COMMANDS).await.unwrap();
     for name in &eight_names {
         let info = stream.consumer_info(name).await.unwrap();
         assert!(!info.paused, "{name} resumed");

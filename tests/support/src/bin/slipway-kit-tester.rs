@@ -58,7 +58,10 @@ impl Tester {
     }
 
     async fn apply(&self, item: &Item<RunCommand>) -> Result<Result<(), HandlerError>, Fenced> {
-        let key = item.message.run_id.clone();
+        // The key the partition was chosen from: the subject's, never the payload's.
+        let Some(key) = item.delivery.subject.split('.').nth(2).map(str::to_string) else {
+            return Ok(Err(HandlerError::permanent("subject", "not a run subject")));
+        };
         let retry = |e: String| Ok(Err(HandlerError::retry(Duration::from_millis(200), e)));
         let entry = match self.effects.entry(&key).await {
             Ok(e) => e,
