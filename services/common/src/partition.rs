@@ -240,6 +240,8 @@ async fn run_lane<M, F, Fut>(
         if ctx.shutdown.is_triggered() {
             break;
         }
+        // A release asked for before this pull opened is stale: this pull's pins are new.
+        let _ = lane.release.notified().now_or_never();
         let opened = open(&stream, &lane.consumer, &group, &spec.batch).await;
         let ended = match opened {
             Ok((mut pull, limits)) => {
