@@ -410,12 +410,22 @@ fn diff_object_store(
     topo: &Topology,
     actual: &stream::Config,
 ) -> Vec<Drift> {
+    diff_store(resource, spec.max_age, topo, actual)
+}
+
+/// What a KV bucket and an object store have in common: age, storage and replicas.
+fn diff_store(
+    resource: &str,
+    max_age: Duration,
+    topo: &Topology,
+    actual: &stream::Config,
+) -> Vec<Drift> {
     let mut d = Vec::new();
     push(
         &mut d,
         resource,
         "max_age",
-        secs(spec.max_age),
+        secs(max_age),
         secs(actual.max_age),
     );
     push(
@@ -591,27 +601,7 @@ fn diff_bucket(
         spec.history.to_string(),
         actual.max_messages_per_subject.to_string(),
     );
-    push(
-        &mut d,
-        resource,
-        "max_age",
-        secs(spec.max_age),
-        secs(actual.max_age),
-    );
-    push(
-        &mut d,
-        resource,
-        "storage",
-        format!("{:?}", storage(topo)),
-        format!("{:?}", actual.storage),
-    );
-    push(
-        &mut d,
-        resource,
-        "num_replicas",
-        topo.replicas.to_string(),
-        actual.num_replicas.to_string(),
-    );
+    d.extend(diff_store(resource, spec.max_age, topo, actual));
     d
 }
 

@@ -70,17 +70,22 @@ async fn violation(rx: &mut mpsc::UnboundedReceiver<String>) -> String {
         .unwrap()
 }
 
-#[tokio::test]
-async fn a_service_user_is_refused_subjects_outside_its_job() {
+/// A nats-server with the generated authorization and the topology set up by the admin.
+async fn secured() -> (Topology, Keys, NatsServer, async_nats::jetstream::Context) {
     let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
     let keys = Keys::new();
     let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
-
     let (admin, _) = connect_as(&server, &keys, Principal::Admin).await;
-    let js = async_nats::jetstream::new(admin.clone());
+    let js = async_nats::jetstream::new(admin);
     slipway_common::setup::apply(&js, &topo, slipway_common::setup::Mode::CreateMissing)
         .await
         .unwrap();
+    (topo, keys, server, js)
+}
+
+#[tokio::test]
+async fn a_service_user_is_refused_subjects_outside_its_job() {
+    let (_topo, keys, server, _admin) = secured().await;
 
     let (billing, mut errors) =
         connect_as(&server, &keys, Principal::Service(Service::Billing)).await;
@@ -164,14 +169,7 @@ fn each_service_publishes_only_its_own_event_kinds_and_usage() {
 #[tokio::test]
 async fn consumers_may_file_their_dead_letters_and_billing_its_refusals() {
     use slipway_common::deadletter::{self, Reason};
-    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
-    let keys = Keys::new();
-    let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
-    let (admin, _) = connect_as(&server, &keys, Principal::Admin).await;
-    let admin_js = async_nats::jetstream::new(admin.clone());
-    slipway_common::setup::apply(&admin_js, &topo, slipway_common::setup::Mode::CreateMissing)
-        .await
-        .unwrap();
+    let (_topo, keys, server, admin_js) = secured().await;
     let reason = |stream: &str, subject: &str| Reason {
         code: "test".into(),
         message: "filed by its consumer".into(),
@@ -361,14 +359,7 @@ async fn the_operations_table_is_the_authorization_both_ways() {
 
 #[tokio::test]
 async fn each_service_verifies_its_part_and_owners_release_their_partitions_only() {
-    let topo = Topology::new(&settings("nats://127.0.0.1:1", &[]).setup);
-    let keys = Keys::new();
-    let server = NatsServer::with_config(&authorization_config(&keys.users(), &topo)).unwrap();
-    let (admin, _) = connect_as(&server, &keys, Principal::Admin).await;
-    let js = async_nats::jetstream::new(admin.clone());
-    slipway_common::setup::apply(&js, &topo, slipway_common::setup::Mode::CreateMissing)
-        .await
-        .unwrap();
+    let (topo, keys, server, js) = secured().await;
 
     // What each service checks before it is ready, with its own permissions.
     for service in Service::ALL {
