@@ -5,10 +5,10 @@
 //!
 //! Every replica keeps one pull open on every partition: the pinned one gets the messages, the
 //! others wait on standby and take over when the pinned one stops pulling for the consumer's
-//! `priority_timeout`. Pulls expire at a third of it, and the pull is asked again between
-//! batches: a batch must be handled well within `priority_timeout`, or the partition moves (and
-//! the slow replica's writes are fenced). A pull is reopened (after unpinning) only when it
-//! broke, was fenced, or was given up for balance. A pin is not a lock: a replica that was stopped or cut off can
+//! `priority_timeout`. Pulls expire at a third of it and are read by their own task, so a
+//! replica keeps its pin while a batch takes however long it takes (each held message gets
+//! in-progress acks). A pull is reopened (after unpinning) only when it broke, was fenced, or
+//! was given up for balance. A pin is not a lock: a replica that was stopped or cut off can
 //! resume with a batch in hand, and a consumer leader change clears the pin. So the handler
 //! fences every effect with a revision-checked write and says `Fenced` when one fails; the
 //! worker then drops that partition's batch without acking it (it is delivered again to the
@@ -31,7 +31,8 @@ use async_nats::jetstream::consumer::pull::Stream as PullStream;
 use async_nats::jetstream::{self, AckKind};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use slipway_proto::WireMessage;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
 
 use crate::rpc::decode_message;
 use crate::subjects::Service;
@@ -244,23 +245,39 @@ async fn run_lane<M, F, Fut>(
         let _ = lane.release.notified().now_or_never();
         let opened = open(&stream, &lane.consumer, &group, &spec.batch).await;
         let ended = match opened {
-            Ok((mut pull, limits)) => {
+            Ok((pull, limits)) => {
                 backoff = Duration::from_millis(200);
-                let ended = pull_batches(&ctx, &spec, &lane, &mut pull, limits, &*handler).await;
-                // What the server already sent this pull goes back at once (after the unpin
-                // below, so to the next holder), not after its ack_wait.
-                let unread = if matches!(ended, Ended::Released | Ended::Shutdown) {
-                    unread(&mut pull, spec.batch.max_messages * 2).await
-                } else {
-                    Vec::new()
-                };
-                drop(pull);
-                if !unread.is_empty() {
+                let stop = CancellationToken::new();
+                let (mut read, reader) =
+                    spawn_reader(&ctx, &spec, lane.clone(), pull, limits, stop.clone());
+                let ended = pull_batches(&ctx, &spec, &lane, &mut read, limits, &*handler).await;
+                stop.cancel();
+                let mut held: Vec<Held> = Vec::new();
+                read.close();
+                while let Some(r) = read.recv().await {
+                    if let Read::Message(h) = r {
+                        held.push(h);
+                    }
+                }
+                let pull = reader.await.ok();
+                if matches!(ended, Ended::Released | Ended::Shutdown) {
+                    // Unpinned first, so the server sends this pull nothing more; then what it
+                    // had already sent goes back at once (to the next holder), not after its
+                    // ack_wait.
                     release_pin(&stream, &lane, &group).await;
+                    let unread = match pull {
+                        Some(mut pull) => unread(&mut pull, limits.max_held).await,
+                        None => Vec::new(),
+                    };
+                    for h in held {
+                        h.settle(AckKind::Nak(None)).await;
+                    }
                     for m in unread {
                         let _ = m.ack_with(AckKind::Nak(None)).await;
                     }
                 }
+                // Otherwise (fenced, broken) what it held is dropped unacknowledged: delivered
+                // again after its ack_wait, to whoever holds the partition then.
                 ended
             }
             Err(Some(e)) => {
@@ -329,6 +346,10 @@ async fn open(
     let limits = Limits {
         ack_wait: config.ack_wait.max(Duration::from_millis(300)),
         max_deliver: config.max_deliver,
+        max_held: usize::try_from(config.max_ack_pending)
+            .unwrap_or(0)
+            .clamp(1, 10_000)
+            + batch.max_messages,
     };
     let timeout = if config.priority_timeout.is_zero() {
         Duration::from_secs(120)
@@ -348,34 +369,40 @@ async fn open(
     Ok((pull, limits))
 }
 
-/// Gathers batches from the lane's pull and hands them to the handler until the pull ends.
-async fn pull_batches<M, F, Fut>(
+/// What a lane's reader hands to the lane.
+enum Read {
+    Message(Held),
+    Ended(Ended),
+}
+
+/// Reads the lane's pull in its own task, so the pull is renewed (and the pin kept) while a
+/// batch is being handled however long it takes; each message is held (in-progress acks) from
+/// the moment it arrives. Returns the pull when stopped, for what is still in its buffer.
+fn spawn_reader(
     ctx: &WorkerContext,
     spec: &PartitionSpec,
-    lane: &Lane,
-    pull: &mut PullStream,
+    lane: Arc<Lane>,
+    mut pull: PullStream,
     limits: Limits,
-    handler: &F,
-) -> Ended
-where
-    M: WireMessage + 'static,
-    F: Fn(u32, Vec<Item<M>>) -> Fut,
-    Fut: Future<Output = BatchOutcome>,
-{
-    let slots = Arc::new(Semaphore::new(spec.batch.max_messages.max(1)));
-    'batches: loop {
-        let first = tokio::select! {
-            biased;
-            _ = ctx.shutdown.triggered() => return Ended::Shutdown,
-            _ = lane.release.notified() => return Ended::Released,
-            next = pull.next() => next,
-        };
-        let mut gathered = Vec::new();
-        let mut bytes = 0;
-        let mut next = first;
-        let deadline = tokio::time::Instant::now() + spec.batch.max_wait;
+    stop: CancellationToken,
+) -> (
+    mpsc::UnboundedReceiver<Read>,
+    tokio::task::JoinHandle<PullStream>,
+) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ctx, stream) = (ctx.clone(), spec.stream.clone());
+    // The server sends no more than the consumer's `max_ack_pending` unacknowledged, so the
+    // reader never has to refuse one (and a replica never holds more than that).
+    let slots = Arc::new(Semaphore::new(limits.max_held));
+    let task = tokio::spawn(async move {
+        use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
         loop {
-            match next {
+            let next = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                next = pull.next() => next,
+            };
+            let read = match next {
                 Some(Ok(m)) => {
                     if let Some(pin) = m
                         .headers
@@ -384,53 +411,90 @@ where
                     {
                         lane.set_pin(Some(pin.as_str().to_string()));
                     }
-                    bytes += m.payload.len();
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        // More than a batch: not held, so back at once.
                         let _ = m.ack_with(AckKind::Nak(None)).await;
-                        break;
+                        continue;
                     };
-                    if let Some(h) = hold(ctx, m, &spec.stream, &lane.consumer, limits, slot) {
-                        gathered.push(h);
+                    match hold(&ctx, m, &stream, &lane.consumer, limits, slot) {
+                        Some(h) => Read::Message(h),
+                        None => continue,
                     }
                 }
+                // The pull carries on (a slow machine, a stopped process resumed).
+                Some(Err(e)) if e.kind() == K::MissingHeartbeat => {
+                    tracing::debug!(consumer = %lane.consumer, "a missed heartbeat");
+                    continue;
+                }
+                Some(Err(e)) if e.kind() == K::ConsumerDeleted => Read::Ended(Ended::Deleted),
                 Some(Err(e)) => {
-                    use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                    let kind = e.kind();
-                    if kind == K::MissingHeartbeat {
-                        // The pull carries on (a slow machine, a stopped process resumed).
-                        tracing::debug!(consumer = %lane.consumer, "a missed heartbeat");
-                        if gathered.is_empty() {
-                            continue 'batches;
-                        }
-                        break;
-                    }
-                    if gathered.is_empty() {
-                        return if kind == K::ConsumerDeleted {
-                            Ended::Deleted
-                        } else {
-                            tracing::debug!(consumer = %lane.consumer, error = %e, "a partition pull ended");
-                            Ended::Failed
-                        };
-                    }
-                    break;
+                    tracing::debug!(consumer = %lane.consumer, error = %e, "a partition pull ended");
+                    Read::Ended(Ended::Failed)
                 }
-                None if gathered.is_empty() => return Ended::Failed,
-                None => break,
-            }
-            if gathered.len() >= spec.batch.max_messages || bytes >= spec.batch.max_bytes {
+                None => Read::Ended(Ended::Failed),
+            };
+            let last = matches!(read, Read::Ended(_));
+            if tx.send(read).is_err() || last {
                 break;
             }
-            next = match tokio::time::timeout_at(deadline, pull.next()).await {
-                Ok(n) => n,
-                Err(_) => break,
-            };
         }
-        if gathered.is_empty() {
-            continue;
+        pull
+    });
+    (rx, task)
+}
+
+/// Gathers batches from the lane's reader and hands them to the handler, one at a time, until
+/// the pull ends, the partition is fenced or released, or shutdown.
+async fn pull_batches<M, F, Fut>(
+    ctx: &WorkerContext,
+    spec: &PartitionSpec,
+    lane: &Lane,
+    read: &mut mpsc::UnboundedReceiver<Read>,
+    limits: Limits,
+    handler: &F,
+) -> Ended
+where
+    M: WireMessage + 'static,
+    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    Fut: Future<Output = BatchOutcome>,
+{
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = ctx.shutdown.triggered() => return Ended::Shutdown,
+            _ = lane.release.notified() => return Ended::Released,
+            r = read.recv() => r,
+        };
+        let first = match first {
+            Some(Read::Message(h)) => h,
+            Some(Read::Ended(ended)) => return ended,
+            None => return Ended::Failed,
+        };
+        let mut bytes = first.delivery.payload_len;
+        let mut gathered = vec![first];
+        let mut ended = None;
+        let deadline = tokio::time::Instant::now() + spec.batch.max_wait;
+        while gathered.len() < spec.batch.max_messages && bytes < spec.batch.max_bytes {
+            match tokio::time::timeout_at(deadline, read.recv()).await {
+                Ok(Some(Read::Message(h))) => {
+                    bytes += h.delivery.payload_len;
+                    gathered.push(h);
+                }
+                Ok(Some(Read::Ended(e))) => {
+                    ended = Some(e);
+                    break;
+                }
+                Ok(None) => {
+                    ended = Some(Ended::Failed);
+                    break;
+                }
+                Err(_) => break,
+            }
         }
         if !handle(ctx, spec, lane, gathered, limits, handler).await {
             return Ended::Fenced;
+        }
+        if let Some(ended) = ended {
+            return ended;
         }
     }
 }
@@ -539,7 +603,7 @@ async fn release_pin(stream: &jetstream::stream::Stream, lane: &Lane, group: &st
     let Some(mine) = lane.pin() else { return };
     if server_pin(stream, &lane.consumer).await.as_deref() == Some(mine.as_str()) {
         match stream.unpin_consumer(&lane.consumer, group).await {
-            Ok(()) => tracing::debug!(consumer = %lane.consumer, "unpinned"),
+            Ok(()) => tracing::info!(consumer = %lane.consumer, "unpinned"),
             Err(e) => tracing::debug!(consumer = %lane.consumer, error = %e, "unpinning"),
         }
     }

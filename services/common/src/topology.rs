@@ -56,6 +56,7 @@ pub struct Partitioning {
     /// How long the server keeps a partition pinned to a client that stopped pulling.
     pub priority_timeout: Duration,
     pub ack_wait: Duration,
+    pub max_ack_pending: i64,
 }
 
 impl Partitioning {
@@ -208,6 +209,7 @@ impl Topology {
             owner,
             priority_timeout: Duration::from_millis(settings.priority_timeout_ms),
             ack_wait: Duration::from_secs(settings.partition_ack_wait_sec),
+            max_ack_pending: settings.partition_max_ack_pending,
         };
         let days = |d: u64| DAY * u32::try_from(d).unwrap_or(u32::MAX);
         let streams = vec![
@@ -433,7 +435,7 @@ pub fn partition_consumers(
             filter_subject: part.filter(p),
             ack_wait: part.ack_wait,
             max_deliver,
-            max_ack_pending: 1000,
+            max_ack_pending: part.max_ack_pending,
             description: format!(
                 "{}: partition {p} of {}",
                 part.owner.as_str(),

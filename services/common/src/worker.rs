@@ -220,6 +220,8 @@ impl Drop for Held {
 pub(crate) struct Limits {
     pub(crate) ack_wait: Duration,
     pub(crate) max_deliver: i64,
+    /// Messages held at once (partition lanes: the consumer's `max_ack_pending`).
+    pub(crate) max_held: usize,
 }
 
 async fn open(
@@ -247,6 +249,7 @@ async fn open(
     let limits = Limits {
         ack_wait: info.config.ack_wait.max(Duration::from_millis(300)),
         max_deliver: info.config.max_deliver,
+        max_held: spec.max_held,
     };
     Ok((consumer, limits))
 }

@@ -170,6 +170,9 @@ pub struct SetupSettings {
     /// `ack_wait` of the partition consumers: how long a message handed to a replica that died
     /// waits before it is delivered again.
     pub partition_ack_wait_sec: u64,
+    /// Messages of one partition delivered and not yet acknowledged at once: what a replica
+    /// holds (and what waits for `ack_wait` when it dies).
+    pub partition_max_ack_pending: i64,
     /// How long the `slipway_blobs` object store keeps a value (plans, model outputs).
     pub blobs_max_age_days: u64,
 }
@@ -424,6 +427,9 @@ impl Settings {
         if !(1..=3600).contains(&s.partition_ack_wait_sec) {
             return Err(invalid("setup.partition_ack_wait_sec", "1 to 3600 seconds"));
         }
+        if !(1..=10_000).contains(&s.partition_max_ack_pending) {
+            return Err(invalid("setup.partition_max_ack_pending", "1 to 10000"));
+        }
         if !(1..=3650).contains(&s.blobs_max_age_days) {
             return Err(invalid("setup.blobs_max_age_days", "1 to 3650 days"));
         }
@@ -506,6 +512,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("setup.run_command_partitions", "8"),
     ("setup.priority_timeout_ms", "6000"),
     ("setup.partition_ack_wait_sec", "10"),
+    ("setup.partition_max_ack_pending", "256"),
     ("setup.blobs_max_age_days", "30"),
     ("service.max_in_flight", "64"),
     ("service.grace_period_ms", "25000"),

@@ -469,8 +469,9 @@ async fn pinned_partitions_fail_over_fence_and_balance_with_10000_keys() {
     };
     println!("balanced after {:?}: {balanced:?}", joined.elapsed());
 
-    // SIGTERM: the replica unpins what it holds, so its partitions move without waiting for
-    // priority_timeout.
+    // SIGTERM: the replica unpins what it holds (it says so, and the server's pins change), so
+    // its partitions move without waiting for priority_timeout (the time is printed, not
+    // asserted: the machine is shared).
     let leaving = replicas
         .iter()
         .find(|r| !balanced[&r.name].is_empty())
@@ -481,18 +482,27 @@ async fn pinned_partitions_fail_over_fence_and_balance_with_10000_keys() {
     let termed = Instant::now();
     loop {
         let now = server_pins(&js).await;
-        if its.iter().all(|c| now[c].is_some() && now[c] != before[c]) {
+        if its.iter().all(|c| now[c] != before[c]) {
             break;
         }
         assert!(
-            termed.elapsed() < PRIORITY_TIMEOUT,
+            termed.elapsed() < Duration::from_secs(30),
             "{its:?} still pinned to the stopping replica: {now:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let released = termed.elapsed();
+    let log = leaving.log();
+    for c in &its {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("unpinned") && l.contains(c.as_str())),
+            "{} unpinned {c}: {log}",
+            leaving.name
+        );
+    }
     println!(
-        "after SIGTERM, {its:?} pinned elsewhere within {:?}",
-        termed.elapsed()
+        "after SIGTERM, {its:?} released within {released:?} (priority_timeout {PRIORITY_TIMEOUT:?})"
     );
     stop.store(true, Ordering::Relaxed);
     let published = traffic.await.unwrap();
@@ -629,4 +639,51 @@ async fn a_changed_partition_count_is_drift_and_update_moves_over_with_nothing_l
         .unwrap();
     let p: u32 = last.subject.rsplit('.').next().unwrap().parse().unwrap();
     assert!(p < 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_longer_than_priority_timeout_keeps_its_pin() {
+    let server = NatsServer::start().unwrap();
+    let (js, effects) = prepare(&server, 8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url();
+    // Each message takes longer than priority_timeout to apply; a standby replica waits.
+    let slow = PRIORITY_TIMEOUT + Duration::from_millis(500);
+    let replicas = [
+        Replica::start(dir.path(), &url, "a", slow.as_millis() as u64),
+        Replica::start(dir.path(), &url, "b", slow.as_millis() as u64),
+    ];
+    for r in &replicas {
+        r.ready().await;
+    }
+    let keys = keys(24);
+    let mut published = Published::default();
+    published.wave(&js, &keys).await;
+    // Sampled at the server while the batches run: a pin, once given, never moves.
+    let mut first: BTreeMap<String, String> = BTreeMap::new();
+    let started = Instant::now();
+    loop {
+        for (consumer, pin) in server_pins(&js).await {
+            if let Some(pin) = pin {
+                let was = first.entry(consumer.clone()).or_insert_with(|| pin.clone());
+                assert_eq!(*was, pin, "{consumer} moved while its batch ran");
+            }
+        }
+        let stream = js.get_stream(streams::RUN_COMMANDS).await.unwrap();
+        let mut busy = false;
+        for name in partition_consumers(&js).await {
+            let info = stream.consumer_info(&name).await.unwrap();
+            busy |= info.num_pending > 0 || info.num_ack_pending > 0;
+        }
+        if !busy {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "not drained");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!first.is_empty());
+    assert_exactly_once(&effects, &published).await;
+    for r in &replicas {
+        assert!(!r.log().contains("fence conflict"), "{}", r.log());
+    }
 }
