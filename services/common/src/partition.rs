@@ -256,7 +256,7 @@ async fn run_lane<M, F, Fut>(
                 read.close();
                 while let Some(r) = read.recv().await {
                     if let Read::Message(h) = r {
-                        held.push(h);
+                        held.push(*h);
                     }
                 }
                 let pull = reader.await.ok();
@@ -371,7 +371,7 @@ async fn open(
 
 /// What a lane's reader hands to the lane.
 enum Read {
-    Message(Held),
+    Message(Box<Held>),
     Ended(Ended),
 }
 
@@ -416,7 +416,7 @@ fn spawn_reader(
                         continue;
                     };
                     match hold(&ctx, m, &stream, &lane.consumer, limits, slot) {
-                        Some(h) => Read::Message(h),
+                        Some(h) => Read::Message(Box::new(h)),
                         None => continue,
                     }
                 }
@@ -465,7 +465,7 @@ where
             r = read.recv() => r,
         };
         let first = match first {
-            Some(Read::Message(h)) => h,
+            Some(Read::Message(h)) => *h,
             Some(Read::Ended(ended)) => return ended,
             None => return Ended::Failed,
         };
@@ -477,7 +477,7 @@ where
             match tokio::time::timeout_at(deadline, read.recv()).await {
                 Ok(Some(Read::Message(h))) => {
                     bytes += h.delivery.payload_len;
-                    gathered.push(h);
+                    gathered.push(*h);
                 }
                 Ok(Some(Read::Ended(e))) => {
                     ended = Some(e);
