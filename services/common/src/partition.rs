@@ -63,6 +63,9 @@ pub struct PartitionSpec {
     pub balance_every: Duration,
     /// How long a partition given up stays unpulled here, so another replica takes it.
     pub standby_pause: Duration,
+    /// Longest a batch may run: past it the batch counts as fenced (dropped unacknowledged, the
+    /// partition released), so a stuck handler cannot hold a partition for ever.
+    pub max_batch_time: Duration,
 }
 
 impl PartitionSpec {
@@ -74,6 +77,7 @@ impl PartitionSpec {
             presence: owner.nats_service_name(),
             balance_every: Duration::from_secs(2),
             standby_pause: Duration::from_secs(5),
+            max_batch_time: Duration::from_secs(600),
         }
     }
 }
@@ -252,32 +256,18 @@ async fn run_lane<M, F, Fut>(
                     spawn_reader(&ctx, &spec, lane.clone(), pull, limits, stop.clone());
                 let ended = pull_batches(&ctx, &spec, &lane, &mut read, limits, &*handler).await;
                 stop.cancel();
-                let mut held: Vec<Held> = Vec::new();
                 read.close();
+                let mut held: Vec<Held> = Vec::new();
                 while let Some(r) = read.recv().await {
                     if let Read::Message(h) = r {
                         held.push(*h);
                     }
                 }
-                let pull = reader.await.ok();
-                if matches!(ended, Ended::Released | Ended::Shutdown) {
-                    // Unpinned first, so the server sends this pull nothing more; then what it
-                    // had already sent goes back at once (to the next holder), not after its
-                    // ack_wait.
-                    release_pin(&stream, &lane, &group).await;
-                    let unread = match pull {
-                        Some(mut pull) => unread(&mut pull, limits.max_held).await,
-                        None => Vec::new(),
-                    };
-                    for h in held {
-                        h.settle(AckKind::Nak(None)).await;
-                    }
-                    for m in unread {
-                        let _ = m.ack_with(AckKind::Nak(None)).await;
-                    }
+                if let Ok((pull, unsent)) = reader.await {
+                    held.extend(unsent);
+                    let left = Leftover { pull, held, limits };
+                    hand_back(&ctx, &spec, &stream, &lane, &group, left, &ended, &*handler).await;
                 }
-                // Otherwise (fenced, broken) what it held is dropped unacknowledged: delivered
-                // again after its ack_wait, to whoever holds the partition then.
                 ended
             }
             Err(Some(e)) => {
@@ -311,12 +301,110 @@ async fn run_lane<M, F, Fut>(
         .remove(&lane.consumer);
 }
 
-/// Messages a pull already holds in its buffer (a short wait each, at most `max`).
-async fn unread(pull: &mut PullStream, max: usize) -> Vec<jetstream::Message> {
+/// What a stint leaves: its pull, and messages read but not handled.
+struct Leftover {
+    pull: PullStream,
+    held: Vec<Held>,
+    limits: Limits,
+}
+
+/// Settles what a stint leaves. On release or shutdown the partition is unpinned (so the server
+/// sends this pull nothing more) and what it had sent goes back at once (nak) to the next holder;
+/// fenced or broken, it comes back after its ack_wait. A message on its last delivery is never
+/// handed back, which would lose it: it is handled here on release or shutdown, and otherwise
+/// dead-lettered with the reason.
+#[allow(clippy::too_many_arguments)]
+async fn hand_back<M, F, Fut>(
+    ctx: &WorkerContext,
+    spec: &PartitionSpec,
+    stream: &jetstream::stream::Stream,
+    lane: &Lane,
+    group: &str,
+    left: Leftover,
+    ended: &Ended,
+    handler: &F,
+) where
+    M: WireMessage + 'static,
+    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    Fut: Future<Output = BatchOutcome>,
+{
+    let Leftover {
+        mut pull,
+        held,
+        limits,
+    } = left;
+    let releasing = matches!(ended, Ended::Released | Ended::Shutdown);
+    let (last, rest): (Vec<Held>, Vec<Held>) =
+        held.into_iter().partition(|h| h.delivery.last_attempt);
+    let mut rest = rest;
+    if releasing {
+        if !last.is_empty() {
+            handle(ctx, spec, lane, last, limits, handler).await;
+        }
+        // A standby pull (no pin) was sent nothing.
+        if lane.pin().is_some() {
+            release_pin(stream, lane, group).await;
+            let slots = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+            let mut late_last = Vec::new();
+            for m in unread(&mut pull, lane, limits.max_held).await {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                if let Some(h) = hold(ctx, m, &spec.stream, &lane.consumer, limits, slot) {
+                    if h.delivery.last_attempt {
+                        late_last.push(h);
+                    } else {
+                        rest.push(h);
+                    }
+                }
+            }
+            if !late_last.is_empty() {
+                handle(ctx, spec, lane, late_last, limits, handler).await;
+            }
+        }
+        drop(pull);
+        for h in rest {
+            h.settle(AckKind::Nak(None)).await;
+        }
+    } else {
+        drop(pull);
+        for h in last {
+            give_up_last(ctx, h, limits, "the partition moved to another replica").await;
+        }
+        // `rest` is dropped unacknowledged: delivered again after its ack_wait.
+    }
+}
+
+/// A message on its last delivery that this replica may no longer handle: dead-lettered with the
+/// reason (a nak or a drop would let the server discard it).
+async fn give_up_last(ctx: &WorkerContext, h: Held, limits: Limits, why: &str) {
+    settle(
+        ctx,
+        h,
+        Err(HandlerError::retry(Duration::ZERO, why)),
+        limits,
+    )
+    .await;
+}
+
+/// Messages a pull already holds in its buffer, read for at most half a second (at most `max`);
+/// a pin id they carry is recorded, so the lane can release it.
+async fn unread(pull: &mut PullStream, lane: &Lane, max: usize) -> Vec<jetstream::Message> {
     let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
     while out.len() < max {
-        match tokio::time::timeout(Duration::from_millis(50), pull.next()).await {
-            Ok(Some(Ok(m))) => out.push(m),
+        let wait = tokio::time::Instant::now() + Duration::from_millis(50);
+        match tokio::time::timeout_at(wait.min(deadline), pull.next()).await {
+            Ok(Some(Ok(m))) => {
+                if let Some(pin) = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+                {
+                    lane.set_pin(Some(pin.as_str().to_string()));
+                }
+                out.push(m);
+            }
             _ => break,
         }
     }
@@ -387,15 +475,17 @@ fn spawn_reader(
     stop: CancellationToken,
 ) -> (
     mpsc::UnboundedReceiver<Read>,
-    tokio::task::JoinHandle<PullStream>,
+    tokio::task::JoinHandle<(PullStream, Vec<Held>)>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel();
     let (ctx, stream) = (ctx.clone(), spec.stream.clone());
-    // The server sends no more than the consumer's `max_ack_pending` unacknowledged, so the
-    // reader never has to refuse one (and a replica never holds more than that).
-    let slots = Arc::new(Semaphore::new(limits.max_held));
+    // The server sends no more than the consumer's `max_ack_pending` unacknowledged: that is the
+    // bound on what a replica holds, so the reader never refuses a message (a nak would come
+    // straight back to this pinned pull and use up its deliveries).
+    let slots = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
     let task = tokio::spawn(async move {
         use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
+        let mut unsent = Vec::new();
         loop {
             let next = tokio::select! {
                 biased;
@@ -412,8 +502,7 @@ fn spawn_reader(
                         lane.set_pin(Some(pin.as_str().to_string()));
                     }
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
-                        let _ = m.ack_with(AckKind::Nak(None)).await;
-                        continue;
+                        break;
                     };
                     match hold(&ctx, m, &stream, &lane.consumer, limits, slot) {
                         Some(h) => Read::Message(Box::new(h)),
@@ -433,11 +522,18 @@ fn spawn_reader(
                 None => Read::Ended(Ended::Failed),
             };
             let last = matches!(read, Read::Ended(_));
-            if tx.send(read).is_err() || last {
+            if let Err(mpsc::error::SendError(read)) = tx.send(read) {
+                // The lane stopped reading: the message is handed back with the pull.
+                if let Read::Message(h) = read {
+                    unsent.push(*h);
+                }
+                break;
+            }
+            if last {
                 break;
             }
         }
-        pull
+        (pull, unsent)
     });
     (rx, task)
 }
@@ -491,7 +587,8 @@ where
             }
         }
         if !handle(ctx, spec, lane, gathered, limits, handler).await {
-            return Ended::Fenced;
+            // A pull that ended meanwhile says more (a deleted consumer is not reopened).
+            return ended.unwrap_or(Ended::Fenced);
         }
         if let Some(ended) = ended {
             return ended;
@@ -534,18 +631,24 @@ where
     let outcome = if items.is_empty() {
         Ok(Vec::new())
     } else {
-        AssertUnwindSafe(handler(lane.partition, items))
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|_| {
-                Ok(vec![
-                    Err(HandlerError::retry(
-                        Duration::from_secs(1),
-                        "the handler panicked"
-                    ));
-                    count
-                ])
-            })
+        let call = AssertUnwindSafe(handler(lane.partition, items)).catch_unwind();
+        match tokio::time::timeout(spec.max_batch_time, call).await {
+            Ok(outcome) => outcome,
+            // A stuck handler must not hold the partition for ever: its writes are fenced.
+            Err(_) => Ok(Err(Fenced(format!(
+                "the batch took longer than {:?}",
+                spec.max_batch_time
+            )))),
+        }
+        .unwrap_or_else(|_| {
+            Ok(vec![
+                Err(HandlerError::retry(
+                    Duration::from_secs(1),
+                    "the handler panicked"
+                ));
+                count
+            ])
+        })
     };
     ctx.metrics.observe_handler(
         &spec.stream,
@@ -563,13 +666,14 @@ where
                 dropped = held.len(),
                 "fence conflict: another replica holds this partition now; dropping the batch unacknowledged"
             );
-            for h in &held {
-                let _ = h;
+            for h in held {
                 ctx.metrics
                     .count_consumer(&spec.stream, &lane.consumer, "fenced");
+                if h.delivery.last_attempt {
+                    give_up_last(ctx, h, limits, "fenced on its last delivery").await;
+                }
+                // Dropped: its in-progress acks stop, and the new holder gets it.
             }
-            // Dropping them stops their in-progress acks: the new holder gets them.
-            drop(held);
             for (h, outcome) in settled {
                 settle(ctx, h, outcome, limits).await;
             }

@@ -54,9 +54,20 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &Path, url: &str, name: &str, apply_delay_ms: u64) -> Replica {
+        Self::start_with(dir, url, name, apply_delay_ms, &[])
+    }
+
+    fn start_with(
+        dir: &Path,
+        url: &str,
+        name: &str,
+        apply_delay_ms: u64,
+        env: &[(&str, &str)],
+    ) -> Replica {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new(workspace_bin("slipway-kit-tester").unwrap())
             .args([url, name, &apply_delay_ms.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -686,4 +697,30 @@ async fn a_batch_longer_than_priority_timeout_keeps_its_pin() {
     for r in &replicas {
         assert!(!r.log().contains("fence conflict"), "{}", r.log());
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_batch_gives_its_partition_up_and_another_replica_applies_it() {
+    let server = NatsServer::start().unwrap();
+    let (js, effects) = prepare(&server, 8).await;
+    let dir = tempfile::tempdir().unwrap();
+    let url = server.url();
+    // "stuck" never finishes a message within its batch bound; "well" does.
+    let stuck = Replica::start_with(
+        dir.path(),
+        &url,
+        "stuck",
+        60_000,
+        &[("SLIPWAY_KIT_MAX_BATCH_MS", "1000")],
+    );
+    stuck.ready().await;
+    let keys = keys(16);
+    let mut published = Published::default();
+    published.wave(&js, &keys).await;
+    let well = Replica::start(dir.path(), &url, "well", 1);
+    well.ready().await;
+    drained(&js, Duration::from_secs(120)).await;
+    assert_exactly_once(&effects, &published).await;
+    let log = stuck.log();
+    assert!(log.contains("took longer than"), "{log}");
 }

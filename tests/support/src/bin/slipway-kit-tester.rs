@@ -10,6 +10,7 @@
 //!
 //! Usage: `slipway-kit-tester <nats-url> <instance> <apply-delay-ms>`; answers
 //! `kit.tester.<instance>.pins` with its pins as JSON; stops on SIGTERM (unpinning).
+//! `SLIPWAY_KIT_MAX_BATCH_MS` bounds a batch (`PartitionSpec::max_batch_time`).
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -181,6 +182,10 @@ async fn main() -> Result<()> {
             max_bytes: 1 << 20,
             max_wait: Duration::from_millis(20),
         },
+        max_batch_time: std::env::var("SLIPWAY_KIT_MAX_BATCH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(600), Duration::from_millis),
         ..PartitionSpec::new(streams::RUN_COMMANDS, Service::Planner)
     };
     let handler = {
