@@ -100,6 +100,17 @@ impl Lane {
     fn set_pin(&self, pin: Option<String>) {
         *self.pin.lock().unwrap_or_else(|p| p.into_inner()) = pin;
     }
+
+    /// Records the pin a delivered message carries (`Nats-Pin-Id`).
+    fn saw(&self, m: &jetstream::Message) {
+        if let Some(pin) = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
+        {
+            self.set_pin(Some(pin.as_str().to_string()));
+        }
+    }
 }
 
 /// What runs of a partitioned worker: the lanes (one per partition consumer) of this replica.
@@ -396,13 +407,7 @@ async fn unread(pull: &mut PullStream, lane: &Lane, max: usize) -> Vec<jetstream
         let wait = tokio::time::Instant::now() + Duration::from_millis(50);
         match tokio::time::timeout_at(wait.min(deadline), pull.next()).await {
             Ok(Some(Ok(m))) => {
-                if let Some(pin) = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
-                {
-                    lane.set_pin(Some(pin.as_str().to_string()));
-                }
+                lane.saw(&m);
                 out.push(m);
             }
             _ => break,
@@ -494,13 +499,7 @@ fn spawn_reader(
             };
             let read = match next {
                 Some(Ok(m)) => {
-                    if let Some(pin) = m
-                        .headers
-                        .as_ref()
-                        .and_then(|h| h.get_last(async_nats::header::NATS_PIN_ID))
-                    {
-                        lane.set_pin(Some(pin.as_str().to_string()));
-                    }
+                    lane.saw(&m);
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
                         break;
                     };

@@ -101,27 +101,6 @@ pub async fn apply_with(
                 let repartition = spec.partitioning.is_some()
                     && actual.subject_transform != expected.subject_transform;
                 if repartition && mode == Mode::Update {
-                    if let Some(part) = &spec.partitioning {
-                        let state = partitions::partition_state(js, spec.name, part).await?;
-                        // Consumers of two counts: an earlier change is not finished.
-                        let counts: std::collections::BTreeSet<u32> = state
-                            .current
-                            .iter()
-                            .chain(&state.stale)
-                            .filter_map(|c| {
-                                crate::topology::parse_partition_consumer(part.owner, c)
-                            })
-                            .map(|(_, count)| count)
-                            .collect();
-                        if counts.len() > 1 {
-                            return Err(err(
-                                &resource,
-                                format!(
-                                    "a change of partitions is still in progress (consumers of {counts:?} partitions); finish it with the count it was started with before changing it again"
-                                ),
-                            ));
-                        }
-                    }
                     // Marks where the new partitioning starts, for the new consumers.
                     partitions::update_transform(js, spec, expected).await?;
                     report.updated.push(resource);

@@ -106,13 +106,33 @@ pub fn stale_drift(stream: &str, part: &Partitioning, state: &PartitionState) ->
         .collect()
 }
 
-/// Step 1: the new transform, with where it starts.
+/// Step 1: the new transform, with where it starts; refused while an earlier change is
+/// unfinished.
 pub(super) async fn update_transform(
     js: &jetstream::Context,
     spec: &StreamSpec,
     mut expected: jetstream::stream::Config,
 ) -> Result<(), SetupError> {
     let resource = format!("stream {}", spec.name);
+    if let Some(part) = &spec.partitioning {
+        // Consumers of two counts: an earlier change is not finished.
+        let state = partition_state(js, spec.name, part).await?;
+        let counts: std::collections::BTreeSet<u32> = state
+            .current
+            .iter()
+            .chain(&state.stale)
+            .filter_map(|c| parse_partition_consumer(part.owner, c))
+            .map(|(_, count)| count)
+            .collect();
+        if counts.len() > 1 {
+            return Err(err(
+                &resource,
+                format!(
+                    "a change of partitions is still in progress (consumers of {counts:?} partitions); finish it with the count it was started with before changing it again"
+                ),
+            ));
+        }
+    }
     let mut stream = js
         .get_stream(spec.name)
         .await
