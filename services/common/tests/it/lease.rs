@@ -49,15 +49,26 @@ async fn a_lease_has_one_holder_and_its_revision_fences_the_others() {
     assert_eq!(&stored, held.lease());
     assert_eq!(b.current(name).await.unwrap(), Some((stored, revision)));
 
-    let renewed = a.renew(&held, ttl).await.unwrap();
+    assert_eq!(held.name(), name);
+    assert_eq!((a.holder(), b.holder()), ("a", "b"));
+
+    // Renewed for longer than it was taken: the expiry and the renewal time move, the
+    // acquisition time stays, and what is returned is what is stored.
+    let renewed = a.renew(&held, ttl * 2).await.unwrap();
     assert!(
         renewed.revision() > held.revision(),
         "a renewal moves the fence"
     );
+    assert_eq!(renewed.name(), name);
     assert_eq!(renewed.lease().acquired_at, held.lease().acquired_at);
     let at = |t: &Option<pbjson_types::Timestamp>| t.map(|t| (t.seconds, t.nanos)).unwrap();
-    assert!(at(&renewed.lease().expires_at) >= at(&held.lease().expires_at));
+    assert!(at(&renewed.lease().expires_at) > at(&held.lease().expires_at));
+    assert!(at(&renewed.lease().renewed_at) > at(&held.lease().renewed_at));
     assert!(at(&renewed.lease().expires_at) > at(&renewed.lease().renewed_at));
+    assert_eq!(
+        a.current(name).await.unwrap(),
+        Some((renewed.lease().clone(), renewed.revision()))
+    );
     let stale = a.renew(&held, ttl).await;
     assert!(
         matches!(stale, Err(LeaseError::Lost { revision, .. }) if revision == held.revision()),
@@ -160,4 +171,26 @@ async fn wrong_leases_and_arguments_are_refused() {
         .await
         .unwrap_err();
     assert!(matches!(e, LeaseError::Record(_)), "{e}");
+}
+
+#[tokio::test]
+async fn a_release_that_cannot_reach_the_bucket_is_a_store_error_not_a_lost_lease() {
+    let server = NatsServer::start().unwrap();
+    let store = bucket(&server).await;
+    let a = Leases::new(store.clone(), "a").unwrap();
+    let held = a
+        .try_acquire("sampler", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    async_nats::jetstream::new(client)
+        .delete_key_value("leases")
+        .await
+        .unwrap();
+    let released = a.release(held).await;
+    assert!(
+        matches!(released, Err(LeaseError::Record(_))),
+        "{released:?}"
+    );
 }
