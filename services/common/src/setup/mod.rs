@@ -128,7 +128,7 @@ pub async fn apply_with(
                 report.created.push(resource);
             }
             Some(actual) => {
-                let drift = diff_object_store(&resource, spec, topo, &actual);
+                let drift = diff_store(&resource, spec.max_age, topo, &actual);
                 settle(&mut report, resource, drift, mode, || async {
                     let mut config = actual.clone();
                     config.max_age = spec.max_age;
@@ -267,7 +267,7 @@ pub async fn verify(js: &jetstream::Context, topo: &Topology) -> Result<Vec<Drif
         let resource = format!("object store {}", spec.bucket);
         match stream_info(js, &spec.stream_name()).await? {
             None => drifts.push(missing(resource)),
-            Some(actual) => drifts.extend(diff_object_store(&resource, spec, topo, &actual)),
+            Some(actual) => drifts.extend(diff_store(&resource, spec.max_age, topo, &actual)),
         }
     }
     for spec in &topo.consumers {
@@ -381,15 +381,6 @@ fn object_store_config(spec: &ObjectStoreSpec, topo: &Topology) -> object_store:
         num_replicas: topo.replicas,
         ..Default::default()
     }
-}
-
-fn diff_object_store(
-    resource: &str,
-    spec: &ObjectStoreSpec,
-    topo: &Topology,
-    actual: &stream::Config,
-) -> Vec<Drift> {
-    diff_store(resource, spec.max_age, topo, actual)
 }
 
 /// What a KV bucket and an object store have in common: age, storage and replicas.
