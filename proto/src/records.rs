@@ -38,3 +38,19 @@ impl Record for crate::v1::DeploymentNameRecord {
 impl Record for crate::v1::Lease {
     const SCHEMA_VERSION: u32 = 1;
 }
+
+impl Record for crate::v1::PreviewRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::RunPreviewsRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::ShareRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::TicketRecord {
+    const SCHEMA_VERSION: u32 = 1;
+}

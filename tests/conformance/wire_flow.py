@@ -97,6 +97,8 @@ def main(base_url: str) -> None:
     sb.previews.share(preview["id"], ttl_seconds=600)
     step("preview.revoke")
     sb.previews.revoke_share(preview["id"])
+    step("preview.delete")
+    sb.previews.delete(preview["id"])
     step("share.create")
     share = sb.share.create(expires_in=600)
     step("share.list")

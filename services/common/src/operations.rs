@@ -71,6 +71,7 @@ pub const OPERATIONS: &[Operation] = &[
     op(Executor, "preview.token", PREVIEW),
     op(Executor, "preview.share", PREVIEW),
     op(Executor, "preview.revoke", PREVIEW),
+    op(Executor, "preview.delete", PREVIEW),
     op(Executor, "share.create", PREVIEW),
     op(Executor, "share.list", PREVIEW),
     op(Executor, "share.revoke", PREVIEW),

@@ -163,6 +163,8 @@ pub mod buckets {
     pub const RELAYS: &str = "slipway_relays";
     pub const PREVIEWS: &str = "slipway_previews";
     pub const SHARES: &str = "slipway_shares";
+    /// Single-use browser tickets; kept for minutes, long past any ticket's life.
+    pub const TICKETS: &str = "slipway_tickets";
     pub const BILLING: &str = "slipway_billing";
     pub const BILLING_DEDUPE: &str = "slipway_billing_dedupe";
     pub const QUOTAS: &str = "slipway_quotas";
@@ -348,6 +350,11 @@ impl Topology {
             bucket(buckets::PREVIEWS, Duration::ZERO, "previews (preview)"),
             bucket(buckets::SHARES, Duration::ZERO, "share links (preview)"),
             bucket(
+                buckets::TICKETS,
+                Duration::from_secs(15 * 60),
+                "single-use browser tickets (preview)",
+            ),
+            bucket(
                 buckets::BILLING,
                 Duration::ZERO,
                 "aggregates and checkpoints (billing)",
@@ -479,9 +486,10 @@ impl Role {
                 object_stores: &[],
             },
             Service::Preview => Role {
-                consumes: &[],
+                // A browser's ticket opens a run's events (read with ordered consumers).
+                consumes: &[streams::RUN_EVENTS],
                 publishes: &[streams::RUN_EVENTS],
-                buckets: &[b::PREVIEWS, b::SHARES, b::LEASES],
+                buckets: &[b::PREVIEWS, b::SHARES, b::TICKETS, b::LEASES],
                 object_stores: &[],
             },
             Service::Billing => Role {

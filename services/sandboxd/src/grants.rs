@@ -112,6 +112,10 @@ pub struct Grant {
     #[serde(default)]
     pub visibility: Option<String>,
     pub created_at_ms: i64,
+    /// The request's `Idempotency-Key` (with its audience and sandbox), so a retried create
+    /// answers this grant instead of minting a second capability.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
     /// None: until revoked (or its sandbox is destroyed).
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
@@ -135,6 +139,7 @@ impl Grant {
             name: None,
             visibility: None,
             created_at_ms: now_ms(),
+            idempotency_key: None,
             expires_at_ms: None,
             revoked_at_ms: None,
         }
@@ -276,6 +281,33 @@ impl Grants {
         t.by_id.insert(grant.id.clone(), grant.clone());
         self.save(&mut t)?;
         Ok(grant)
+    }
+
+    /// Records `grant` unless a grant of the same audience and sandbox was made under
+    /// `idempotency_key`: then that one is answered (the first request wins, as MIOSA's
+    /// `Idempotency-Key` promises for every mutation), with `false`.
+    pub fn insert_once(
+        &self,
+        mut grant: Grant,
+        idempotency_key: Option<&str>,
+    ) -> std::io::Result<(Grant, bool)> {
+        let Some(key) = idempotency_key else {
+            return self.insert(grant).map(|g| (g, true));
+        };
+        let mut t = self.lock();
+        let seen = t.by_id.values().find(|g| {
+            g.idempotency_key.as_deref() == Some(key)
+                && g.audience == grant.audience
+                && g.sandbox_id == grant.sandbox_id
+        });
+        if let Some(seen) = seen {
+            return Ok((seen.clone(), false));
+        }
+        grant.idempotency_key = Some(key.to_string());
+        t.by_secret.insert(self.secret(&grant.id), grant.id.clone());
+        t.by_id.insert(grant.id.clone(), grant.clone());
+        self.save(&mut t)?;
+        Ok((grant, true))
     }
 
     /// Revokes every active grant `which` picks; returns them.

@@ -27,9 +27,46 @@ pub struct PreviewSettings {
     /// Lifetime of a share link when the caller gives none.
     pub share_ttl_sec: u64,
     /// Longest share link anyone may ask for.
-    pub share_max_ttl_sec: u64,
-    /// File changes closer together than this are one `files_changed`.
+    pub max_share_ttl_sec: u64,
+    /// A burst of file changes ends after this long without one, and becomes one
+    /// `files_changed`.
     pub debounce_ms: u64,
+    /// A burst is published at the latest this long after its first change, however busy.
+    pub debounce_max_ms: u64,
+    /// Paths one `files_changed` lists at most; a burst with more is sent as a `resync`.
+    pub max_paths: usize,
+    /// How often expired share links are looked for (`share_expired`).
+    pub sweep_interval_ms: u64,
+    /// Lifetime of a browser ticket (single use).
+    pub ticket_ttl_sec: u64,
+    /// Where the browser API listens (`GET /v1/runs/{run}/events`, `.../previews`).
+    pub listen: SocketAddr,
+    /// How browsers reach the browser API (`https://preview-api.example.com`), put in ticket
+    /// URLs; empty: `http://` and the address it listens on.
+    pub public_url: String,
+    /// Origins whose pages may call the browser API (CORS), for example
+    /// `https://app.example.com`; a list, or one string separated by commas.
+    #[serde(deserialize_with = "list_or_csv")]
+    pub allowed_origins: Vec<String>,
+}
+
+/// A list, or a string of comma-separated items (how an environment variable gives one).
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Csv(String),
+    }
+    let items = match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Csv(s) => s.split(',').map(str::to_string).collect(),
+    };
+    Ok(items
+        .into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect())
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -97,20 +134,55 @@ pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
     if !(60..=DAY_SEC).contains(&p.token_ttl_sec) {
         return Err(invalid("preview.token_ttl_sec", "60 to 86400 seconds"));
     }
-    if !(60..=30 * DAY_SEC).contains(&p.share_max_ttl_sec) {
+    if !(60..=30 * DAY_SEC).contains(&p.max_share_ttl_sec) {
         return Err(invalid(
-            "preview.share_max_ttl_sec",
+            "preview.max_share_ttl_sec",
             "60 seconds to 30 days",
         ));
     }
-    if p.share_ttl_sec == 0 || p.share_ttl_sec > p.share_max_ttl_sec {
+    if p.share_ttl_sec == 0 || p.share_ttl_sec > p.max_share_ttl_sec {
         return Err(invalid(
             "preview.share_ttl_sec",
-            "at least 1 second and at most `preview.share_max_ttl_sec`",
+            "at least 1 second and at most `preview.max_share_ttl_sec`",
         ));
     }
-    if p.debounce_ms > 10_000 {
-        return Err(invalid("preview.debounce_ms", "at most 10000"));
+    if !(10..=10_000).contains(&p.debounce_ms) {
+        return Err(invalid("preview.debounce_ms", "10 to 10000"));
+    }
+    if p.debounce_max_ms < p.debounce_ms || p.debounce_max_ms > 60_000 {
+        return Err(invalid(
+            "preview.debounce_max_ms",
+            "at least `preview.debounce_ms` and at most 60000",
+        ));
+    }
+    if !(1..=1000).contains(&p.max_paths) {
+        return Err(invalid("preview.max_paths", "1 to 1000"));
+    }
+    if !(100..=60_000).contains(&p.sweep_interval_ms) {
+        return Err(invalid("preview.sweep_interval_ms", "100 to 60000"));
+    }
+    if !(1..=600).contains(&p.ticket_ttl_sec) {
+        return Err(invalid("preview.ticket_ttl_sec", "1 to 600 seconds"));
+    }
+    let u = &p.public_url;
+    if !u.is_empty()
+        && (!(u.starts_with("http://") || u.starts_with("https://")) || u.ends_with('/'))
+    {
+        return Err(invalid(
+            "preview.public_url",
+            "empty, or an `http(s)://` URL without a trailing `/`",
+        ));
+    }
+    for o in &p.allowed_origins {
+        let ok = (o.starts_with("http://") || o.starts_with("https://"))
+            && !o.ends_with('/')
+            && !o.contains(['*', ' ']);
+        if !ok {
+            return Err(invalid(
+                "preview.allowed_origins",
+                format!("{o:?}: an origin is `scheme://host[:port]`, without a path or `*`"),
+            ));
+        }
     }
     let b = &s.billing;
     // Billing remembers the ids it has counted for `BILLING_DEDUPE_DAYS`: an event later than
@@ -160,8 +232,15 @@ pub(super) const DEFAULTS: &[(&str, &str)] = &[
     ("planner.step_timeout_ms", "600000"),
     ("preview.token_ttl_sec", "900"),
     ("preview.share_ttl_sec", "86400"),
-    ("preview.share_max_ttl_sec", "2592000"),
-    ("preview.debounce_ms", "300"),
+    ("preview.max_share_ttl_sec", "604800"),
+    ("preview.debounce_ms", "150"),
+    ("preview.debounce_max_ms", "1000"),
+    ("preview.max_paths", "100"),
+    ("preview.sweep_interval_ms", "1000"),
+    ("preview.ticket_ttl_sec", "60"),
+    ("preview.listen", "127.0.0.1:7080"),
+    ("preview.public_url", ""),
+    ("preview.allowed_origins", ""),
     ("billing.lateness_days", "35"),
     ("billing.clock_skew_sec", "300"),
     ("billing.batch_max_events", "256"),

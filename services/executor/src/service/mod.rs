@@ -478,6 +478,7 @@ pub async fn register(
         "preview.token" => preview_token,
         "preview.share" => share_preview,
         "preview.revoke" => revoke_preview_shares,
+        "preview.delete" => delete_preview,
         "share.create" => create_share,
         "share.list" => list_shares,
         "share.revoke" => revoke_share,

@@ -5,9 +5,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use slipway_common::ServiceError;
 use slipway_proto::v1::{
-    CreatePreviewRequest, CreatePreviewShareRequest, CreateShareRequest, ListSharesReply,
-    ListSharesRequest, PreviewReply, PreviewShareReply, PreviewTokenReply, PreviewTokenRequest,
-    RevokePreviewSharesRequest, RevokeReply, RevokeShareRequest, ShareReply, TokenScope,
+    CreatePreviewRequest, CreatePreviewShareRequest, CreateShareRequest, DeletePreviewReply,
+    DeletePreviewRequest, ListSharesReply, ListSharesRequest, PreviewReply, PreviewShareReply,
+    PreviewTokenReply, PreviewTokenRequest, RevokePreviewSharesRequest, RevokeReply,
+    RevokeShareRequest, ShareReply, TokenScope,
 };
 
 use super::{Executor, platform_error, required, resource};
@@ -216,6 +217,34 @@ impl Executor {
                 .and_then(|n| u32::try_from(n).ok())
                 .unwrap_or(0),
         })
+    }
+
+    pub async fn delete_preview(
+        &self,
+        req: DeletePreviewRequest,
+    ) -> Result<DeletePreviewReply, ServiceError> {
+        resource("sandbox_id", &req.sandbox_id)?;
+        resource("preview_id", &req.preview_id)?;
+        let done = self
+            .client
+            .request(
+                "preview.delete",
+                Method::DELETE,
+                format!("/sandboxes/{}/previews/{}", req.sandbox_id, req.preview_id),
+                vec![],
+                None,
+                None,
+            )
+            .await;
+        match done {
+            Ok(_) => Ok(DeletePreviewReply {}),
+            Err(e) => match platform_error(e) {
+                gone if gone.code == slipway_proto::v1::ErrorCode::NotFound => {
+                    Ok(DeletePreviewReply {})
+                }
+                other => Err(other),
+            },
+        }
     }
 
     pub async fn create_share(&self, req: CreateShareRequest) -> Result<ShareReply, ServiceError> {

@@ -463,8 +463,9 @@ const EXCEPTIONS: &[(&str, &str)] = &[
 /// Every route the executor's flow takes, the legacy file routes of its fallbacks included.
 /// `files.delete` is not here: the Python SDK has no file delete to compare it with (its routes
 /// are tested in `faults.rs` and against sandboxd).
-const FLOW_ROUTES: [&str; 45] = [
+const FLOW_ROUTES: [&str; 46] = [
     "DELETE /sandboxes/{}",
+    "DELETE /sandboxes/{}/previews/{}",
     "DELETE /sandboxes/{}/previews/{}/share",
     "DELETE /sandboxes/{}/processes/{}",
     "DELETE /sandboxes/{}/shares/{}",
@@ -851,6 +852,16 @@ async fn executor_flow(flow: &Flow) {
         .call(
             &op("preview.revoke"),
             &RevokePreviewSharesRequest {
+                sandbox_id: id.clone(),
+                preview_id: preview.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    let _: DeletePreviewReply = flow
+        .call(
+            &op("preview.delete"),
+            &DeletePreviewRequest {
                 sandbox_id: id.clone(),
                 preview_id: preview,
             },

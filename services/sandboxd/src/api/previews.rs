@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -52,6 +52,15 @@ fn scope(value: Option<&str>) -> Result<Scope, ApiError> {
 fn saved(grant: Grant, s: &AppState) -> Result<Grant, ApiError> {
     s.grants
         .insert(grant)
+        .map_err(|e| ApiError::internal(format!("saving the grant: {e}")))
+}
+
+/// Saves `grant`, or answers the grant an earlier request with the same `Idempotency-Key` made.
+fn saved_once(grant: Grant, s: &AppState, headers: &HeaderMap) -> Result<Grant, ApiError> {
+    let key = super::extract::idempotency_key(headers)?;
+    s.grants
+        .insert_once(grant, key)
+        .map(|(g, _)| g)
         .map_err(|e| ApiError::internal(format!("saving the grant: {e}")))
 }
 
@@ -157,6 +166,7 @@ fn find_preview(s: &AppState, id: &str, pid: &str) -> Result<Grant, ApiError> {
 pub async fn create_preview(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<PreviewBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let sandbox = s.host.live(&id)?.snapshot();
@@ -182,7 +192,7 @@ pub async fn create_preview(
     grant.name = body.name.filter(|n| !n.trim().is_empty());
     grant.visibility = Some(visibility.to_string());
     grant.preview_id = Some(grant.id.clone());
-    let grant = saved(grant, &s)?;
+    let grant = saved_once(grant, &s, &headers)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "data": preview_view(&s, &sandbox, &grant) })),
@@ -240,6 +250,7 @@ pub struct PreviewShareBody {
 pub async fn share_preview(
     State(s): State<AppState>,
     Path((id, pid)): Path<(String, String)>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<PreviewShareBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let sandbox = s.host.live(&id)?.snapshot();
@@ -260,7 +271,7 @@ pub async fn share_preview(
     let mut grant = Grant::new(Audience::PreviewShare, &id, preview.port, Scope::Read);
     grant.preview_id = Some(pid.clone());
     grant.expires_at_ms = Some(now_ms() + ttl as i64 * 1000);
-    let grant = saved(grant, &s)?;
+    let grant = saved_once(grant, &s, &headers)?;
     let token = s.grants.token(&grant);
     let share_url = s
         .edge
@@ -320,6 +331,7 @@ fn share_view(grant: &Grant) -> Value {
 pub async fn create_share(
     State(s): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<ShareBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let sandbox = s.host.live(&id)?.snapshot();
@@ -337,7 +349,7 @@ pub async fn create_share(
         Scope::Read,
     );
     grant.expires_at_ms = Some(now_ms() + ttl as i64 * 1000);
-    let grant = saved(grant, &s)?;
+    let grant = saved_once(grant, &s, &headers)?;
     let token = s.grants.token(&grant);
     let mut view = share_view(&grant);
     view["share_url"] = json!(s.edge.url(&s.grants.host_label(&grant), "ms", &token));

@@ -1,0 +1,712 @@
+//! The preview service's state and its preview operations: `open`, `token`, `close` and
+//! `ticket` (share links are in `shares`). Every record is written before the platform call it
+//! stands for, and every platform call carries a key derived from the record, so a crash at any
+//! point is resumed by the caller's retry without a second preview or link.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sha2::{Digest, Sha256};
+use slipway_common::config::PreviewSettings;
+use slipway_common::records::{Record, RecordError, Records};
+use slipway_common::run_events::{RunEventPublisher, Step};
+use slipway_common::service::{now, required};
+use slipway_common::subjects::streams;
+use slipway_common::topology::buckets;
+use slipway_common::{App, RpcClient, Service, ServiceError, subjects};
+use slipway_proto::v1::run_event::Payload;
+use slipway_proto::v1::*;
+
+use crate::index::Index;
+use crate::metrics::PreviewMetrics;
+
+/// What every operation, loop and HTTP handler shares.
+pub struct Preview {
+    pub(crate) rpc: RpcClient,
+    pub(crate) jetstream: jetstream::Context,
+    pub(crate) previews: Records<PreviewRecord>,
+    pub(crate) runs: Records<RunPreviewsRecord>,
+    pub(crate) shares: Records<ShareRecord>,
+    pub(crate) tickets: Records<TicketRecord>,
+    pub(crate) events: RunEventPublisher,
+    pub(crate) settings: PreviewSettings,
+    pub(crate) metrics: PreviewMetrics,
+    pub(crate) index: Arc<Index>,
+    /// Where browsers reach the browser API (`http://<bound address>`), once it listens.
+    pub(crate) browser_base: OnceLock<String>,
+}
+
+/// A store error as the service's error (the bucket is unavailable).
+pub(crate) fn store(e: RecordError) -> ServiceError {
+    ServiceError::unavailable(format!("preview records: {e}"))
+}
+
+pub(crate) fn executor(op: &str) -> String {
+    Service::Executor.op(op)
+}
+
+/// An error the executor answered, as this service's (the executor already names the field).
+pub(crate) fn upstream(e: slipway_common::RpcError) -> ServiceError {
+    match e.service_error() {
+        Some(s) => s.clone(),
+        None => ServiceError::unavailable(format!("the executor: {e}")),
+    }
+}
+
+pub(crate) fn is_not_found(e: &slipway_common::RpcError) -> bool {
+    e.service_error()
+        .is_some_and(|s| s.code == ErrorCode::NotFound)
+}
+
+/// 128 bits of SHA-256 over the parts, in hex: ids that are facts of their inputs.
+fn digest(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The preview of (run, branch, port): the same inputs are the same preview.
+pub fn preview_id(run_id: &str, branch: &str, port: u32) -> String {
+    format!("pv_{}", digest(&[run_id, branch, &port.to_string()]))
+}
+
+/// The share link a caller's idempotency key stands for within a run.
+pub fn share_id(run_id: &str, idempotency_key: &str) -> String {
+    format!("sh_{}", digest(&[run_id, idempotency_key]))
+}
+
+/// Checks an id this service minted (`pv_…`, `sh_…`): its prefix and 32 hex digits.
+pub(crate) fn check_minted(
+    field: &'static str,
+    prefix: &str,
+    id: &str,
+) -> Result<(), ServiceError> {
+    let ok = id.strip_prefix(prefix).is_some_and(|h| {
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(ServiceError::invalid_input(format!(
+            "{field}: `{}` is not a {prefix}… id",
+            id.chars().take(80).collect::<String>()
+        ))
+        .with_detail("field", field))
+    }
+}
+
+pub(crate) fn pv_key(preview_id: &str) -> String {
+    format!("pv.{preview_id}")
+}
+
+pub(crate) fn run_key(run_id: &str) -> Result<String, ServiceError> {
+    let run = slipway_common::keys::encode_key(run_id)
+        .map_err(|e| ServiceError::invalid_input(format!("run_id: {e}")))?;
+    Ok(format!("run.{run}"))
+}
+
+/// A run id: required, and one subject token (its events live under it).
+pub(crate) fn check_run(run_id: &str) -> Result<(), ServiceError> {
+    required("run_id", run_id)?;
+    subjects::token(run_id).map(|_| ()).map_err(|e| {
+        ServiceError::invalid_input(format!("run_id: {e}")).with_detail("field", "run_id")
+    })
+}
+
+/// The branch, `main` when empty.
+pub(crate) fn branch_or_main(branch: &str) -> Result<String, ServiceError> {
+    if branch.is_empty() {
+        return Ok("main".into());
+    }
+    slipway_proto::validate::check_branch_name("branch", branch).map_err(ServiceError::from)?;
+    Ok(branch.to_string())
+}
+
+/// Reads a record, lets `change` edit it, and writes it at the revision read; on a conflict
+/// (another writer got there first) reads again and repeats. `change` answers `false` when
+/// there is nothing to write.
+pub(crate) async fn modify<R: Record + Clone>(
+    records: &Records<R>,
+    key: &str,
+    mut change: impl FnMut(&mut R) -> Result<bool, ServiceError>,
+) -> Result<Option<R>, ServiceError> {
+    for _ in 0..16 {
+        let Some((mut record, revision)) = records.get(key).await.map_err(store)? else {
+            return Ok(None);
+        };
+        if !change(&mut record)? {
+            return Ok(Some(record));
+        }
+        match records.update(key, &record, revision).await {
+            Ok(_) => return Ok(Some(record)),
+            Err(RecordError::Conflict { .. }) => continue,
+            Err(e) => return Err(store(e)),
+        }
+    }
+    Err(ServiceError::unavailable(format!(
+        "`{key}` kept changing while written; retry"
+    )))
+}
+
+impl Preview {
+    pub async fn new(
+        app: &App,
+        index: Arc<Index>,
+        metrics: PreviewMetrics,
+    ) -> anyhow::Result<Self> {
+        let bucket = |name: &'static str| {
+            let js = app.jetstream.clone();
+            async move {
+                js.get_key_value(name)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("the `{name}` bucket: {e}"))
+            }
+        };
+        let previews = bucket(buckets::PREVIEWS).await?;
+        let shares = bucket(buckets::SHARES).await?;
+        let tickets = bucket(buckets::TICKETS).await?;
+        Ok(Self {
+            rpc: app.rpc.clone(),
+            jetstream: app.jetstream.clone(),
+            previews: Records::new(previews.clone()),
+            runs: Records::new(previews),
+            shares: Records::new(shares),
+            tickets: Records::new(tickets),
+            events: RunEventPublisher::new(app.jetstream.clone(), Service::Preview),
+            settings: app.settings.preview.clone(),
+            metrics,
+            index,
+            browser_base: OnceLock::new(),
+        })
+    }
+
+    /// Adds an id to the run's index (`close` finds everything there); refused once the run is
+    /// closed.
+    pub(crate) async fn register(
+        &self,
+        run_id: &str,
+        preview: Option<&str>,
+        share: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let key = run_key(run_id)?;
+        let fresh = RunPreviewsRecord {
+            run_id: run_id.to_string(),
+            preview_ids: preview.map(str::to_string).into_iter().collect(),
+            share_ids: share.map(str::to_string).into_iter().collect(),
+            closed: false,
+        };
+        match self.runs.create(&key, &fresh).await {
+            Ok(_) => return Ok(()),
+            Err(RecordError::Exists { .. }) => {}
+            Err(e) => return Err(store(e)),
+        }
+        modify(&self.runs, &key, |r| {
+            if r.closed {
+                return Err(closed(run_id));
+            }
+            let mut changed = false;
+            if let Some(p) = preview
+                && !r.preview_ids.iter().any(|x| x == p)
+            {
+                r.preview_ids.push(p.to_string());
+                changed = true;
+            }
+            if let Some(s) = share
+                && !r.share_ids.iter().any(|x| x == s)
+            {
+                r.share_ids.push(s.to_string());
+                changed = true;
+            }
+            Ok(changed)
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn run_closed(&self, run_id: &str) -> Result<bool, ServiceError> {
+        Ok(self
+            .runs
+            .get(&run_key(run_id)?)
+            .await
+            .map_err(store)?
+            .is_some_and(|(r, _)| r.closed))
+    }
+
+    /// `open`: the preview of (run, branch, port) on `sandbox_id`, made once, with a fresh token.
+    pub async fn open(&self, req: OpenPreviewRequest) -> Result<OpenPreviewReply, ServiceError> {
+        check_run(&req.run_id)?;
+        let branch = branch_or_main(&req.branch)?;
+        if req.port == 0 || req.port > 65_535 {
+            return Err(
+                ServiceError::invalid_input("port: 1 to 65535").with_detail("field", "port")
+            );
+        }
+        slipway_proto::validate::check_resource_id("sandbox_id", &req.sandbox_id)
+            .map_err(ServiceError::from)?;
+        let id = preview_id(&req.run_id, &branch, req.port);
+        let key = pv_key(&id);
+        let found = self.previews.get(&key).await.map_err(store)?;
+        let mut record = match found {
+            Some((r, _)) if r.state == PreviewState::Closed as i32 => {
+                return Err(closed(&req.run_id));
+            }
+            Some((r, _)) if r.sandbox_id == req.sandbox_id => r,
+            other => {
+                // New, or the branch moved to another sandbox (a restore): check the sandbox is
+                // the run's branch before anything points at it.
+                let attribution = self
+                    .check_sandbox(&req.sandbox_id, &req.run_id, &branch)
+                    .await?;
+                self.register(&req.run_id, Some(&id), None).await?;
+                let record = PreviewRecord {
+                    preview_id: id.clone(),
+                    run_id: req.run_id.clone(),
+                    branch: branch.clone(),
+                    port: req.port,
+                    sandbox_id: req.sandbox_id.clone(),
+                    attribution,
+                    state: PreviewState::Opening.into(),
+                    ..Default::default()
+                };
+                match other {
+                    None => match self.previews.create(&key, &record).await {
+                        Ok(_) => record,
+                        Err(RecordError::Exists { .. }) => self.current(&key).await?,
+                        Err(e) => return Err(store(e)),
+                    },
+                    Some(_) => {
+                        let target = record.clone();
+                        modify(&self.previews, &key, |r| {
+                            if r.sandbox_id == target.sandbox_id {
+                                return Ok(false);
+                            }
+                            *r = target.clone();
+                            Ok(true)
+                        })
+                        .await?
+                        .ok_or_else(|| ServiceError::unavailable("the preview record vanished"))?
+                    }
+                }
+            }
+        };
+        if record.platform_preview_id.is_empty() {
+            record = self.make_platform_preview(&key, record).await?;
+        }
+        if record.state != PreviewState::Open as i32 {
+            return Err(closed(&req.run_id));
+        }
+        let _: RelayReply = self
+            .rpc
+            .call(
+                &executor("relay.start"),
+                &RelayRequest {
+                    sandbox_id: record.sandbox_id.clone(),
+                    run_id: record.run_id.clone(),
+                },
+            )
+            .await
+            .map_err(upstream)?;
+        let token = self.mint_token(&record).await?;
+        if !record.announced {
+            self.announce(&key, &record, &token).await?;
+        }
+        Ok(OpenPreviewReply {
+            preview_id: id,
+            url: token.url,
+            token_expires_at: token.expires_at,
+        })
+    }
+
+    async fn current(&self, key: &str) -> Result<PreviewRecord, ServiceError> {
+        self.previews
+            .get(key)
+            .await
+            .map_err(store)?
+            .map(|(r, _)| r)
+            .ok_or_else(|| ServiceError::unavailable("the preview record vanished while read"))
+    }
+
+    /// The sandbox must exist and serve this run's branch: nobody opens a preview of another
+    /// tenant's sandbox by naming it. Answers the sandbox's attribution.
+    async fn check_sandbox(
+        &self,
+        sandbox_id: &str,
+        run_id: &str,
+        branch: &str,
+    ) -> Result<Option<Attribution>, ServiceError> {
+        let got: Result<SandboxReply, _> = self
+            .rpc
+            .call(
+                &executor("sandbox.get"),
+                &GetSandboxRequest {
+                    sandbox_id: sandbox_id.to_string(),
+                    name: String::new(),
+                },
+            )
+            .await;
+        let sandbox = match got {
+            Ok(r) => r.sandbox.unwrap_or_default(),
+            Err(e) if is_not_found(&e) => {
+                return Err(ServiceError::not_found(format!(
+                    "sandbox_id: no sandbox `{sandbox_id}`"
+                ))
+                .with_detail("field", "sandbox_id"));
+            }
+            Err(e) => return Err(upstream(e)),
+        };
+        let sandbox_branch = if sandbox.branch.is_empty() {
+            "main"
+        } else {
+            sandbox.branch.as_str()
+        };
+        if sandbox.run_id != run_id || sandbox_branch != branch {
+            return Err(ServiceError::invalid_input(format!(
+                "sandbox_id: sandbox `{sandbox_id}` does not serve branch `{branch}` of run `{run_id}`"
+            ))
+            .with_detail("field", "sandbox_id"));
+        }
+        Ok(sandbox.attribution)
+    }
+
+    /// The platform's preview for the record (keyed by preview and sandbox, so a retry finds
+    /// the same one), recorded; deleted again if the run closed meanwhile.
+    async fn make_platform_preview(
+        &self,
+        key: &str,
+        record: PreviewRecord,
+    ) -> Result<PreviewRecord, ServiceError> {
+        let made: PreviewReply = self
+            .rpc
+            .call(
+                &executor("preview.create"),
+                &CreatePreviewRequest {
+                    sandbox_id: record.sandbox_id.clone(),
+                    port: record.port,
+                    idempotency_key: format!("preview:{}:{}", record.preview_id, record.sandbox_id),
+                },
+            )
+            .await
+            .map_err(upstream)?;
+        slipway_common::failpoint::hit("preview.open.after_platform");
+        let platform_id = made.preview.map(|p| p.id).unwrap_or_default();
+        if platform_id.is_empty() {
+            return Err(ServiceError::unavailable(
+                "the executor's preview has no id",
+            ));
+        }
+        let sandbox = record.sandbox_id.clone();
+        let updated = modify(&self.previews, key, |r| {
+            if r.sandbox_id != sandbox || r.state != PreviewState::Opening as i32 {
+                return Ok(false);
+            }
+            r.platform_preview_id = platform_id.clone();
+            r.state = PreviewState::Open.into();
+            r.opened_at = Some(now());
+            Ok(true)
+        })
+        .await?
+        .ok_or_else(|| ServiceError::unavailable("the preview record vanished"))?;
+        // `close` may have run between the record and the platform call: it found no platform
+        // preview to delete, so this one must not outlive the run.
+        if updated.state == PreviewState::Closed as i32 || self.run_closed(&record.run_id).await? {
+            self.close_preview(&updated).await?;
+            return Err(closed(&record.run_id));
+        }
+        Ok(updated)
+    }
+
+    pub(crate) async fn mint_token(
+        &self,
+        record: &PreviewRecord,
+    ) -> Result<PreviewTokenReply, ServiceError> {
+        let token: PreviewTokenReply = self
+            .rpc
+            .call(
+                &executor("preview.token"),
+                &PreviewTokenRequest {
+                    sandbox_id: record.sandbox_id.clone(),
+                    port: record.port,
+                    expires_in_sec: self.settings.token_ttl_sec,
+                    scope: TokenScope::Interact.into(),
+                },
+            )
+            .await
+            .map_err(upstream)?;
+        self.metrics.token_issued();
+        Ok(token)
+    }
+
+    /// `preview_ready`, once per preview and sandbox.
+    async fn announce(
+        &self,
+        key: &str,
+        record: &PreviewRecord,
+        token: &PreviewTokenReply,
+    ) -> Result<(), ServiceError> {
+        let step = Step::once(&format!(
+            "preview.{}.{}",
+            record.preview_id,
+            digest(&[&record.sandbox_id])
+        ));
+        self.events
+            .publish(
+                &record.run_id,
+                &step,
+                &record.branch,
+                record.attribution.clone(),
+                Payload::PreviewReady(PreviewReady {
+                    preview_id: record.preview_id.clone(),
+                    url: token.url.clone(),
+                    token_expires_at: token.expires_at,
+                    port: record.port,
+                }),
+            )
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("publishing preview_ready: {e}")))?;
+        let sandbox = record.sandbox_id.clone();
+        modify(&self.previews, key, |r| {
+            let stale = r.announced || r.sandbox_id != sandbox;
+            r.announced = true;
+            Ok(!stale)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// `token`: a fresh short-lived URL for an open preview (earlier ones stay valid until
+    /// their own expiry).
+    pub async fn token(
+        &self,
+        req: PreviewTokenRefreshRequest,
+    ) -> Result<PreviewTokenRefreshReply, ServiceError> {
+        check_minted("preview_id", "pv_", &req.preview_id)?;
+        let Some((record, _)) = self
+            .previews
+            .get(&pv_key(&req.preview_id))
+            .await
+            .map_err(store)?
+        else {
+            return Err(ServiceError::not_found(format!(
+                "preview_id: no preview `{}`",
+                req.preview_id
+            ))
+            .with_detail("field", "preview_id"));
+        };
+        if record.state != PreviewState::Open as i32 {
+            return Err(ServiceError::new(
+                ErrorCode::FailedPrecondition,
+                format!("preview `{}` is not open", req.preview_id),
+            ));
+        }
+        let token = self.mint_token(&record).await?;
+        Ok(PreviewTokenRefreshReply {
+            url: token.url,
+            expires_at: token.expires_at,
+        })
+    }
+
+    /// Deletes a preview at the platform and marks it closed. A preview recorded but never
+    /// confirmed is looked up by its key first (the platform may have made it before a crash).
+    async fn close_preview(&self, record: &PreviewRecord) -> Result<bool, ServiceError> {
+        let mut platform_id = record.platform_preview_id.clone();
+        if platform_id.is_empty() {
+            let made: Result<PreviewReply, _> = self
+                .rpc
+                .call(
+                    &executor("preview.create"),
+                    &CreatePreviewRequest {
+                        sandbox_id: record.sandbox_id.clone(),
+                        port: record.port,
+                        idempotency_key: format!(
+                            "preview:{}:{}",
+                            record.preview_id, record.sandbox_id
+                        ),
+                    },
+                )
+                .await;
+            match made {
+                Ok(r) => platform_id = r.preview.map(|p| p.id).unwrap_or_default(),
+                // The sandbox is gone, and its previews with it.
+                Err(e)
+                    if is_not_found(&e)
+                        || e.service_error()
+                            .is_some_and(|s| s.code == ErrorCode::Conflict) => {}
+                Err(e) => return Err(upstream(e)),
+            }
+        }
+        if !platform_id.is_empty() {
+            let done: Result<DeletePreviewReply, _> = self
+                .rpc
+                .call(
+                    &executor("preview.delete"),
+                    &DeletePreviewRequest {
+                        sandbox_id: record.sandbox_id.clone(),
+                        preview_id: platform_id,
+                    },
+                )
+                .await;
+            match done {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(upstream(e)),
+            }
+        }
+        let changed = modify(&self.previews, &pv_key(&record.preview_id), |r| {
+            if r.state == PreviewState::Closed as i32 {
+                return Ok(false);
+            }
+            r.state = PreviewState::Closed.into();
+            Ok(true)
+        })
+        .await?;
+        Ok(changed.is_some_and(|_| record.state != PreviewState::Closed as i32))
+    }
+
+    /// `close`: every preview of the run deleted, every link revoked, every relay stopped;
+    /// nothing new opens for the run. A second close finds nothing left to do.
+    pub async fn close(
+        &self,
+        req: ClosePreviewsRequest,
+    ) -> Result<ClosePreviewsReply, ServiceError> {
+        check_run(&req.run_id)?;
+        let key = run_key(&req.run_id)?;
+        let closed_index = RunPreviewsRecord {
+            run_id: req.run_id.clone(),
+            closed: true,
+            ..Default::default()
+        };
+        let index = match self.runs.create(&key, &closed_index).await {
+            Ok(_) => closed_index,
+            Err(RecordError::Exists { .. }) => modify(&self.runs, &key, |r| {
+                let was = r.closed;
+                r.closed = true;
+                Ok(!was)
+            })
+            .await?
+            .unwrap_or(closed_index),
+            Err(e) => return Err(store(e)),
+        };
+        let mut reply = ClosePreviewsReply::default();
+        let mut sandboxes = std::collections::BTreeSet::new();
+        for id in &index.preview_ids {
+            let Some((record, _)) = self.previews.get(&pv_key(id)).await.map_err(store)? else {
+                continue;
+            };
+            sandboxes.insert(record.sandbox_id.clone());
+            if record.state != PreviewState::Closed as i32 && self.close_preview(&record).await? {
+                reply.previews_closed += 1;
+            }
+        }
+        for id in &index.share_ids {
+            if self.revoke_link(&req.run_id, id).await?.1 {
+                reply.shares_revoked += 1;
+            }
+        }
+        for sandbox in sandboxes {
+            let stopped: Result<RelayReply, _> = self
+                .rpc
+                .call(
+                    &executor("relay.stop"),
+                    &RelayRequest {
+                        sandbox_id: sandbox,
+                        run_id: req.run_id.clone(),
+                    },
+                )
+                .await;
+            match stopped {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(upstream(e)),
+            }
+        }
+        Ok(reply)
+    }
+
+    /// `ticket`: a short, single-use pass for a browser to one run's events and previews. Only
+    /// its digest is stored.
+    pub async fn ticket(&self, req: IssueTicketRequest) -> Result<IssueTicketReply, ServiceError> {
+        check_run(&req.run_id)?;
+        if !self.run_known(&req.run_id).await? {
+            return Err(
+                ServiceError::not_found(format!("run_id: no run `{}`", req.run_id))
+                    .with_detail("field", "run_id"),
+            );
+        }
+        let secret: [u8; 32] = rand::random();
+        let ticket = format!("tk_{}", URL_SAFE_NO_PAD.encode(secret));
+        let ttl = Duration::from_secs(self.settings.ticket_ttl_sec);
+        let mut expires_at = now();
+        expires_at.seconds += ttl.as_secs() as i64;
+        let record = TicketRecord {
+            run_id: req.run_id.clone(),
+            expires_at: Some(expires_at),
+            redeemed_at: None,
+        };
+        self.tickets
+            .create(&ticket_key(&ticket), &record)
+            .await
+            .map_err(store)?;
+        let base = self.browser_base.get().cloned().unwrap_or_default();
+        let run = &req.run_id;
+        Ok(IssueTicketReply {
+            events_url: format!("{base}/v1/runs/{run}/events?ticket={ticket}"),
+            previews_url: format!("{base}/v1/runs/{run}/previews?ticket={ticket}"),
+            ticket,
+            expires_at: Some(expires_at),
+        })
+    }
+
+    /// A run is known once it has an event or a preview record.
+    async fn run_known(&self, run_id: &str) -> Result<bool, ServiceError> {
+        if self
+            .runs
+            .get(&run_key(run_id)?)
+            .await
+            .map_err(store)?
+            .is_some()
+        {
+            return Ok(true);
+        }
+        let filter = subjects::run_events(run_id)
+            .map_err(|e| ServiceError::invalid_input(format!("run_id: {e}")))?;
+        let stream = self
+            .jetstream
+            .get_stream_no_info(streams::RUN_EVENTS)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("{}: {e}", streams::RUN_EVENTS)))?;
+        let mut info = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("{}: {e}", streams::RUN_EVENTS)))?;
+        use futures::TryStreamExt;
+        let first = info
+            .try_next()
+            .await
+            .map_err(|e| ServiceError::unavailable(format!("{}: {e}", streams::RUN_EVENTS)))?;
+        Ok(first.is_some())
+    }
+}
+
+pub(crate) fn ticket_key(ticket: &str) -> String {
+    let h = Sha256::digest(ticket.as_bytes());
+    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
+    format!("t.{hex}")
+}
+
+pub(crate) fn closed(run_id: &str) -> ServiceError {
+    ServiceError::new(
+        ErrorCode::FailedPrecondition,
+        format!("run `{run_id}` is closed: its previews and links are gone"),
+    )
+}
