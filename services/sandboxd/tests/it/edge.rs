@@ -489,3 +489,81 @@ async fn the_edge_reads_tokens_as_servers_do_and_says_where_requests_came_from()
     let head = String::from_utf8_lossy(&out);
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 }
+
+/// A retried create under the same `Idempotency-Key` answers the grant the first one made (one
+/// preview, one link), and another key makes another; the key is per sandbox and kind.
+#[tokio::test]
+async fn previews_and_shares_honour_idempotency_keys() {
+    let sd = Sandboxd::start(BIN, &[]).unwrap();
+    let api = Api::new(&sd);
+    let id = api.sandbox().await;
+    let keyed = |path: String, key: &'static str, body: Value| {
+        let req = api
+            .http
+            .post(api.url(&path))
+            .header("Authorization", "Bearer msk_test_key")
+            .header("Idempotency-Key", key)
+            .json(&body);
+        async move {
+            let resp = req.send().await.unwrap();
+            assert_eq!(resp.status(), 201);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let p1 = keyed(
+        format!("/sandboxes/{id}/previews"),
+        "k-preview",
+        json!({"port": 3000}),
+    )
+    .await;
+    let p2 = keyed(
+        format!("/sandboxes/{id}/previews"),
+        "k-preview",
+        json!({"port": 3000}),
+    )
+    .await;
+    assert_eq!(p1["data"]["id"], p2["data"]["id"]);
+    let (_, listed) = api.get(&format!("/sandboxes/{id}/previews")).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+
+    let s1 = keyed(
+        format!("/sandboxes/{id}/shares"),
+        "k-share",
+        json!({"expires_in": 600}),
+    )
+    .await;
+    let s2 = keyed(
+        format!("/sandboxes/{id}/shares"),
+        "k-share",
+        json!({"expires_in": 600}),
+    )
+    .await;
+    assert_eq!(s1["share_id"], s2["share_id"]);
+    assert_eq!(
+        s1["share_url"], s2["share_url"],
+        "the same link, shown again"
+    );
+    let s3 = keyed(
+        format!("/sandboxes/{id}/shares"),
+        "k-other",
+        json!({"expires_in": 600}),
+    )
+    .await;
+    assert_ne!(s1["share_id"], s3["share_id"]);
+    let (_, shares) = api.get(&format!("/sandboxes/{id}/shares")).await;
+    assert_eq!(shares["data"].as_array().unwrap().len(), 2, "{shares}");
+
+    let pid = p1["data"]["id"].as_str().unwrap();
+    let path = format!("/sandboxes/{id}/previews/{pid}/share");
+    let ps1 = keyed(path.clone(), "k-pshare", json!({"ttl_seconds": 600})).await;
+    let ps2 = keyed(path, "k-pshare", json!({"ttl_seconds": 600})).await;
+    assert_eq!(ps1["share_id"], ps2["share_id"]);
+    // The same key on another kind of grant is another grant.
+    let p3 = keyed(
+        format!("/sandboxes/{id}/previews"),
+        "k-share",
+        json!({"port": 3001}),
+    )
+    .await;
+    assert_ne!(p3["data"]["id"], p1["data"]["id"]);
+}
