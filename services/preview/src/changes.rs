@@ -22,8 +22,10 @@ use crate::service::Preview;
 
 /// Longest path a `files_changed` carries; a longer one turns the burst into a `resync`.
 const MAX_PATH_BYTES: usize = 1024;
-/// How long a sandbox's lease holds without a burst to renew it.
-const LEASE: Duration = Duration::from_secs(10);
+/// How long a sandbox's lease holds without a burst to renew it: also how long changes go
+/// unpublished when its holder dies without releasing it (a burst lasts at most
+/// `debounce_max_ms`, which the settings keep under this).
+const LEASE: Duration = Duration::from_secs(3);
 /// After another replica was found holding a sandbox, how long before asking again.
 const BACKOFF: Duration = Duration::from_secs(1);
 

@@ -146,13 +146,15 @@ pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
             "at least 1 second and at most `preview.max_share_ttl_sec`",
         ));
     }
-    if !(10..=10_000).contains(&p.debounce_ms) {
-        return Err(invalid("preview.debounce_ms", "10 to 10000"));
+    if !(10..=2000).contains(&p.debounce_ms) {
+        return Err(invalid("preview.debounce_ms", "10 to 2000"));
     }
-    if p.debounce_max_ms < p.debounce_ms || p.debounce_max_ms > 60_000 {
+    // A burst must end well inside the debouncing replica's lease (3 s) for the lease to fence
+    // its publish; and a preview that waits longer than that to refresh feels broken anyway.
+    if p.debounce_max_ms < p.debounce_ms || p.debounce_max_ms > 2000 {
         return Err(invalid(
             "preview.debounce_max_ms",
-            "at least `preview.debounce_ms` and at most 60000",
+            "at least `preview.debounce_ms` and at most 2000",
         ));
     }
     if !(1..=1000).contains(&p.max_paths) {

@@ -328,3 +328,66 @@ fn with_credentials_the_inbox_prefix_is_the_principals() {
     let open = load(None, &[]).unwrap();
     assert_eq!(open.nats_as(Principal::Platform).inbox_prefix, None);
 }
+
+#[test]
+fn the_preview_section_takes_origins_as_a_list_or_a_string_and_checks_its_bounds() {
+    let s = load(None, &[]).unwrap();
+    assert_eq!(s.preview.token_ttl_sec, 900);
+    assert_eq!(s.preview.max_share_ttl_sec, 7 * 86_400);
+    assert_eq!(
+        (s.preview.debounce_ms, s.preview.debounce_max_ms),
+        (150, 1000)
+    );
+    assert_eq!(s.preview.listen.to_string(), "127.0.0.1:7080");
+    assert!(s.preview.allowed_origins.is_empty());
+    let s = load(
+        None,
+        &[(
+            "SLIPWAY__PREVIEW__ALLOWED_ORIGINS",
+            "https://a.example, http://b.example:8080",
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        s.preview.allowed_origins,
+        ["https://a.example", "http://b.example:8080"]
+    );
+    let s = load(
+        Some("[preview]\nallowed_origins = [\"https://c.example\"]\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(s.preview.allowed_origins, ["https://c.example"]);
+    for (key, value) in [
+        ("SLIPWAY__PREVIEW__TOKEN_TTL_SEC", "86401"),
+        ("SLIPWAY__PREVIEW__TOKEN_TTL_SEC", "59"),
+        ("SLIPWAY__PREVIEW__MAX_SHARE_TTL_SEC", "2592001"),
+        ("SLIPWAY__PREVIEW__SHARE_TTL_SEC", "604801"),
+        ("SLIPWAY__PREVIEW__SHARE_TTL_SEC", "0"),
+        ("SLIPWAY__PREVIEW__DEBOUNCE_MS", "9"),
+        ("SLIPWAY__PREVIEW__DEBOUNCE_MAX_MS", "2001"),
+        ("SLIPWAY__PREVIEW__DEBOUNCE_MAX_MS", "100"),
+        ("SLIPWAY__PREVIEW__MAX_PATHS", "0"),
+        ("SLIPWAY__PREVIEW__SWEEP_INTERVAL_MS", "99"),
+        ("SLIPWAY__PREVIEW__TICKET_TTL_SEC", "0"),
+        ("SLIPWAY__PREVIEW__TICKET_TTL_SEC", "601"),
+        ("SLIPWAY__PREVIEW__PUBLIC_URL", "https://api.example/"),
+        ("SLIPWAY__PREVIEW__PUBLIC_URL", "ftp://api.example"),
+        ("SLIPWAY__PREVIEW__ALLOWED_ORIGINS", "*"),
+        ("SLIPWAY__PREVIEW__ALLOWED_ORIGINS", "https://a.example/"),
+        ("SLIPWAY__PREVIEW__ALLOWED_ORIGINS", "a.example"),
+    ] {
+        let e = load(None, &[(key, value)]).unwrap_err().to_string();
+        let name = key.trim_start_matches("SLIPWAY__PREVIEW__").to_lowercase();
+        assert!(e.contains(&format!("preview.{name}")), "{key}={value}: {e}");
+    }
+    // The edges that are allowed.
+    for (key, value) in [
+        ("SLIPWAY__PREVIEW__TOKEN_TTL_SEC", "86400"),
+        ("SLIPWAY__PREVIEW__DEBOUNCE_MAX_MS", "2000"),
+        ("SLIPWAY__PREVIEW__TICKET_TTL_SEC", "600"),
+        ("SLIPWAY__PREVIEW__PUBLIC_URL", "https://api.example"),
+    ] {
+        load(None, &[(key, value)]).unwrap();
+    }
+}

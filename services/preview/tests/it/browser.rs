@@ -143,6 +143,31 @@ async fn a_ticket_opens_one_run_s_events_once_and_is_refused_reused_expired_or_e
     assert_eq!(http.get(&bare).send().await.unwrap().status(), 401);
     let forged = format!("{bare}?ticket=tk_forged");
     assert_eq!(http.get(&forged).send().await.unwrap().status(), 401);
+
+    // What the replica counted, as its /metrics shows it.
+    let metrics = http
+        .get(format!("http://{}/metrics", sys.replicas[0].health))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "slipway_preview_tickets_total{outcome=\"redeemed\"} 3",
+        "slipway_preview_tickets_total{outcome=\"reused\"} 1",
+        "slipway_preview_tickets_total{outcome=\"other_run\"} 1",
+        "slipway_preview_tickets_total{outcome=\"expired\"} 1",
+        "slipway_preview_tickets_total{outcome=\"unknown\"} 2",
+        "slipway_preview_tokens_issued_total 2",
+        "slipway_preview_open 1",
+        "slipway_preview_shares_live 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
 }
 
 /// A platform's page on its own origin follows a run with a ticket and shows its preview in an

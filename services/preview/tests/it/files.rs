@@ -61,3 +61,89 @@ async fn a_write_gives_exactly_one_files_changed_with_two_replicas() {
         took.as_millis()
     );
 }
+
+/// What the relay says is passed on: a `resync` stays a `resync`; a burst with more paths than
+/// `preview.max_paths` (or one too long) is capped and sent as a `resync`; an undecodable
+/// change is dropped without losing the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resync_passes_through_paths_are_capped_and_garbage_is_dropped() {
+    use slipway_common::rpc::message_headers;
+    use slipway_proto::codec::{ContentType, encode};
+    use slipway_proto::v1::{FileChange, FileChangeKind};
+
+    let sys = System::start(2, &[("SLIPWAY__PREVIEW__MAX_PATHS", "10")]).await;
+    let sb = sys.app("run_caps", "main").await;
+    sys.open("run_caps", "main", &sb).await;
+    let nats = &sys.executor.nats_client;
+    let subject = format!("slipway.sandboxes.{sb}.files");
+    let send = |kind: FileChangeKind, path: String| {
+        let change = FileChange {
+            sandbox_id: sb.clone(),
+            kind: kind.into(),
+            path,
+            ..Default::default()
+        };
+        let subject = subject.clone();
+        async move {
+            nats.publish_with_headers(
+                subject,
+                message_headers::<FileChange>(ContentType::Protobuf),
+                encode(&change, ContentType::Protobuf).into(),
+            )
+            .await
+            .unwrap();
+            nats.flush().await.unwrap();
+        }
+    };
+    let bursts = || async {
+        sys.events("run_caps")
+            .await
+            .into_iter()
+            .filter_map(|e| match e.payload {
+                Some(Payload::FilesChanged(f)) => Some(f),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let settle = || async {
+        let mut n = bursts().await.len();
+        loop {
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let now = bursts().await.len();
+            if now == n {
+                return n;
+            }
+            n = now;
+        }
+    };
+
+    let before = settle().await;
+    nats.publish(subject.clone(), "not a change".into())
+        .await
+        .unwrap();
+    send(FileChangeKind::Resync, "/workspace".into()).await;
+    sys.wait_for("run_caps", is_files_changed, before + 1).await;
+    let before = settle().await;
+    let got = bursts().await;
+    assert_eq!(got.len(), before);
+    assert!(got[before - 1].resync, "{:?}", got[before - 1]);
+
+    for i in 0..15 {
+        send(FileChangeKind::Modified, format!("/workspace/f{i:02}.txt")).await;
+    }
+    sys.wait_for("run_caps", is_files_changed, before + 1).await;
+    let after = settle().await;
+    assert_eq!(after, before + 1, "one burst");
+    let capped = &bursts().await[before];
+    assert_eq!(capped.paths.len(), 10, "{capped:?}");
+    assert!(capped.resync);
+
+    send(
+        FileChangeKind::Modified,
+        format!("/workspace/{}", "x".repeat(2000)),
+    )
+    .await;
+    sys.wait_for("run_caps", is_files_changed, after + 1).await;
+    let long = &bursts().await[after];
+    assert!(long.resync && long.paths.is_empty(), "{long:?}");
+}
