@@ -172,14 +172,23 @@ impl Debouncer {
         }
     }
 
+    /// One event per run and branch the sandbox serves (its previews on several ports are
+    /// one app).
     async fn publish(&self, sandbox: &str, burst: Burst) {
+        let mut seen = BTreeSet::new();
         for preview in self.preview.index.previews_of(sandbox) {
+            if !seen.insert((preview.run_id.clone(), preview.branch.clone())) {
+                continue;
+            }
             let payload = Payload::FilesChanged(FilesChanged {
                 sandbox_id: sandbox.to_string(),
                 paths: burst.paths.iter().cloned().collect(),
                 resync: burst.resync,
             });
-            let step = Step::nth(&format!("files.{}", preview.preview_id), burst.first_ms);
+            let step = Step::nth(
+                &format!("files.{}", crate::service::digest(&[sandbox])),
+                burst.first_ms,
+            );
             let sent = self
                 .preview
                 .events

@@ -62,7 +62,7 @@ pub(crate) fn is_not_found(e: &slipway_common::RpcError) -> bool {
 }
 
 /// 128 bits of SHA-256 over the parts, in hex: ids that are facts of their inputs.
-fn digest(parts: &[&str]) -> String {
+pub(crate) fn digest(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update(p.as_bytes());
@@ -399,7 +399,9 @@ impl Preview {
             .await
             .map_err(upstream)?;
         slipway_common::failpoint::hit("preview.open.after_platform");
-        let platform_id = made.preview.map(|p| p.id).unwrap_or_default();
+        let made = made.preview.unwrap_or_default();
+        let platform_id = made.id;
+        let platform_url = made.url;
         if platform_id.is_empty() {
             return Err(ServiceError::unavailable(
                 "the executor's preview has no id",
@@ -411,6 +413,7 @@ impl Preview {
                 return Ok(false);
             }
             r.platform_preview_id = platform_id.clone();
+            r.url = platform_url.clone();
             r.state = PreviewState::Open.into();
             r.opened_at = Some(now());
             Ok(true)
@@ -426,11 +429,13 @@ impl Preview {
         Ok(updated)
     }
 
+    /// A short-lived token URL for the preview's port; for a port the platform mints no tokens
+    /// for, the platform preview's own URL (a capability that lasts until `close`).
     pub(crate) async fn mint_token(
         &self,
         record: &PreviewRecord,
     ) -> Result<PreviewTokenReply, ServiceError> {
-        let token: PreviewTokenReply = self
+        let token: Result<PreviewTokenReply, _> = self
             .rpc
             .call(
                 &executor("preview.token"),
@@ -441,10 +446,27 @@ impl Preview {
                     scope: TokenScope::Interact.into(),
                 },
             )
-            .await
-            .map_err(upstream)?;
-        self.metrics.token_issued();
-        Ok(token)
+            .await;
+        match token {
+            Ok(token) => {
+                self.metrics.token_issued();
+                Ok(token)
+            }
+            Err(e)
+                if !record.url.is_empty()
+                    && e.service_error().is_some_and(|s| {
+                        s.code == ErrorCode::InvalidInput
+                            && s.details.get("field").is_some_and(|f| f == "port")
+                    }) =>
+            {
+                Ok(PreviewTokenReply {
+                    token: String::new(),
+                    url: record.url.clone(),
+                    expires_at: None,
+                })
+            }
+            Err(e) => Err(upstream(e)),
+        }
     }
 
     /// `preview_ready`, once per preview and sandbox.
@@ -609,8 +631,12 @@ impl Preview {
             }
         }
         for id in &index.share_ids {
-            if self.revoke_link(&req.run_id, id).await?.1 {
-                reply.shares_revoked += 1;
+            match self.revoke_link(&req.run_id, id).await {
+                Ok((_, true)) => reply.shares_revoked += 1,
+                Ok((_, false)) => {}
+                // Indexed, then a crash before its record: nothing was handed out.
+                Err(e) if e.code == ErrorCode::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         for sandbox in sandboxes {

@@ -292,6 +292,28 @@ impl Preview {
         if record.share.as_ref().is_some_and(|s| s.revoked) {
             return Ok((record, false));
         }
+        let mut record = record;
+        if record.platform_share_id.is_empty() {
+            // Recorded, then perhaps made at the platform before a crash: the same key finds
+            // it, so it can be revoked rather than left open.
+            let made: Result<ShareReply, _> = self
+                .rpc
+                .call(
+                    &executor("share.create"),
+                    &CreateShareRequest {
+                        sandbox_id: record.sandbox_id.clone(),
+                        expires_in_sec: record.ttl_sec,
+                        idempotency_key: format!("share:{share_id}"),
+                    },
+                )
+                .await;
+            match made {
+                Ok(r) => record.platform_share_id = r.share.map(|s| s.id).unwrap_or_default(),
+                // The sandbox is gone, and its links with it.
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(upstream(e)),
+            }
+        }
         self.revoke_at_platform(&record).await?;
         let mut revoked_now = false;
         let record = modify(&self.shares, &key, |r| {

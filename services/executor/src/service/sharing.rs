@@ -65,7 +65,8 @@ impl Executor {
                     "port: the platform mints preview tokens for the sandbox's preview port \
                      ({preview_port}), not {}; use preview.create for another port",
                     req.port
-                )));
+                ))
+                .with_detail("field", "port"));
             }
         }
         let expires_in = if req.expires_in_sec == 0 {

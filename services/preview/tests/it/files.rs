@@ -147,3 +147,63 @@ async fn resync_passes_through_paths_are_capped_and_garbage_is_dropped() {
     let long = &bursts().await[after];
     assert!(long.resync && long.paths.is_empty(), "{long:?}");
 }
+
+/// A second port of the same branch: the platform mints tokens for the sandbox's preview port
+/// only, so that preview's URL is the platform preview's own (until `close`); and one write is
+/// still one `files_changed` for the branch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_port_has_its_own_url_and_a_write_is_still_one_event_for_the_branch() {
+    use slipway_common::Service;
+    use slipway_proto::v1::*;
+
+    let sys = System::start(2, &[]).await;
+    let sb = sys.app("run_ports", "main").await;
+    let _: ProcessReply = sys
+        .executor
+        .rpc
+        .call(
+            &Service::Executor.op("process.start"),
+            &StartProcessRequest {
+                sandbox_id: sb.clone(),
+                idempotency_key: "ports:second".into(),
+                command: "node server.js".into(),
+                env: [("PORT".to_string(), "3001".to_string())].into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    sys.open("run_ports", "main", &sb).await;
+    let second: OpenPreviewReply = sys
+        .call(
+            "open",
+            &OpenPreviewRequest {
+                run_id: "run_ports".into(),
+                branch: "main".into(),
+                port: 3001,
+                sandbox_id: sb.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(second.token_expires_at.is_none(), "no token for that port");
+    let (status, body) = sys.status(&format!("{}echo", second.url)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"port\":3001"), "{body}");
+    assert_eq!(sys.platform_previews(&sb).await.len(), 2);
+
+    let mut before = sys.count("run_ports", is_files_changed).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = sys.count("run_ports", is_files_changed).await;
+        if now == before {
+            break;
+        }
+        before = now;
+    }
+    sys.write(&sb, "ports:write", "public/other.txt", "x").await;
+    sys.wait_for("run_ports", is_files_changed, before + 1)
+        .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(sys.count("run_ports", is_files_changed).await, before + 1);
+}
