@@ -26,12 +26,12 @@ use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::json;
 use slipway_common::Shutdown;
-use slipway_common::records::RecordError;
-use slipway_common::service::now;
 use slipway_common::subjects::streams;
-use slipway_proto::v1::{PreviewState, RunEvent, TicketRecord};
+use slipway_proto::v1::{PreviewState, RunEvent};
 
-use crate::service::{Preview, check_run, pv_key, run_key, ticket_key};
+use crate::ids::{check_run, pv_key, run_key};
+use crate::service::Preview;
+use crate::tickets::Refused;
 
 #[derive(Clone)]
 struct Api {
@@ -115,6 +115,16 @@ async fn cors(
     response
 }
 
+/// A dependency failed: logged here, and the browser is told only to retry (no internals).
+fn unavailable(detail: impl std::fmt::Display) -> Refusal {
+    tracing::warn!(%detail, "the browser API could not answer");
+    Refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the run cannot be read right now; retry".into(),
+    )
+}
+
 async fn preflight() -> Response {
     (
         StatusCode::NO_CONTENT,
@@ -127,92 +137,52 @@ async fn preflight() -> Response {
         .into_response()
 }
 
-/// Spends the ticket on `run`. A ticket for another run is refused without being spent.
-async fn redeem(preview: &Preview, run: &str, ticket: Option<&str>) -> Result<(), Refusal> {
-    let unauthorized = |code: &'static str, message: &str| {
-        Refusal(StatusCode::UNAUTHORIZED, code, message.to_string())
-    };
-    check_run(run).map_err(|e| Refusal(StatusCode::BAD_REQUEST, "invalid_run", e.message))?;
-    let Some(ticket) = ticket.filter(|t| t.starts_with("tk_") && t.len() <= 64) else {
-        preview.metrics.ticket("unknown");
-        return Err(unauthorized(
-            "ticket_required",
-            "a ticket from `ticket` is required",
-        ));
-    };
-    let key = ticket_key(ticket);
-    for _ in 0..4 {
-        let found = preview.tickets.get(&key).await.map_err(|e| {
-            Refusal(
+/// A ticket refusal as HTTP: 401 asks for a new ticket, 403 says this one can never work here.
+fn refusal(r: Refused) -> Refusal {
+    let status = match r {
+        Refused::OtherRun => StatusCode::FORBIDDEN,
+        Refused::Unavailable(ref detail) => {
+            tracing::warn!(%detail, "redeeming a ticket");
+            return Refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                e.to_string(),
-            )
-        })?;
-        let Some((record, revision)) = found else {
-            preview.metrics.ticket("unknown");
-            return Err(unauthorized("ticket_unknown", "this ticket is not valid"));
-        };
-        if record.run_id != run {
-            preview.metrics.ticket("other_run");
-            return Err(Refusal(
-                StatusCode::FORBIDDEN,
-                "ticket_other_run",
-                "this ticket is for another run".into(),
-            ));
+                "tickets cannot be checked right now; retry".into(),
+            );
         }
-        if record.redeemed_at.is_some() {
-            preview.metrics.ticket("reused");
-            return Err(unauthorized("ticket_used", "this ticket was used already"));
-        }
-        let expired = record
-            .expires_at
-            .is_none_or(|e| (e.seconds, e.nanos) <= (now().seconds, now().nanos));
-        if expired {
-            preview.metrics.ticket("expired");
-            return Err(unauthorized("ticket_expired", "this ticket has expired"));
-        }
-        let spent = TicketRecord {
-            redeemed_at: Some(now()),
-            ..record
-        };
-        match preview.tickets.update(&key, &spent, revision).await {
-            Ok(_) => {
-                preview.metrics.ticket("redeemed");
-                return Ok(());
-            }
-            // Someone redeemed it (or it changed) meanwhile: read it again.
-            Err(RecordError::Conflict { .. }) => continue,
-            Err(e) => {
-                return Err(Refusal(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    e.to_string(),
-                ));
-            }
-        }
-    }
-    preview.metrics.ticket("reused");
-    Err(unauthorized("ticket_used", "this ticket was used already"))
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    Refusal(status, r.code(), r.to_string())
 }
 
-fn last_event_id(headers: &HeaderMap, params: &Params) -> Result<u64, Refusal> {
+async fn redeem(preview: &Preview, run: &str, ticket: Option<&str>) -> Result<(), Refusal> {
+    check_run(run).map_err(|e| Refusal(StatusCode::BAD_REQUEST, "invalid_run", e.message))?;
+    preview.redeem(run, ticket).await.map_err(refusal)
+}
+
+/// Where to resume: the sequence after `Last-Event-ID` (the header, or `last_event_id=`).
+fn resume_from(headers: &HeaderMap, params: &Params) -> Result<Option<u64>, Refusal> {
     let raw = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string)
         .or_else(|| params.last_event_id.clone())
         .filter(|s| !s.trim().is_empty());
-    match raw {
-        None => Ok(0),
-        Some(s) => s.trim().parse().map_err(|_| {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    // The next sequence to send: one past the last seen (a number the stream can hold).
+    raw.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_add(1))
+        .map(Some)
+        .ok_or_else(|| {
             Refusal(
                 StatusCode::BAD_REQUEST,
                 "invalid_last_event_id",
                 "Last-Event-ID is the `id` of an event this stream sent".into(),
             )
-        }),
-    }
+        })
 }
 
 async fn events(
@@ -221,9 +191,8 @@ async fn events(
     Query(params): Query<Params>,
     headers: HeaderMap,
 ) -> Result<Response, Refusal> {
-    let after = last_event_id(&headers, &params)?;
+    let from = resume_from(&headers, &params)?;
     redeem(&api.preview, &run, params.ticket.as_deref()).await?;
-    let unavailable = |e: String| Refusal(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
     let filter =
         slipway_common::subjects::run_events(&run).map_err(|e| unavailable(e.to_string()))?;
     let stream = api
@@ -232,12 +201,9 @@ async fn events(
         .get_stream_no_info(streams::RUN_EVENTS)
         .await
         .map_err(|e| unavailable(e.to_string()))?;
-    let deliver_policy = if after == 0 {
-        DeliverPolicy::All
-    } else {
-        DeliverPolicy::ByStartSequence {
-            start_sequence: after + 1,
-        }
+    let deliver_policy = match from {
+        None => DeliverPolicy::All,
+        Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
     };
     let consumer = stream
         .create_consumer(pull::OrderedConfig {
@@ -283,7 +249,6 @@ async fn previews(
 ) -> Result<Response, Refusal> {
     redeem(&api.preview, &run, params.ticket.as_deref()).await?;
     let p = &api.preview;
-    let unavailable = |e: String| Refusal(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e);
     let key = run_key(&run).map_err(|e| unavailable(e.message))?;
     let index = p
         .runs

@@ -1,9 +1,11 @@
 //! File changes to `files_changed`: every replica hears the executor's relayed `FileChange`s
 //! (core NATS), but only the one holding the sandbox's lease (`preview.files.<sandbox>`) turns
 //! them into events. A burst ends after `preview.debounce_ms` without a change, or
-//! `preview.debounce_max_ms` after it began, and becomes one event for each open preview's run
-//! and branch, so there is one event per burst however many replicas run. The lease is renewed
-//! before each publish: a replica that lost it publishes nothing.
+//! `preview.debounce_max_ms` after it began, and becomes one event per run and branch the
+//! sandbox serves, so there is one event per burst however many replicas run. The lease is
+//! taken at a burst's first change, renewed before its publish (a replica that lost it
+//! publishes nothing) and given up after; a burst that finds it expired, not given up, follows
+//! a replica that died mid-burst and is sent as a `resync`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -46,7 +48,8 @@ impl Burst {
 
 /// What this replica does for one sandbox.
 enum Role {
-    Holding(Held),
+    /// Holding its lease, last renewed at the instant given.
+    Holding(Held, Instant),
     /// Another replica holds it; ask again after this.
     Elsewhere(Instant),
 }
@@ -79,36 +82,54 @@ impl Debouncer {
         format!("preview.files.{sandbox}")
     }
 
-    /// Whether this replica handles the sandbox's changes (taking its lease when free).
-    async fn ours(&mut self, sandbox: &str) -> bool {
-        match self.roles.get(sandbox) {
-            Some(Role::Holding(_)) => return true,
-            Some(Role::Elsewhere(until)) if Instant::now() < *until => return false,
+    /// Whether this replica handles the sandbox's changes: its lease is held (renewed once half
+    /// of it has passed, so it cannot lapse mid-burst) or free to take. `Some(true)` when it was
+    /// just taken from a holder that died without giving it up: changes may have been missed.
+    async fn ours(&mut self, sandbox: &str) -> Option<bool> {
+        let now = Instant::now();
+        match self.roles.remove(sandbox) {
+            Some(Role::Holding(held, at)) if now < at + LEASE / 2 => {
+                self.roles
+                    .insert(sandbox.to_string(), Role::Holding(held, at));
+                return Some(false);
+            }
+            Some(Role::Holding(held, _)) => {
+                if let Ok(held) = self.leases.renew(&held, LEASE).await {
+                    self.roles
+                        .insert(sandbox.to_string(), Role::Holding(held, now));
+                    return Some(false);
+                }
+            }
+            Some(Role::Elsewhere(until)) if now < until => {
+                self.roles
+                    .insert(sandbox.to_string(), Role::Elsewhere(until));
+                return None;
+            }
             _ => {}
         }
-        match self
-            .leases
-            .try_acquire(&Self::lease_name(sandbox), LEASE)
-            .await
-        {
+        let name = Self::lease_name(sandbox);
+        let before = self.leases.current(&name).await.ok().flatten();
+        match self.leases.try_acquire(&name, LEASE).await {
             Ok(Some(held)) => {
-                self.roles.insert(sandbox.to_string(), Role::Holding(held));
-                true
+                self.roles
+                    .insert(sandbox.to_string(), Role::Holding(held, now));
+                Some(before.is_some())
             }
             Ok(None) | Err(_) => {
-                self.roles.insert(
-                    sandbox.to_string(),
-                    Role::Elsewhere(Instant::now() + BACKOFF),
-                );
-                false
+                self.roles
+                    .insert(sandbox.to_string(), Role::Elsewhere(now + BACKOFF));
+                None
             }
         }
     }
 
     async fn heard(&mut self, sandbox: &str, change: FileChange) {
-        if self.preview.index.previews_of(sandbox).is_empty() || !self.ours(sandbox).await {
+        if self.preview.index.previews_of(sandbox).is_empty() {
             return;
         }
+        let Some(taken_over) = self.ours(sandbox).await else {
+            return;
+        };
         let now = Instant::now();
         let burst = self
             .bursts
@@ -121,7 +142,7 @@ impl Debouncer {
                 resync: false,
             });
         burst.last = now;
-        if change.kind == FileChangeKind::Resync as i32 {
+        if taken_over || change.kind == FileChangeKind::Resync as i32 {
             burst.resync = true;
         }
         for p in [change.path, change.old_path] {
@@ -156,12 +177,13 @@ impl Debouncer {
             let Some(burst) = self.bursts.remove(&sandbox) else {
                 continue;
             };
-            let Some(Role::Holding(held)) = self.roles.remove(&sandbox) else {
+            let Some(Role::Holding(held, _)) = self.roles.remove(&sandbox) else {
                 continue;
             };
             match self.leases.renew(&held, LEASE).await {
                 Ok(held) => {
-                    self.roles.insert(sandbox.clone(), Role::Holding(held));
+                    self.roles
+                        .insert(sandbox.clone(), Role::Holding(held, Instant::now()));
                 }
                 Err(e) => {
                     tracing::info!(%sandbox, error = %e, "file-change lease lost: burst left to its holder");
@@ -169,7 +191,15 @@ impl Debouncer {
                 }
             }
             self.publish(&sandbox, burst).await;
+            // Held for a burst only: given up at once, so a lease found expired at the next
+            // burst means its holder died in the middle of one.
+            if let Some(Role::Holding(held, _)) = self.roles.remove(&sandbox) {
+                let _ = self.leases.release(held).await;
+            }
         }
+        // Forget the sandboxes other replicas held, once it is time to ask again anyway.
+        self.roles
+            .retain(|_, r| !matches!(r, Role::Elsewhere(until) if *until <= now));
     }
 
     /// One event per run and branch the sandbox serves (its previews on several ports are
@@ -186,7 +216,7 @@ impl Debouncer {
                 resync: burst.resync,
             });
             let step = Step::nth(
-                &format!("files.{}", crate::service::digest(&[sandbox])),
+                &format!("files.{}", crate::ids::digest(&[sandbox])),
                 burst.first_ms,
             );
             let sent = self
@@ -210,7 +240,7 @@ impl Debouncer {
     /// Gives up every held lease (at shutdown), so another replica takes over at once.
     async fn release_all(&mut self) {
         for (_, role) in self.roles.drain() {
-            if let Role::Holding(held) = role {
+            if let Role::Holding(held, _) = role {
                 let _ = self.leases.release(held).await;
             }
         }

@@ -11,10 +11,13 @@
 
 pub mod browser;
 pub mod changes;
+pub mod ids;
 pub mod index;
 pub mod metrics;
 pub mod service;
 pub mod shares;
+pub mod sweeper;
+pub mod tickets;
 
 use std::sync::Arc;
 
@@ -52,7 +55,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
             app.health.clone(),
         ));
     }
-    tracker.spawn(shares::sweep(
+    tracker.spawn(sweeper::sweep(
         preview.clone(),
         leases.clone(),
         app.shutdown.clone(),
@@ -67,6 +70,13 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
 
     let addr = browser::start(preview.clone(), app.shutdown.clone()).await?;
     let base = if preview.settings.public_url.is_empty() {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(
+                %addr,
+                "preview.public_url is empty: ticket URLs name the listen address, which \
+                 browsers outside this host may not reach"
+            );
+        }
         format!("http://{addr}")
     } else {
         preview.settings.public_url.clone()

@@ -1,25 +1,21 @@
-//! The preview service's state and its preview operations: `open`, `token`, `close` and
-//! `ticket` (share links are in `shares`). Every record is written before the platform call it
+//! The preview service's state and its preview operations: `open`, `token` and `close` (share
+//! links are in `shares`, tickets in `tickets`). Every record is written before the platform call it
 //! stands for, and every platform call carries a key derived from the record, so a crash at any
 //! point is resumed by the caller's retry without a second preview or link.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use async_nats::jetstream;
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sha2::{Digest, Sha256};
 use slipway_common::config::PreviewSettings;
 use slipway_common::records::{Record, RecordError, Records};
 use slipway_common::run_events::{RunEventPublisher, Step};
-use slipway_common::service::{now, required};
-use slipway_common::subjects::streams;
+use slipway_common::service::now;
 use slipway_common::topology::buckets;
-use slipway_common::{App, RpcClient, Service, ServiceError, subjects};
+use slipway_common::{App, RpcClient, Service, ServiceError};
 use slipway_proto::v1::run_event::Payload;
 use slipway_proto::v1::*;
 
+use crate::ids::{branch_or_main, check_minted, check_run, digest, preview_id, pv_key, run_key};
 use crate::index::Index;
 use crate::metrics::PreviewMetrics;
 
@@ -59,78 +55,6 @@ pub(crate) fn upstream(e: slipway_common::RpcError) -> ServiceError {
 pub(crate) fn is_not_found(e: &slipway_common::RpcError) -> bool {
     e.service_error()
         .is_some_and(|s| s.code == ErrorCode::NotFound)
-}
-
-/// 128 bits of SHA-256 over the parts, in hex: ids that are facts of their inputs.
-pub(crate) fn digest(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0u8]);
-    }
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The preview of (run, branch, port): the same inputs are the same preview.
-pub fn preview_id(run_id: &str, branch: &str, port: u32) -> String {
-    format!("pv_{}", digest(&[run_id, branch, &port.to_string()]))
-}
-
-/// The share link a caller's idempotency key stands for within a run.
-pub fn share_id(run_id: &str, idempotency_key: &str) -> String {
-    format!("sh_{}", digest(&[run_id, idempotency_key]))
-}
-
-/// Checks an id this service minted (`pv_…`, `sh_…`): its prefix and 32 hex digits.
-pub(crate) fn check_minted(
-    field: &'static str,
-    prefix: &str,
-    id: &str,
-) -> Result<(), ServiceError> {
-    let ok = id.strip_prefix(prefix).is_some_and(|h| {
-        h.len() == 32
-            && h.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(ServiceError::invalid_input(format!(
-            "{field}: `{}` is not a {prefix}… id",
-            id.chars().take(80).collect::<String>()
-        ))
-        .with_detail("field", field))
-    }
-}
-
-pub(crate) fn pv_key(preview_id: &str) -> String {
-    format!("pv.{preview_id}")
-}
-
-pub(crate) fn run_key(run_id: &str) -> Result<String, ServiceError> {
-    let run = slipway_common::keys::encode_key(run_id)
-        .map_err(|e| ServiceError::invalid_input(format!("run_id: {e}")))?;
-    Ok(format!("run.{run}"))
-}
-
-/// A run id: required, and one subject token (its events live under it).
-pub(crate) fn check_run(run_id: &str) -> Result<(), ServiceError> {
-    required("run_id", run_id)?;
-    subjects::token(run_id).map(|_| ()).map_err(|e| {
-        ServiceError::invalid_input(format!("run_id: {e}")).with_detail("field", "run_id")
-    })
-}
-
-/// The branch, `main` when empty.
-pub(crate) fn branch_or_main(branch: &str) -> Result<String, ServiceError> {
-    if branch.is_empty() {
-        return Ok("main".into());
-    }
-    slipway_proto::validate::check_branch_name("branch", branch).map_err(ServiceError::from)?;
-    Ok(branch.to_string())
 }
 
 /// Reads a record, lets `change` edit it, and writes it at the revision read; on a conflict
@@ -285,7 +209,10 @@ impl Preview {
                         Err(RecordError::Exists { .. }) => self.current(&key).await?,
                         Err(e) => return Err(store(e)),
                     },
-                    Some(_) => {
+                    Some((old, _)) => {
+                        // The old sandbox's preview and relay go first: nothing else would
+                        // find them once the record points elsewhere.
+                        self.retire(&old).await?;
                         let target = record.clone();
                         modify(&self.previews, &key, |r| {
                             if r.sandbox_id == target.sandbox_id {
@@ -317,6 +244,14 @@ impl Preview {
             )
             .await
             .map_err(upstream)?;
+        // `close` may have run since the record was read: it stopped the relays it knew of,
+        // so this one must not outlive it.
+        let now_closed = self.run_closed(&record.run_id).await?
+            || self.current(&key).await?.state == PreviewState::Closed as i32;
+        if now_closed {
+            self.stop_relay(&record.sandbox_id, &record.run_id).await?;
+            return Err(closed(&req.run_id));
+        }
         let token = self.mint_token(&record).await?;
         if !record.announced {
             self.announce(&key, &record, &token).await?;
@@ -538,9 +473,52 @@ impl Preview {
         })
     }
 
-    /// Deletes a preview at the platform and marks it closed. A preview recorded but never
-    /// confirmed is looked up by its key first (the platform may have made it before a crash).
+    /// Deletes a preview at the platform and marks it closed; `true` when this call closed it.
     async fn close_preview(&self, record: &PreviewRecord) -> Result<bool, ServiceError> {
+        self.delete_platform_preview(record).await?;
+        let changed = modify(&self.previews, &pv_key(&record.preview_id), |r| {
+            if r.state == PreviewState::Closed as i32 {
+                return Ok(false);
+            }
+            r.state = PreviewState::Closed.into();
+            Ok(true)
+        })
+        .await?;
+        Ok(changed.is_some_and(|_| record.state != PreviewState::Closed as i32))
+    }
+
+    /// What a preview left on a sandbox it no longer points at: its platform preview and the
+    /// sandbox's relay.
+    async fn retire(&self, old: &PreviewRecord) -> Result<(), ServiceError> {
+        self.delete_platform_preview(old).await?;
+        self.stop_relay(&old.sandbox_id, &old.run_id).await
+    }
+
+    pub(crate) async fn stop_relay(
+        &self,
+        sandbox_id: &str,
+        run_id: &str,
+    ) -> Result<(), ServiceError> {
+        let stopped: Result<RelayReply, _> = self
+            .rpc
+            .call(
+                &executor("relay.stop"),
+                &RelayRequest {
+                    sandbox_id: sandbox_id.to_string(),
+                    run_id: run_id.to_string(),
+                },
+            )
+            .await;
+        match stopped {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(upstream(e)),
+        }
+    }
+
+    /// Deletes the record's platform preview. One recorded but never confirmed is looked up by
+    /// its key first (the platform may have made it before a crash).
+    async fn delete_platform_preview(&self, record: &PreviewRecord) -> Result<(), ServiceError> {
         let mut platform_id = record.platform_preview_id.clone();
         if platform_id.is_empty() {
             let made: Result<PreviewReply, _> = self
@@ -584,15 +562,7 @@ impl Preview {
                 Err(e) => return Err(upstream(e)),
             }
         }
-        let changed = modify(&self.previews, &pv_key(&record.preview_id), |r| {
-            if r.state == PreviewState::Closed as i32 {
-                return Ok(false);
-            }
-            r.state = PreviewState::Closed.into();
-            Ok(true)
-        })
-        .await?;
-        Ok(changed.is_some_and(|_| record.state != PreviewState::Closed as i32))
+        Ok(())
     }
 
     /// `close`: every preview of the run deleted, every link revoked, every relay stopped;
@@ -640,94 +610,10 @@ impl Preview {
             }
         }
         for sandbox in sandboxes {
-            let stopped: Result<RelayReply, _> = self
-                .rpc
-                .call(
-                    &executor("relay.stop"),
-                    &RelayRequest {
-                        sandbox_id: sandbox,
-                        run_id: req.run_id.clone(),
-                    },
-                )
-                .await;
-            match stopped {
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(upstream(e)),
-            }
+            self.stop_relay(&sandbox, &req.run_id).await?;
         }
         Ok(reply)
     }
-
-    /// `ticket`: a short, single-use pass for a browser to one run's events and previews. Only
-    /// its digest is stored.
-    pub async fn ticket(&self, req: IssueTicketRequest) -> Result<IssueTicketReply, ServiceError> {
-        check_run(&req.run_id)?;
-        if !self.run_known(&req.run_id).await? {
-            return Err(
-                ServiceError::not_found(format!("run_id: no run `{}`", req.run_id))
-                    .with_detail("field", "run_id"),
-            );
-        }
-        let secret: [u8; 32] = rand::random();
-        let ticket = format!("tk_{}", URL_SAFE_NO_PAD.encode(secret));
-        let ttl = Duration::from_secs(self.settings.ticket_ttl_sec);
-        let mut expires_at = now();
-        expires_at.seconds += ttl.as_secs() as i64;
-        let record = TicketRecord {
-            run_id: req.run_id.clone(),
-            expires_at: Some(expires_at),
-            redeemed_at: None,
-        };
-        self.tickets
-            .create(&ticket_key(&ticket), &record)
-            .await
-            .map_err(store)?;
-        let base = self.browser_base.get().cloned().unwrap_or_default();
-        let run = &req.run_id;
-        Ok(IssueTicketReply {
-            events_url: format!("{base}/v1/runs/{run}/events?ticket={ticket}"),
-            previews_url: format!("{base}/v1/runs/{run}/previews?ticket={ticket}"),
-            ticket,
-            expires_at: Some(expires_at),
-        })
-    }
-
-    /// A run is known once it has an event or a preview record.
-    async fn run_known(&self, run_id: &str) -> Result<bool, ServiceError> {
-        if self
-            .runs
-            .get(&run_key(run_id)?)
-            .await
-            .map_err(store)?
-            .is_some()
-        {
-            return Ok(true);
-        }
-        let filter = subjects::run_events(run_id)
-            .map_err(|e| ServiceError::invalid_input(format!("run_id: {e}")))?;
-        let stream = self
-            .jetstream
-            .get_stream_no_info(streams::RUN_EVENTS)
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("{}: {e}", streams::RUN_EVENTS)))?;
-        let mut info = stream
-            .info_with_subjects(filter)
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("{}: {e}", streams::RUN_EVENTS)))?;
-        use futures::TryStreamExt;
-        let first = info
-            .try_next()
-            .await
-            .map_err(|e| ServiceError::unavailable(format!("{}: {e}", streams::RUN_EVENTS)))?;
-        Ok(first.is_some())
-    }
-}
-
-pub(crate) fn ticket_key(ticket: &str) -> String {
-    let h = Sha256::digest(ticket.as_bytes());
-    let hex: String = h.iter().map(|b| format!("{b:02x}")).collect();
-    format!("t.{hex}")
 }
 
 pub(crate) fn closed(run_id: &str) -> ServiceError {

@@ -1,29 +1,16 @@
 //! Share links: one platform capability per link (a sandbox share), so revoking one leaves the
-//! others working; and the expiry sweeper, which publishes `share_expired` once per link
-//! however many replicas run (one replica holds the sweeper's lease, the event id is a fact of
-//! the link, and the record is marked at its revision).
+//! others working. Their expiry is announced by the sweeper (`sweeper`).
 
-use std::sync::Arc;
-use std::time::Duration;
-
-use slipway_common::Shutdown;
-use slipway_common::lease::{Held, Leases};
 use slipway_common::records::RecordError;
 use slipway_common::run_events::Step;
 use slipway_common::service::{now, required};
 use slipway_proto::v1::run_event::Payload;
 use slipway_proto::v1::*;
 
-use crate::service::{
-    Preview, branch_or_main, check_minted, check_run, executor, is_not_found, modify, pv_key,
-    run_key, share_id, store, upstream,
-};
+use crate::ids::{branch_or_main, check_minted, check_run, pv_key, run_key, sh_key, share_id};
+use crate::service::{Preview, executor, is_not_found, modify, store, upstream};
 
-pub(crate) fn sh_key(share_id: &str) -> String {
-    format!("sh.{share_id}")
-}
-
-fn millis(t: Option<pbjson_types::Timestamp>) -> i64 {
+pub(crate) fn millis(t: Option<pbjson_types::Timestamp>) -> i64 {
     t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
 }
 
@@ -255,7 +242,7 @@ impl Preview {
         }
     }
 
-    async fn publish(
+    pub(crate) async fn publish(
         &self,
         record: &ShareRecord,
         step: Step,
@@ -289,7 +276,12 @@ impl Preview {
         if record.share.as_ref().is_none_or(|s| s.run_id != run_id) {
             return Err(no_share(run_id, share_id));
         }
-        if record.share.as_ref().is_some_and(|s| s.revoked) {
+        // Revoked already, or expired (the platform refuses it already): nothing to do.
+        if record
+            .share
+            .as_ref()
+            .is_some_and(|s| s.revoked || millis(s.expires_at) <= now_ms())
+        {
             return Ok((record, false));
         }
         let mut record = record;
@@ -373,73 +365,5 @@ impl Preview {
         }
         shares.sort_by_key(|s| (millis(s.created_at), s.share_id.clone()));
         Ok(ListShareLinksReply { shares })
-    }
-
-    /// `share_expired` for one link past its expiry, once: the event id is a fact of the
-    /// link (a replay is deduplicated by the stream) and the record is marked at its revision.
-    async fn expire(&self, share_id: &str) -> Result<bool, slipway_common::ServiceError> {
-        let key = sh_key(share_id);
-        let Some((record, _)) = self.shares.get(&key).await.map_err(store)? else {
-            return Ok(false);
-        };
-        let share = record.share.clone().unwrap_or_default();
-        if share.revoked || record.expiry_announced || millis(share.expires_at) > now_ms() {
-            return Ok(false);
-        }
-        self.publish(
-            &record,
-            Step::once(&format!("share.{share_id}.expired")),
-            Payload::ShareExpired(ShareExpired {
-                share_id: share_id.to_string(),
-            }),
-        )
-        .await?;
-        slipway_common::failpoint::hit("preview.sweep.after_publish");
-        modify(&self.shares, &key, |r| {
-            let was = r.expiry_announced;
-            r.expiry_announced = true;
-            Ok(!was)
-        })
-        .await?;
-        Ok(true)
-    }
-}
-
-/// The sweeper: the replica holding lease `preview.share-sweeper` announces expired links.
-pub async fn sweep(
-    preview: Arc<Preview>,
-    leases: Leases,
-    shutdown: Shutdown,
-    health: slipway_common::health::Health,
-) {
-    const NAME: &str = "preview.share-sweeper";
-    let every = Duration::from_millis(preview.settings.sweep_interval_ms);
-    let ttl = (every * 3).max(Duration::from_secs(3));
-    let mut held: Option<Held> = None;
-    loop {
-        tokio::select! {
-            _ = shutdown.triggered() => break,
-            _ = tokio::time::sleep(every) => {}
-        }
-        held = match held.take() {
-            Some(h) => leases.renew(&h, ttl).await.ok(),
-            None => leases.try_acquire(NAME, ttl).await.unwrap_or(None),
-        };
-        if held.is_none() {
-            continue;
-        }
-        let mut result = Ok(());
-        for id in preview.index.due_shares(now_ms()) {
-            if shutdown.is_triggered() {
-                break;
-            }
-            if let Err(e) = preview.expire(&id).await {
-                result = Err(format!("share {id}: {}", e.message));
-            }
-        }
-        health.report("share_sweeper", result);
-    }
-    if let Some(h) = held {
-        let _ = leases.release(h).await;
     }
 }

@@ -116,6 +116,9 @@ pub struct Grant {
     /// answers this grant instead of minting a second capability.
     #[serde(default)]
     pub idempotency_key: Option<String>,
+    /// What that request asked for, so the same key with another request is refused.
+    #[serde(default)]
+    pub idempotency_body: Option<String>,
     /// None: until revoked (or its sandbox is destroyed).
     pub expires_at_ms: Option<i64>,
     pub revoked_at_ms: Option<i64>,
@@ -140,6 +143,7 @@ impl Grant {
             visibility: None,
             created_at_ms: now_ms(),
             idempotency_key: None,
+            idempotency_body: None,
             expires_at_ms: None,
             revoked_at_ms: None,
         }
@@ -148,6 +152,16 @@ impl Grant {
     pub fn active(&self, now_ms: i64) -> bool {
         self.revoked_at_ms.is_none() && self.expires_at_ms.is_none_or(|e| e > now_ms)
     }
+}
+
+/// What `insert_once` did.
+pub enum Once {
+    /// A new grant, recorded.
+    Made(Grant),
+    /// The grant an earlier request with the same key made.
+    Seen(Grant),
+    /// The key was used with another request.
+    Reused,
 }
 
 /// Why the edge turns a request away.
@@ -285,14 +299,16 @@ impl Grants {
 
     /// Records `grant` unless a grant of the same audience and sandbox was made under
     /// `idempotency_key`: then that one is answered (the first request wins, as MIOSA's
-    /// `Idempotency-Key` promises for every mutation), with `false`.
+    /// `Idempotency-Key` promises for every mutation), or `Reused` when that request differed
+    /// (`body` is what identifies a request: its fields that shape the grant).
     pub fn insert_once(
         &self,
         mut grant: Grant,
         idempotency_key: Option<&str>,
-    ) -> std::io::Result<(Grant, bool)> {
+        body: &str,
+    ) -> std::io::Result<Once> {
         let Some(key) = idempotency_key else {
-            return self.insert(grant).map(|g| (g, true));
+            return self.insert(grant).map(Once::Made);
         };
         let mut t = self.lock();
         let seen = t.by_id.values().find(|g| {
@@ -301,13 +317,18 @@ impl Grants {
                 && g.sandbox_id == grant.sandbox_id
         });
         if let Some(seen) = seen {
-            return Ok((seen.clone(), false));
+            return Ok(if seen.idempotency_body.as_deref() == Some(body) {
+                Once::Seen(seen.clone())
+            } else {
+                Once::Reused
+            });
         }
         grant.idempotency_key = Some(key.to_string());
+        grant.idempotency_body = Some(body.to_string());
         t.by_secret.insert(self.secret(&grant.id), grant.id.clone());
         t.by_id.insert(grant.id.clone(), grant.clone());
         self.save(&mut t)?;
-        Ok((grant, true))
+        Ok(Once::Made(grant))
     }
 
     /// Revokes every active grant `which` picks; returns them.

@@ -145,67 +145,203 @@ async fn close_refuses_every_link_of_the_run_stops_its_relays_and_is_idempotent(
     assert_eq!(code(&token), ErrorCode::FailedPrecondition);
 }
 
+/// The preview's binary on the system's nats-server, ready to run with a failpoint.
+fn binary(sys: &System) -> FailpointRun {
+    FailpointRun::new(workspace_bin("slipway-preview").unwrap())
+        .timeout(Duration::from_secs(60))
+        .env(
+            "SLIPWAY__NATS__URL",
+            sys.executor.nats.as_ref().unwrap().url(),
+        )
+        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
+        .env("SLIPWAY__PREVIEW__LISTEN", "127.0.0.1:0")
+        .env("SLIPWAY__PREVIEW__SWEEP_INTERVAL_MS", "200")
+}
+
+/// A client that gives up quickly (a crashed replica never answers).
+fn short(sys: &System) -> RpcClient {
+    RpcClient::new(sys.executor.nats_client.clone(), Duration::from_secs(5))
+}
+
+/// Waits until a preview replica answers.
+async fn up(rpc: &RpcClient) {
+    for _ in 0..200 {
+        let probe: Result<ListShareLinksReply, _> = rpc
+            .call(
+                &Service::Preview.op("share.list"),
+                &ListShareLinksRequest {
+                    run_id: "run_probe".into(),
+                },
+            )
+            .await;
+        if probe.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the preview service never answered");
+}
+
+/// Runs the binary armed at `fp`, sends `req` to `op` (the replica dies before answering), and
+/// checks it died there.
+async fn crash_at<Req: slipway_proto::WireMessage>(sys: &System, fp: &str, op: &str, req: &Req) {
+    let rpc = short(sys);
+    let armed = binary(sys).spawn(Some(fp)).unwrap();
+    up(&rpc).await;
+    let first: Result<ListShareLinksReply, _> = rpc.call(&Service::Preview.op(op), req).await;
+    assert!(first.is_err(), "{fp}: the replica died before it answered");
+    let out = armed.wait(Duration::from_secs(60)).unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint `{fp}` hit")),
+        "{fp}"
+    );
+}
+
 /// Killed (abort at a failpoint: -9 in effect) after the platform made the preview and before
 /// it was recorded; restarted, the caller's retry finds the same preview: one at sandboxd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_during_open_and_retried_gives_one_preview() {
     let sys = System::start(0, &[]).await;
     let sb = sys.app("run_crash", "main").await;
-    let nats = sys.executor.nats.as_ref().unwrap().url();
-    let run = FailpointRun::new(workspace_bin("slipway-preview").unwrap())
-        .timeout(Duration::from_secs(60))
-        .env("SLIPWAY__NATS__URL", nats)
-        .env("SLIPWAY__HEALTH__LISTEN", "127.0.0.1:0")
-        .env("SLIPWAY__PREVIEW__LISTEN", "127.0.0.1:0");
-    let short = RpcClient::new(sys.executor.nats_client.clone(), Duration::from_secs(5));
     let req = OpenPreviewRequest {
         run_id: "run_crash".into(),
         branch: "main".into(),
         port: 3000,
         sandbox_id: sb.clone(),
     };
-    let up = || async {
-        for _ in 0..200 {
-            let probe: Result<ListShareLinksReply, _> = short
-                .call(
-                    &Service::Preview.op("share.list"),
-                    &ListShareLinksRequest {
-                        run_id: "run_probe".into(),
-                    },
-                )
-                .await;
-            if probe.is_ok() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the preview service never answered");
-    };
-    let fp = "preview.open.after_platform";
-    let armed = run.spawn(Some(fp)).unwrap();
-    up().await;
-    let first = short
-        .call::<_, OpenPreviewReply>(&Service::Preview.op("open"), &req)
-        .await;
-    assert!(first.is_err(), "the replica died before it answered");
-    let out = armed.wait(Duration::from_secs(60)).unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("failpoint `{fp}` hit")));
+    crash_at(&sys, "preview.open.after_platform", "open", &req).await;
     assert_eq!(
         sys.platform_previews(&sb).await.len(),
         1,
         "made before the crash"
     );
 
-    let again = run.spawn(None).unwrap();
-    up().await;
-    let opened: OpenPreviewReply = short
-        .call(&Service::Preview.op("open"), &req)
-        .await
-        .unwrap();
+    let again = binary(&sys).spawn(None).unwrap();
+    let rpc = short(&sys);
+    up(&rpc).await;
+    let opened: OpenPreviewReply = rpc.call(&Service::Preview.op("open"), &req).await.unwrap();
     again.terminate().unwrap();
     let _ = again.wait(Duration::from_secs(30));
     let at_platform = sys.platform_previews(&sb).await;
     assert_eq!(at_platform.len(), 1, "{at_platform:?}");
     assert!(opened.url.contains("mt="), "{}", opened.url);
     assert_eq!(sys.count("run_crash", is_preview_ready).await, 1);
+}
+
+/// Killed after the platform made a link and before it was recorded: the retry answers that
+/// same link (one at sandboxd); a link left so and never retried is revoked by `close` (none
+/// left open at sandboxd); killed after `share_expired` went out and before it was marked, the
+/// restarted sweeper adds no second one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_while_making_a_link_or_announcing_its_expiry_leaves_one_link_and_one_event() {
+    use slipway_proto::v1::run_event::Payload;
+
+    let sys = System::start(0, &[]).await;
+    let sb = sys.app("run_lcrash", "main").await;
+    let rpc = short(&sys);
+    let share = |key: &str, ttl: u64| CreateShareLinkRequest {
+        run_id: "run_lcrash".into(),
+        branch: "main".into(),
+        ttl_sec: ttl,
+        idempotency_key: key.into(),
+    };
+    let active = || async {
+        sys.platform(&format!("/sandboxes/{sb}/shares")).await["data"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    {
+        let replica = binary(&sys).spawn(None).unwrap();
+        up(&rpc).await;
+        let _: OpenPreviewReply = rpc
+            .call(
+                &Service::Preview.op("open"),
+                &OpenPreviewRequest {
+                    run_id: "run_lcrash".into(),
+                    branch: "main".into(),
+                    port: 3000,
+                    sandbox_id: sb.clone(),
+                },
+            )
+            .await
+            .unwrap();
+        replica.terminate().unwrap();
+        let _ = replica.wait(Duration::from_secs(30));
+    }
+
+    crash_at(
+        &sys,
+        "preview.share.after_platform",
+        "share.create",
+        &share("lc:a", 600),
+    )
+    .await;
+    assert_eq!(active().await, 1, "made before the crash");
+    let replica = binary(&sys).spawn(None).unwrap();
+    up(&rpc).await;
+    let a: ShareLinkReply = rpc
+        .call(&Service::Preview.op("share.create"), &share("lc:a", 600))
+        .await
+        .unwrap();
+    let a = a.share.unwrap();
+    assert_eq!(active().await, 1, "the retry is the same link");
+    assert_eq!(sys.status(&a.url).await.0, 200);
+    replica.terminate().unwrap();
+    let _ = replica.wait(Duration::from_secs(30));
+
+    // Left half-made, then the run closes.
+    crash_at(
+        &sys,
+        "preview.share.after_platform",
+        "share.create",
+        &share("lc:b", 600),
+    )
+    .await;
+    assert_eq!(active().await, 2);
+
+    // A short link whose expiry announcement is cut off after publishing.
+    let replica = binary(&sys).spawn(None).unwrap();
+    up(&rpc).await;
+    let c: ShareLinkReply = rpc
+        .call(&Service::Preview.op("share.create"), &share("lc:c", 1))
+        .await
+        .unwrap();
+    let c = c.share.unwrap();
+    replica.terminate().unwrap();
+    let _ = replica.wait(Duration::from_secs(30));
+    let armed = binary(&sys)
+        .spawn(Some("preview.sweep.after_publish"))
+        .unwrap();
+    let out = armed.wait(Duration::from_secs(60)).unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("preview.sweep.after_publish"));
+
+    let replica = binary(&sys).spawn(None).unwrap();
+    up(&rpc).await;
+    let closed: ClosePreviewsReply = rpc
+        .call(
+            &Service::Preview.op("close"),
+            &ClosePreviewsRequest {
+                run_id: "run_lcrash".into(),
+            },
+        )
+        .await
+        .unwrap();
+    // a and the half-made b are revoked (c had expired).
+    assert_eq!(closed.shares_revoked, 2);
+    assert_eq!(active().await, 0, "nothing left open at sandboxd");
+    // Sweeps of the restarted replica later, still one `share_expired`.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    replica.terminate().unwrap();
+    let _ = replica.wait(Duration::from_secs(30));
+    let expired: Vec<String> = sys
+        .events("run_lcrash")
+        .await
+        .into_iter()
+        .filter_map(|e| match e.payload {
+            Some(Payload::ShareExpired(x)) => Some(x.share_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expired, vec![c.share_id]);
 }

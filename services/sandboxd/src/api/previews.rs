@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use super::extract::JsonBody;
 use super::{ApiError, AppState};
 use crate::clock::{now_ms, rfc3339};
-use crate::grants::{Audience, Grant, Scope};
+use crate::grants::{Audience, Grant, Once, Scope};
 use crate::model::Sandbox;
 
 /// Longest preview token MIOSA mints: a day.
@@ -55,13 +55,24 @@ fn saved(grant: Grant, s: &AppState) -> Result<Grant, ApiError> {
         .map_err(|e| ApiError::internal(format!("saving the grant: {e}")))
 }
 
-/// Saves `grant`, or answers the grant an earlier request with the same `Idempotency-Key` made.
-fn saved_once(grant: Grant, s: &AppState, headers: &HeaderMap) -> Result<Grant, ApiError> {
+/// Saves `grant`, or answers the grant an earlier request with the same `Idempotency-Key` made;
+/// the same key with another request (`body`) is `409 idempotency_key_reused`.
+fn saved_once(
+    grant: Grant,
+    s: &AppState,
+    headers: &HeaderMap,
+    body: String,
+) -> Result<Grant, ApiError> {
     let key = super::extract::idempotency_key(headers)?;
-    s.grants
-        .insert_once(grant, key)
-        .map(|(g, _)| g)
-        .map_err(|e| ApiError::internal(format!("saving the grant: {e}")))
+    match s.grants.insert_once(grant, key, &body) {
+        Ok(Once::Made(g) | Once::Seen(g)) => Ok(g),
+        Ok(Once::Reused) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_key_reused",
+            "this Idempotency-Key was used with a different request",
+        )),
+        Err(e) => Err(ApiError::internal(format!("saving the grant: {e}"))),
+    }
 }
 
 fn not_found_preview(pid: &str) -> ApiError {
@@ -192,7 +203,8 @@ pub async fn create_preview(
     grant.name = body.name.filter(|n| !n.trim().is_empty());
     grant.visibility = Some(visibility.to_string());
     grant.preview_id = Some(grant.id.clone());
-    let grant = saved_once(grant, &s, &headers)?;
+    let request = format!("{}|{visibility}|{:?}", grant.port, grant.name);
+    let grant = saved_once(grant, &s, &headers, request)?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "data": preview_view(&s, &sandbox, &grant) })),
@@ -271,7 +283,7 @@ pub async fn share_preview(
     let mut grant = Grant::new(Audience::PreviewShare, &id, preview.port, Scope::Read);
     grant.preview_id = Some(pid.clone());
     grant.expires_at_ms = Some(now_ms() + ttl as i64 * 1000);
-    let grant = saved_once(grant, &s, &headers)?;
+    let grant = saved_once(grant, &s, &headers, format!("{pid}|{ttl}"))?;
     let token = s.grants.token(&grant);
     let share_url = s
         .edge
@@ -349,7 +361,8 @@ pub async fn create_share(
         Scope::Read,
     );
     grant.expires_at_ms = Some(now_ms() + ttl as i64 * 1000);
-    let grant = saved_once(grant, &s, &headers)?;
+    let request = format!("{}|{ttl}", grant.port);
+    let grant = saved_once(grant, &s, &headers, request)?;
     let token = s.grants.token(&grant);
     let mut view = share_view(&grant);
     view["share_url"] = json!(s.edge.url(&s.grants.host_label(&grant), "ms", &token));

@@ -566,4 +566,30 @@ async fn previews_and_shares_honour_idempotency_keys() {
     )
     .await;
     assert_ne!(p3["data"]["id"], p1["data"]["id"]);
+    // The same key with another request is refused, not answered with the first grant.
+    for (path, key, body) in [
+        (
+            format!("/sandboxes/{id}/previews"),
+            "k-preview",
+            json!({"port": 3002}),
+        ),
+        (
+            format!("/sandboxes/{id}/shares"),
+            "k-share",
+            json!({"expires_in": 60}),
+        ),
+    ] {
+        let resp = api
+            .http
+            .post(api.url(&path))
+            .header("Authorization", "Bearer msk_test_key")
+            .header("Idempotency-Key", key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 409, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "idempotency_key_reused", "{v}");
+    }
 }
