@@ -248,3 +248,95 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+/// One ticket presented to two replicas at the same moment opens one request; odd run ids and
+/// an out-of-range `Last-Event-ID` are refused before a ticket is spent; an open event stream
+/// ends when its replica shuts down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_is_spent_once_across_replicas_and_streams_end_at_shutdown() {
+    let mut sys = System::start(2, &[]).await;
+    let sb = sys.app("run_two", "main").await;
+    sys.open("run_two", "main", &sb).await;
+    let http = slipway_test_support::http();
+
+    // Each replica's browser API, from the URLs of tickets it issued (requests are spread over
+    // the replicas by the queue group).
+    let mut bases = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        let t = ticket(&sys, "run_two").await;
+        bases.insert(t.events_url.split("/v1/").next().unwrap().to_string());
+        if bases.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(bases.len(), 2, "both replicas serve tickets");
+    let bases: Vec<String> = bases.into_iter().collect();
+
+    for _ in 0..5 {
+        let t = ticket(&sys, "run_two").await;
+        let path = t.previews_url.split("/v1/").nth(1).unwrap().to_string();
+        let (a, b) = tokio::join!(
+            http.get(format!("{}/v1/{path}", bases[0])).send(),
+            http.get(format!("{}/v1/{path}", bases[1])).send(),
+        );
+        let mut statuses = [a.unwrap().status().as_u16(), b.unwrap().status().as_u16()];
+        statuses.sort();
+        assert_eq!(statuses, [200, 401], "one of them, once");
+    }
+
+    // Refused before the ticket is looked at: it still works afterwards.
+    let t = ticket(&sys, "run_two").await;
+    let base = t.events_url.split("/v1/").next().unwrap().to_string();
+    for run in ["*", "%3E", "a.b", "a%23b", "a%2Fb"] {
+        let url = format!("{base}/v1/runs/{run}/previews?ticket={}", t.ticket);
+        let r = http.get(&url).send().await.unwrap();
+        assert!(
+            [400, 404].contains(&r.status().as_u16()),
+            "{run}: {}",
+            r.status()
+        );
+    }
+    let r = http
+        .get(&t.events_url)
+        .header("Last-Event-ID", u64::MAX.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = http
+        .get(&t.events_url)
+        .header("Last-Event-ID", "seven")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // A stream open on a replica that shuts down ends (so the shutdown is not held up).
+    let resp = http.get(&t.events_url).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut resp = resp;
+    let first = read_first_chunk(&mut resp).await;
+    assert!(first.contains("preview_ready"), "{first}");
+    for replica in &mut sys.replicas {
+        replica.stop().await.unwrap();
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match resp.chunk().await {
+                Ok(Some(_)) => continue,
+                _ => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ended with its replica");
+}
+
+async fn read_first_chunk(resp: &mut reqwest::Response) -> String {
+    let chunk = tokio::time::timeout(Duration::from_secs(20), resp.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&chunk).into_owned()
+}
