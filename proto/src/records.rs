@@ -54,3 +54,15 @@ impl Record for crate::v1::ShareRecord {
 impl Record for crate::v1::TicketRecord {
     const SCHEMA_VERSION: u32 = 1;
 }
+
+impl Record for crate::v1::FoldCheckpoint {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::UsageAggregate {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::DedupeClaim {
+    const SCHEMA_VERSION: u32 = 1;
+}

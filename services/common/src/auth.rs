@@ -195,6 +195,13 @@ pub fn permissions(principal: Principal, topo: &Topology) -> Permissions {
                     direct_get(&mut p, s);
                 }
             }
+            // A stream it writes with expected sequences, it reads back by subject (billing:
+            // `BILLED`, where an interrupted publish resumes).
+            for s in role.publishes {
+                if topo.stream(s).is_some_and(|s| s.allow_direct) {
+                    direct_get(&mut p, s);
+                }
+            }
             // How many replicas of it are alive (partitions are balanced over them).
             p.publish
                 .insert(format!("$SRV.PING.{}", service.nats_service_name()));

@@ -47,6 +47,21 @@ use crate::worker::{
 #[error("fence conflict: {0}")]
 pub struct Fenced(pub String);
 
+/// Which partition a batch is of: its consumer `<owner>-<index>-of-<count>`. While `P` changes,
+/// two counts run side by side, so state kept per partition is keyed by both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionId {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl std::fmt::Display for PartitionId {
+    /// `<index>-of-<count>`, as in the consumer's name.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-of-{}", self.index, self.count)
+    }
+}
+
 /// One outcome per item, in order; or the whole batch fenced.
 pub type BatchOutcome = Result<Vec<Result<(), HandlerError>>, Fenced>;
 
@@ -85,7 +100,7 @@ impl PartitionSpec {
 /// One partition consumer as seen by this replica.
 struct Lane {
     consumer: String,
-    partition: u32,
+    partition: PartitionId,
     /// Asks the lane to drain and unpin (balance).
     release: Notify,
     /// The pin id this replica's pull holds, from the last message's `Nats-Pin-Id`.
@@ -148,7 +163,7 @@ pub async fn start_partitioned<M, F, Fut>(
 ) -> Result<Partitions, WorkerError>
 where
     M: WireMessage + 'static,
-    F: Fn(u32, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
+    F: Fn(PartitionId, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = BatchOutcome> + Send + 'static,
 {
     let stream = ctx
@@ -188,7 +203,7 @@ async fn discover<M, F, Fut>(
     handler: &Arc<F>,
 ) where
     M: WireMessage + 'static,
-    F: Fn(u32, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
+    F: Fn(PartitionId, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = BatchOutcome> + Send + 'static,
 {
     let names: Vec<String> = match stream.consumer_names().try_collect().await {
@@ -199,7 +214,7 @@ async fn discover<M, F, Fut>(
         }
     };
     for name in names {
-        let Some((partition, _)) = parse_partition_consumer(spec.owner, &name) else {
+        let Some((index, count)) = parse_partition_consumer(spec.owner, &name) else {
             continue;
         };
         let lane = {
@@ -209,7 +224,7 @@ async fn discover<M, F, Fut>(
             }
             let lane = Arc::new(Lane {
                 consumer: name.clone(),
-                partition,
+                partition: PartitionId { index, count },
                 release: Notify::new(),
                 pin: Mutex::new(None),
             });
@@ -247,7 +262,7 @@ async fn run_lane<M, F, Fut>(
     handler: Arc<F>,
 ) where
     M: WireMessage + 'static,
-    F: Fn(u32, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
+    F: Fn(PartitionId, Vec<Item<M>>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = BatchOutcome> + Send + 'static,
 {
     let group = spec.owner.as_str().to_string();
@@ -336,7 +351,7 @@ async fn hand_back<M, F, Fut>(
     handler: &F,
 ) where
     M: WireMessage + 'static,
-    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    F: Fn(PartitionId, Vec<Item<M>>) -> Fut,
     Fut: Future<Output = BatchOutcome>,
 {
     let Leftover {
@@ -549,7 +564,7 @@ async fn pull_batches<M, F, Fut>(
 ) -> Ended
 where
     M: WireMessage + 'static,
-    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    F: Fn(PartitionId, Vec<Item<M>>) -> Fut,
     Fut: Future<Output = BatchOutcome>,
 {
     loop {
@@ -606,7 +621,7 @@ async fn handle<M, F, Fut>(
 ) -> bool
 where
     M: WireMessage,
-    F: Fn(u32, Vec<Item<M>>) -> Fut,
+    F: Fn(PartitionId, Vec<Item<M>>) -> Fut,
     Fut: Future<Output = BatchOutcome>,
 {
     let started = Instant::now();
@@ -660,7 +675,7 @@ where
             tracing::warn!(
                 stream = %spec.stream,
                 consumer = %lane.consumer,
-                partition = lane.partition,
+                partition = %lane.partition,
                 %reason,
                 dropped = held.len(),
                 "fence conflict: another replica holds this partition now; dropping the batch unacknowledged"

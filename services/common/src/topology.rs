@@ -266,12 +266,16 @@ impl Topology {
                 90 * DAY,
                 "usage events billing refused, with the reason",
             ),
-            stream(
-                streams::BILLED,
-                Retention::Limits,
-                days(settings.usage_max_age_days),
-                "priced usage for platforms' invoicing",
-            ),
+            StreamSpec {
+                // Billing reads a user's last message to resume an interrupted publish.
+                allow_direct: true,
+                ..stream(
+                    streams::BILLED,
+                    Retention::Limits,
+                    days(settings.usage_max_age_days),
+                    "priced usage for platforms' invoicing",
+                )
+            },
             stream(
                 streams::DEPLOY_JOBS,
                 Retention::WorkQueue,

@@ -198,7 +198,7 @@ impl Sampler {
             // the count's id makes a repeat a no-op.
             if !created_by.is_empty() {
                 self.executor
-                    .count_created(&sandbox, &created_by)
+                    .count_created(&sandbox)
                     .await
                     .map_err(|e| SampleError::Publish(e.message))?;
             }

@@ -87,6 +87,26 @@ impl FailpointRun {
         wait_with_timeout(self.command(None).spawn()?, self.timeout)
     }
 
+    /// Starts a long-running process with its output appended to `log` (a service that logs
+    /// a lot would block on a pipe nobody reads).
+    pub fn spawn_logged(
+        &self,
+        failpoint: Option<&str>,
+        log: &std::path::Path,
+    ) -> Result<RunningProcess> {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let child = self
+            .command(failpoint)
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {}", self.bin.display()))?;
+        Ok(RunningProcess { child: Some(child) })
+    }
+
     /// Starts a long-running process (a service) with an optional failpoint armed.
     pub fn spawn(&self, failpoint: Option<&str>) -> Result<RunningProcess> {
         let child = self
@@ -137,6 +157,27 @@ impl RunningProcess {
             .status()?;
         if !status.success() {
             bail!("kill -TERM {pid} failed: {status}");
+        }
+        Ok(())
+    }
+
+    /// How it ended, if it has (without waiting).
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(c) => Ok(c.try_wait()?),
+            None => bail!("already waited"),
+        }
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`, ...) through `kill(1)`.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.id().context("process already reaped")?;
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{signal} {pid} failed: {status}");
         }
         Ok(())
     }

@@ -78,6 +78,14 @@ pub struct BillingSettings {
     pub clock_skew_sec: u64,
     /// Usage events folded in one batch at most.
     pub batch_max_events: usize,
+    /// Bytes of usage events folded in one batch at most (a batch's checkpoint is one KV value).
+    pub batch_max_bytes: usize,
+    /// The currency of `prices` (ISO 4217, for example `USD`).
+    pub currency: String,
+    /// Unit price by meter, an exact decimal string (`llm_input_tokens = "0.000003"`). Empty:
+    /// billed usage carries quantities only, for a platform that prices for itself.
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, String>,
     /// Days after a month ends before it is closed (late events still land in it).
     pub close_grace_days: u32,
 }
@@ -211,8 +219,34 @@ pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
     if b.close_grace_days > 28 {
         return Err(invalid("billing.close_grace_days", "at most 28"));
     }
-    if b.batch_max_events == 0 {
-        return Err(invalid("billing.batch_max_events", "must be at least 1"));
+    if !(1..=1000).contains(&b.batch_max_events) {
+        return Err(invalid("billing.batch_max_events", "1 to 1000"));
+    }
+    if !(1024..=512 * 1024).contains(&b.batch_max_bytes) {
+        return Err(invalid("billing.batch_max_bytes", "1 KiB to 512 KiB"));
+    }
+    if b.currency.len() != 3 || !b.currency.bytes().all(|c| c.is_ascii_uppercase()) {
+        return Err(invalid(
+            "billing.currency",
+            "three capital letters (ISO 4217)",
+        ));
+    }
+    for (meter, price) in &b.prices {
+        if slipway_proto::meters::find(meter).is_none() {
+            return Err(invalid(
+                "billing.prices",
+                format!("`{meter}` is not a meter of the catalogue"),
+            ));
+        }
+        let frac = price.split_once('.').map_or(0, |(_, f)| f.len());
+        if !slipway_proto::validate::is_decimal(price) || frac > 9 {
+            return Err(invalid(
+                "billing.prices",
+                format!(
+                    "`{meter}`: `{price}` is not a non-negative decimal with at most 9 decimals"
+                ),
+            ));
+        }
     }
     if s.deployer.job_timeout_ms < 1000 {
         return Err(invalid("deployer.job_timeout_ms", "must be at least 1000"));
@@ -246,6 +280,8 @@ pub(super) const DEFAULTS: &[(&str, &str)] = &[
     ("billing.lateness_days", "35"),
     ("billing.clock_skew_sec", "300"),
     ("billing.batch_max_events", "256"),
+    ("billing.batch_max_bytes", "131072"),
+    ("billing.currency", "USD"),
     ("billing.close_grace_days", "3"),
     ("deployer.job_timeout_ms", "1200000"),
     ("deployer.verify_timeout_ms", "60000"),

@@ -239,16 +239,16 @@ impl Executor {
             .map_err(|e| ServiceError::unavailable(format!("sandbox registry: {e}")))
     }
 
-    /// One `sandboxes_created` event per sandbox, its id derived from the request's key (a
-    /// retried request publishes the same id, which billing counts once).
+    /// One `sandboxes_created` event per sandbox, its id `<sandbox_id>:sandboxes_created`: a
+    /// retried request gets the same sandbox and so publishes the same id, which billing counts
+    /// once (a request key would collide between two users who chose the same one).
     pub(crate) async fn count_created(
         &self,
         sandbox: &slipway_proto::v1::Sandbox,
-        key: &str,
     ) -> Result<(), ServiceError> {
         let meter = slipway_proto::meters::SANDBOXES_CREATED;
         let mut event = convert::usage_event(sandbox, meter, 1);
-        event.id = format!("{key}:{meter}");
+        event.id = format!("{}:{meter}", sandbox.id);
         // The sandbox's creation time, the platform's: a retried request republishes the same
         // event, in the same hour.
         event.time = sandbox.created_at.or_else(|| Some(now()));
@@ -307,7 +307,7 @@ impl Executor {
         let sandbox = convert::sandbox(&created);
         slipway_common::failpoint::hit("executor.create.after_platform");
         self.remember(&sandbox, &req.idempotency_key).await?;
-        self.count_created(&sandbox, &req.idempotency_key).await?;
+        self.count_created(&sandbox).await?;
         Ok(SandboxReply {
             sandbox: Some(sandbox),
         })

@@ -389,7 +389,7 @@ impl Executor {
             sandbox.run_id = req.run_id.clone();
             sandbox.branch = req.branch.clone();
             self.remember(&sandbox, &req.idempotency_key).await?;
-            self.count_created(&sandbox, &req.idempotency_key).await?;
+            self.count_created(&sandbox).await?;
             let patched = self
                 .tag(
                     &sandbox.id,
@@ -403,7 +403,7 @@ impl Executor {
             sandbox = convert::sandbox(&patched);
         }
         self.remember(&sandbox, &req.idempotency_key).await?;
-        self.count_created(&sandbox, &req.idempotency_key).await?;
+        self.count_created(&sandbox).await?;
         Ok(SandboxReply {
             sandbox: Some(sandbox),
         })

@@ -119,7 +119,7 @@ impl Executor {
         sandbox.run_id = source.run_id.clone();
         sandbox.branch = source.branch.clone();
         self.remember(&sandbox, &req.idempotency_key).await?;
-        self.count_created(&sandbox, &req.idempotency_key).await?;
+        self.count_created(&sandbox).await?;
         let metadata = super::sandboxes::slipway_metadata(
             &source.run_id,
             &source.branch,

@@ -99,7 +99,7 @@ async fn a_restore_that_makes_a_new_sandbox_is_recorded_tagged_and_billed_once()
             .filter(|e| e.meter == slipway_proto::meters::SANDBOXES_CREATED)
             .collect();
     assert_eq!(created.len(), 1, "{created:?}");
-    assert_eq!(created[0].id, "run_1:restore:1:sandboxes_created");
+    assert_eq!(created[0].id, "sbx_new:sandboxes_created");
     ex.stop().await.unwrap();
 }
 

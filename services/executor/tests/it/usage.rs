@@ -118,10 +118,7 @@ async fn a_sandbox_created_just_before_a_crash_is_recorded_and_counted_once() {
         .filter(|e| e.meter == "sandboxes_created")
         .map(|e| e.id)
         .collect();
-    assert_eq!(
-        created,
-        ["orphan-run:1:1:sandboxes_created".to_string()].into()
-    );
+    assert_eq!(created, [format!("{id}:sandboxes_created")].into());
     service.terminate().unwrap();
     service.wait(Duration::from_secs(30)).unwrap();
 }

@@ -190,7 +190,7 @@ async fn main() -> Result<()> {
     };
     let handler = {
         let tester = tester.clone();
-        move |_partition: u32, items: Vec<Item<RunCommand>>| {
+        move |_partition: partition::PartitionId, items: Vec<Item<RunCommand>>| {
             let tester = tester.clone();
             async move { tester.batch(items).await }
         }

@@ -1,0 +1,539 @@
+//! The fold: one pinned partition of `USAGE` at a time, each batch folded exactly once.
+//!
+//! KV has no multi-key transaction, so a batch commits in an order that a crash anywhere can be
+//! completed from:
+//!
+//! 0. the partition's last checkpoint is completed first (applied, published) if it is not;
+//! 1. each event is checked, and the invalid are refused (to `USAGE_REJECTED`, by the worker);
+//! 2. each valid event claims its dedupe entry (the hash of `source` and `id`): first wins,
+//!    whatever its time or `Nats-Msg-Id`; an unconfirmed claim of this partition is from an
+//!    attempt that died before its checkpoint, and is taken over;
+//! 3. the checkpoint (`cp.<P>.<p>`) is written at the revision read: the accepted events, the
+//!    aggregate deltas and every user's `BILLED` messages. A failed write means another holder
+//!    (`Fenced`);
+//! 4. it is applied: each aggregate record skips a checkpoint it has applied, and the claims are
+//!    confirmed;
+//! 5. its `BILLED` messages are published (see `billed`);
+//! 6. it is marked published, and the batch is acknowledged.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use sha2::{Digest, Sha256};
+use slipway_common::failpoint;
+use slipway_common::partition::{BatchOutcome, Fenced, PartitionId};
+use slipway_common::records::{RecordError, Records};
+use slipway_common::service::now;
+use slipway_common::worker::{HandlerError, Item};
+use slipway_proto::v1::*;
+
+use crate::billed::{BilledError, BilledPublisher};
+use crate::decimal::Decimal;
+use crate::metrics::BillingMetrics;
+use crate::prices::{Prices, day, period};
+use crate::validate::{self, Window};
+
+/// Store operations in flight at once.
+const AT_ONCE: usize = 64;
+
+pub struct Folder {
+    pub(crate) checkpoints: Records<FoldCheckpoint>,
+    pub(crate) aggregates: Records<UsageAggregate>,
+    pub(crate) dedupe: Records<DedupeClaim>,
+    pub(crate) billed: BilledPublisher,
+    pub(crate) prices: Prices,
+    pub(crate) skew_ms: i64,
+    pub(crate) lateness_ms: i64,
+    /// Largest checkpoint record written; a batch that would make a larger one is cut.
+    pub(crate) max_checkpoint_bytes: usize,
+    pub(crate) metrics: BillingMetrics,
+}
+
+/// Why a batch stopped: the partition is someone else's, or a store failed. Either way the batch
+/// is dropped unacknowledged and comes back.
+fn fenced(what: impl std::fmt::Display) -> Fenced {
+    Fenced(what.to_string())
+}
+
+/// The dedupe key of an event: 128 bits of SHA-256 of (`source`, `id`), in hex.
+pub fn dedupe_key(source: &str, id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    h.update([0u8]);
+    h.update(id.as_bytes());
+    h.finalize()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn now_ms() -> i64 {
+    let t = now();
+    t.seconds * 1000 + i64::from(t.nanos / 1_000_000)
+}
+
+fn add(a: &str, b: Decimal) -> Decimal {
+    Decimal::parse(a)
+        .unwrap_or(Decimal::ZERO)
+        .checked_add(b)
+        .unwrap_or(Decimal::ZERO)
+}
+
+/// An accepted event on its way into a checkpoint.
+struct Accepted {
+    key: String,
+    user_token: String,
+    period: String,
+    row: String,
+    quantity: Decimal,
+    amount: Option<Decimal>,
+    billed: BilledUsage,
+}
+
+impl Folder {
+    /// Folds one batch of partition `part` (in stream order).
+    pub async fn fold(&self, part: PartitionId, items: Vec<Item<UsageEvent>>) -> BatchOutcome {
+        let started = Instant::now();
+        let name = part.to_string();
+        let key = format!("cp.{}.{}", part.count, part.index);
+        let (last, revision) = self.complete(&key, &name).await?;
+
+        // 1. Checked; the invalid refused.
+        let window = Window {
+            now_ms: now_ms(),
+            skew_ms: self.skew_ms,
+            lateness_ms: self.lateness_ms,
+        };
+        let mut outcomes: Vec<Result<(), HandlerError>> = vec![Ok(()); items.len()];
+        let mut valid = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if item.delivery.delivered > 1 {
+                self.metrics.redelivered();
+            }
+            match validate::check(&item.delivery.subject, &item.message, window) {
+                Ok(v) => valid.push((i, v)),
+                Err(r) => {
+                    self.metrics.rejected(r.code);
+                    outcomes[i] = Err(HandlerError::permanent(r.code, r.reason));
+                }
+            }
+        }
+
+        // 2. Claimed: first wins, within the batch too.
+        let number = last + 1;
+        let nonce = format!("{:016x}", rand::random::<u64>());
+        let mut seen = HashSet::new();
+        let unique: Vec<_> = valid
+            .into_iter()
+            .filter_map(|(i, v)| {
+                let e = &items[i].message;
+                let k = dedupe_key(&e.source, &e.id);
+                seen.insert(k.clone()).then_some((i, v, k))
+            })
+            .collect();
+        let wanted: Vec<(String, u64)> = unique
+            .iter()
+            .map(|(i, _, k)| (k.clone(), items[*i].delivery.stream_sequence))
+            .collect();
+        let (name_ref, nonce_ref) = (&name, &nonce);
+        let claims: Vec<bool> = futures::stream::iter(wanted)
+            .map(|(k, seq)| async move { self.claim(&k, name_ref, number, nonce_ref, seq).await })
+            .buffered(AT_ONCE)
+            .try_collect()
+            .await?;
+        let ours: Vec<_> = unique
+            .into_iter()
+            .zip(claims)
+            .filter_map(|(c, ours)| ours.then_some(c))
+            .collect();
+        let refused = outcomes.iter().filter(|o| o.is_err()).count();
+        self.metrics
+            .duplicates((items.len() - refused - ours.len()) as u64);
+        if ours.is_empty() {
+            return Ok(outcomes);
+        }
+        // Which of the users' periods are closed (the rule of adjustments lives here).
+        let pairs: BTreeSet<(String, String)> = ours
+            .iter()
+            .map(|(_, v, _)| (v.user_token.clone(), period(v.time_ms)))
+            .collect();
+        let closed: HashSet<(String, String)> = futures::stream::iter(pairs)
+            .map(|(user, p)| async move {
+                let agg = self
+                    .aggregates
+                    .get(&agg_key(&user, &p))
+                    .await
+                    .map_err(fenced)?;
+                Ok::<_, Fenced>(agg.is_some_and(|(a, _)| a.closed).then_some((user, p)))
+            })
+            .buffer_unordered(AT_ONCE)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        let open_period = period(now_ms());
+        let mut accepted: Vec<Accepted> = ours
+            .into_iter()
+            .map(|(i, v, k)| {
+                let own = period(v.time_ms);
+                let is_closed = closed.contains(&(v.user_token.clone(), own));
+                self.price(&items[i], v, k, is_closed.then_some(open_period.as_str()))
+            })
+            .collect();
+
+        // 3. The checkpoint, written first.
+        let first_sequence = items.first().map_or(0, |i| i.delivery.stream_sequence);
+        let last_sequence = items.last().map_or(0, |i| i.delivery.stream_sequence);
+        let mut cp = checkpoint(
+            &name,
+            number,
+            &nonce,
+            first_sequence,
+            last_sequence,
+            &accepted,
+        );
+        // A batch whose record would not fit in one KV value is cut: the rest comes back.
+        while prost::Message::encoded_len(&cp) > self.max_checkpoint_bytes && accepted.len() > 1 {
+            let keep = accepted.len() / 2;
+            let cut: HashSet<u64> = accepted[keep..]
+                .iter()
+                .map(|a| a.billed.usage_sequence)
+                .collect();
+            accepted.truncate(keep);
+            for (i, item) in items.iter().enumerate() {
+                if cut.contains(&item.delivery.stream_sequence) {
+                    outcomes[i] = Err(HandlerError::retry(
+                        Duration::from_millis(100),
+                        "the batch was cut to fit its checkpoint",
+                    ));
+                }
+            }
+            cp = checkpoint(
+                &name,
+                number,
+                &nonce,
+                first_sequence,
+                last_sequence,
+                &accepted,
+            );
+        }
+        let written = if revision == 0 {
+            self.checkpoints.create(&key, &cp).await
+        } else {
+            self.checkpoints.update(&key, &cp, revision).await
+        };
+        let revision = match written {
+            Ok(r) => r,
+            Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => {
+                self.metrics.fence_conflict();
+                return Err(fenced(format!("{key} was written by another holder")));
+            }
+            Err(e) => return Err(fenced(e)),
+        };
+        failpoint::hit("billing.after_checkpoint");
+
+        // 4-6. Applied, published, marked.
+        self.finish(&key, cp, revision, false).await?;
+        self.metrics.folded(accepted.len() as u64);
+        self.metrics
+            .checkpoint_latency(started.elapsed().as_secs_f64());
+        failpoint::hit("billing.after_published");
+        Ok(outcomes)
+    }
+
+    /// Completes the partition's last checkpoint if an earlier holder left it unfinished;
+    /// answers its number and the record's revision (0 and 0 when there is none).
+    async fn complete(&self, key: &str, name: &str) -> Result<(u64, u64), Fenced> {
+        let Some((cp, revision)) = self.checkpoints.get(key).await.map_err(fenced)? else {
+            return Ok((0, 0));
+        };
+        if cp.partition != name {
+            return Err(fenced(format!("{key} belongs to `{}`", cp.partition)));
+        }
+        if cp.state == CheckpointState::Published as i32 {
+            return Ok((cp.number, revision));
+        }
+        let number = cp.number;
+        let revision = self.finish(key, cp, revision, true).await?;
+        Ok((number, revision))
+    }
+
+    /// Steps 4 to 6 for a written checkpoint; answers the record's final revision.
+    async fn finish(
+        &self,
+        key: &str,
+        mut cp: FoldCheckpoint,
+        mut revision: u64,
+        recovering: bool,
+    ) -> Result<u64, Fenced> {
+        if cp.state == CheckpointState::Written as i32 {
+            self.apply(&cp).await?;
+            cp.state = CheckpointState::Applied.into();
+            revision = self.mark(key, &cp, revision).await?;
+            failpoint::hit("billing.after_apply");
+        }
+        match self.billed.publish(&cp, recovering).await {
+            Ok(()) => {}
+            Err(BilledError::SecondWriter { subject, expected }) => {
+                self.metrics.second_writer();
+                tracing::error!(%subject, expected, partition = %cp.partition, "a second writer on BILLED: the partition stops here");
+                return Err(fenced(format!("a second writer on {subject}")));
+            }
+            Err(e) => return Err(fenced(e)),
+        }
+        cp.state = CheckpointState::Published.into();
+        self.mark(key, &cp, revision).await
+    }
+
+    async fn mark(&self, key: &str, cp: &FoldCheckpoint, revision: u64) -> Result<u64, Fenced> {
+        match self.checkpoints.update(key, cp, revision).await {
+            Ok(r) => Ok(r),
+            Err(RecordError::Conflict { .. }) => {
+                self.metrics.fence_conflict();
+                Err(fenced(format!("{key} changed under this holder")))
+            }
+            Err(e) => Err(fenced(e)),
+        }
+    }
+
+    /// Claims an event's dedupe entry for checkpoint `number`; `false` when it is a duplicate.
+    async fn claim(
+        &self,
+        key: &str,
+        name: &str,
+        number: u64,
+        nonce: &str,
+        usage_sequence: u64,
+    ) -> Result<bool, Fenced> {
+        let claim = DedupeClaim {
+            partition: name.to_string(),
+            checkpoint: number,
+            nonce: nonce.to_string(),
+            committed: false,
+            usage_sequence,
+        };
+        for _ in 0..8 {
+            match self.dedupe.create(key, &claim).await {
+                Ok(_) => return Ok(true),
+                Err(RecordError::Exists { .. }) => {}
+                Err(e) => return Err(fenced(e)),
+            }
+            let Some((seen, revision)) = self.dedupe.get(key).await.map_err(fenced)? else {
+                continue;
+            };
+            if seen.committed || seen.partition != name {
+                return Ok(false);
+            }
+            // Claimed by an attempt of this partition that never wrote its checkpoint.
+            match self.dedupe.update(key, &claim, revision).await {
+                Ok(_) => return Ok(true),
+                Err(RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(fenced(e)),
+            }
+        }
+        Err(fenced(format!("dedupe entry {key} kept changing")))
+    }
+
+    /// Prices an accepted event and places it in its period: its own, or `open` as an
+    /// adjustment when its own is closed.
+    fn price(
+        &self,
+        item: &Item<UsageEvent>,
+        v: validate::Valid,
+        key: String,
+        open: Option<&str>,
+    ) -> Accepted {
+        let e = &item.message;
+        let own = period(v.time_ms);
+        let (billed_period, adjustment) = match open {
+            Some(p) => (p.to_string(), true),
+            None => (own.clone(), false),
+        };
+        let priced = self.prices.price(&e.meter, v.quantity);
+        let billed = BilledUsage {
+            event: Some(e.clone()),
+            period: billed_period.clone(),
+            unit_price: priced.map(|(u, _)| u.to_string()).unwrap_or_default(),
+            amount: priced.map(|(_, a)| a.to_string()).unwrap_or_default(),
+            currency: if priced.is_some() {
+                self.prices.currency.clone()
+            } else {
+                String::new()
+            },
+            adjustment,
+            original_period: if adjustment { own } else { String::new() },
+            usage_sequence: item.delivery.stream_sequence,
+            period_closed: None,
+        };
+        Accepted {
+            key,
+            user_token: v.user_token,
+            period: billed_period,
+            row: format!("{}|{}|{}", day(v.time_ms), e.meter, e.project_id),
+            quantity: v.quantity,
+            amount: priced.map(|(_, a)| a),
+            billed,
+        }
+    }
+
+    /// Step 4: the deltas into the aggregates (each record skips a checkpoint it applied) and
+    /// the claims confirmed.
+    async fn apply(&self, cp: &FoldCheckpoint) -> Result<(), Fenced> {
+        let mut by_record: BTreeMap<String, Vec<AggregateDelta>> = BTreeMap::new();
+        for d in &cp.deltas {
+            by_record
+                .entry(agg_key(&d.user_token, &d.period))
+                .or_default()
+                .push(d.clone());
+        }
+        futures::stream::iter(by_record)
+            .map(|(key, deltas)| self.apply_one(key, deltas, cp))
+            .buffer_unordered(AT_ONCE)
+            .try_collect::<Vec<()>>()
+            .await?;
+        futures::stream::iter(cp.accepted.clone())
+            .map(|key| async move {
+                let claim = DedupeClaim {
+                    partition: cp.partition.clone(),
+                    checkpoint: cp.number,
+                    nonce: cp.nonce.clone(),
+                    committed: true,
+                    usage_sequence: 0,
+                };
+                self.dedupe
+                    .store()
+                    .put(&key, slipway_common::records::encode(&claim))
+                    .await
+                    .map(|_| ())
+                    .map_err(fenced)
+            })
+            .buffer_unordered(AT_ONCE)
+            .try_collect::<Vec<()>>()
+            .await?;
+        Ok(())
+    }
+
+    async fn apply_one(
+        &self,
+        key: String,
+        deltas: Vec<AggregateDelta>,
+        cp: &FoldCheckpoint,
+    ) -> Result<(), Fenced> {
+        for _ in 0..16 {
+            let found = self.aggregates.get(&key).await.map_err(fenced)?;
+            let (mut agg, revision) = match found {
+                Some(x) => x,
+                None => (
+                    UsageAggregate {
+                        user_id: deltas
+                            .first()
+                            .map(|d| d.user_id.clone())
+                            .unwrap_or_default(),
+                        period: deltas.first().map(|d| d.period.clone()).unwrap_or_default(),
+                        currency: self.prices.currency.clone(),
+                        ..Default::default()
+                    },
+                    0,
+                ),
+            };
+            if agg
+                .applied
+                .get(&cp.partition)
+                .is_some_and(|n| *n >= cp.number)
+            {
+                return Ok(());
+            }
+            for d in &deltas {
+                let row = agg.rows.entry(d.row.clone()).or_default();
+                row.quantity = add(
+                    &row.quantity,
+                    Decimal::parse(&d.quantity).unwrap_or(Decimal::ZERO),
+                )
+                .to_string();
+                if !d.amount.is_empty() {
+                    row.amount = add(
+                        &row.amount,
+                        Decimal::parse(&d.amount).unwrap_or(Decimal::ZERO),
+                    )
+                    .to_string();
+                }
+                row.events += d.events;
+            }
+            agg.applied.insert(cp.partition.clone(), cp.number);
+            let written = if revision == 0 {
+                self.aggregates.create(&key, &agg).await
+            } else {
+                self.aggregates.update(&key, &agg, revision).await
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(fenced(e)),
+            }
+        }
+        Err(fenced(format!("{key} kept changing")))
+    }
+}
+
+pub fn agg_key(user_token: &str, period: &str) -> String {
+    format!("agg.{user_token}.{period}")
+}
+
+fn checkpoint(
+    name: &str,
+    number: u64,
+    nonce: &str,
+    first_sequence: u64,
+    last_sequence: u64,
+    accepted: &[Accepted],
+) -> FoldCheckpoint {
+    let mut deltas: BTreeMap<(String, String, String), AggregateDelta> = BTreeMap::new();
+    let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
+    for a in accepted {
+        let d = deltas
+            .entry((a.user_token.clone(), a.period.clone(), a.row.clone()))
+            .or_insert_with(|| AggregateDelta {
+                user_token: a.user_token.clone(),
+                user_id: a
+                    .billed
+                    .event
+                    .as_ref()
+                    .map(|e| e.subject.clone())
+                    .unwrap_or_default(),
+                period: a.period.clone(),
+                row: a.row.clone(),
+                quantity: "0".into(),
+                amount: String::new(),
+                events: 0,
+            });
+        d.quantity = add(&d.quantity, a.quantity).to_string();
+        if let Some(amount) = a.amount {
+            d.amount = add(&d.amount, amount).to_string();
+        }
+        d.events += 1;
+        billed
+            .entry(a.user_token.clone())
+            .or_default()
+            .push(a.billed.clone());
+    }
+    FoldCheckpoint {
+        number,
+        partition: name.to_string(),
+        state: CheckpointState::Written.into(),
+        first_sequence,
+        last_sequence,
+        accepted: accepted.iter().map(|a| a.key.clone()).collect(),
+        deltas: deltas.into_values().collect(),
+        billed: billed
+            .into_iter()
+            .map(|(user_token, messages)| UserBilled {
+                user_token,
+                messages,
+            })
+            .collect(),
+        nonce: nonce.to_string(),
+        written_at: Some(now()),
+    }
+}
