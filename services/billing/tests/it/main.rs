@@ -7,6 +7,7 @@
 mod crash;
 mod fold;
 mod generator;
+mod property;
 mod window;
 
 use std::collections::BTreeMap;
