@@ -8,9 +8,12 @@ use std::fmt;
 /// Fractional digits kept.
 pub const SCALE: u32 = 9;
 const ONE: i128 = 1_000_000_000;
-/// The largest quantity accepted (10^18 units): sums of a lifetime of events stay far from
-/// `i128`'s limit, and so do their products with a price.
-const MAX_UNITS: i128 = 1_000_000_000_000_000_000;
+/// The largest quantity or price accepted, in units (10^15): a quantity times a price of at
+/// most `MAX_PRICE` stays inside `i128` (10^24 x 10^14 nano-units), and so do sums of a lifetime
+/// of events.
+const MAX_UNITS: i128 = 1_000_000_000_000_000;
+/// The largest unit price (10^5 of the currency).
+pub const MAX_PRICE: &str = "100000";
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Decimal(i128);
@@ -21,7 +24,7 @@ pub enum DecimalError {
     Syntax(String),
     #[error("`{0}` has more than {SCALE} digits after the point")]
     TooPrecise(String),
-    #[error("`{0}` is larger than 10^18")]
+    #[error("`{0}` is larger than 10^15")]
     TooLarge(String),
 }
 
@@ -48,7 +51,7 @@ impl Decimal {
             return Err(DecimalError::TooPrecise(s.chars().take(40).collect()));
         }
         let whole = whole.trim_start_matches('0');
-        if whole.len() > 19 {
+        if whole.len() > 16 {
             return Err(DecimalError::TooLarge(s.chars().take(40).collect()));
         }
         let w: i128 = if whole.is_empty() {
@@ -95,5 +98,72 @@ impl fmt::Display for Decimal {
         }
         let digits = format!("{frac:09}");
         write!(f, "{whole}.{}", digits.trim_end_matches('0'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parses_exact_decimals_and_prints_them_shortest() {
+        for (input, shown) in [
+            ("0", "0"),
+            ("12", "12"),
+            ("0.25", "0.25"),
+            ("1500.000", "1500"),
+            ("007.50", "7.5"),
+            ("0.000000001", "0.000000001"),
+            ("1000000000000000", "1000000000000000"),
+        ] {
+            assert_eq!(d(input).to_string(), shown, "{input}");
+        }
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_exact_non_negative_decimal() {
+        for bad in [
+            "", ".5", "5.", "-1", "+1", "1e3", " 1", "1 ", "1,5", "1.2.3", "0x10", "١",
+        ] {
+            assert!(
+                matches!(Decimal::parse(bad), Err(DecimalError::Syntax(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            Decimal::parse("1.0000000001"),
+            Err(DecimalError::TooPrecise(_))
+        ));
+        for big in ["1000000000000001", "99999999999999999999999"] {
+            assert!(
+                matches!(Decimal::parse(big), Err(DecimalError::TooLarge(_))),
+                "{big}"
+            );
+        }
+    }
+
+    #[test]
+    fn sums_and_prices_exactly_rounding_half_up() {
+        assert_eq!(d("0.1").checked_add(d("0.2")).unwrap(), d("0.3"));
+        assert_eq!(d("3").times(d("0.000003")).unwrap(), d("0.000009"));
+        assert_eq!(d("1234.5").times(d("2")).unwrap(), d("2469"));
+        // 0.000000001 x 0.5 = 0.0000000005: half, rounded up.
+        assert_eq!(d("0.000000001").times(d("0.5")).unwrap(), d("0.000000001"));
+        // 0.000000001 x 0.4 = 0.0000000004: rounded down.
+        assert_eq!(d("0.000000001").times(d("0.4")).unwrap(), Decimal::ZERO);
+        assert!(d("0").is_zero() && !d("0.000000001").is_zero());
+        // The largest quantity times the largest price stays exact.
+        assert_eq!(
+            d("1000000000000000")
+                .times(d(MAX_PRICE))
+                .unwrap()
+                .to_string(),
+            "100000000000000000000"
+        );
     }
 }

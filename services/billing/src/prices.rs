@@ -27,6 +27,12 @@ impl Prices {
             }
             let p = Decimal::parse(price)
                 .map_err(|e: DecimalError| format!("billing.prices.{meter}: {e}"))?;
+            if p > Decimal::parse(crate::decimal::MAX_PRICE).unwrap_or(Decimal::ZERO) {
+                return Err(format!(
+                    "billing.prices.{meter}: at most {} per unit",
+                    crate::decimal::MAX_PRICE
+                ));
+            }
             by_meter.insert(meter.clone(), p);
         }
         Ok(Self {

@@ -238,8 +238,13 @@ pub(super) fn validate(s: &super::Settings) -> Result<(), ConfigError> {
                 format!("`{meter}` is not a meter of the catalogue"),
             ));
         }
-        let frac = price.split_once('.').map_or(0, |(_, f)| f.len());
-        if !slipway_proto::validate::is_decimal(price) || frac > 9 {
+        let (whole, frac) = price.split_once('.').unwrap_or((price, ""));
+        let whole = whole.trim_start_matches('0');
+        // At most 100000 per unit, 9 decimals (billing's exact arithmetic keeps them).
+        let too_big = whole.len() > 6
+            || (whole.len() == 6 && whole > "100000")
+            || (whole == "100000" && frac.bytes().any(|b| b != b'0'));
+        if !slipway_proto::validate::is_decimal(price) || frac.len() > 9 || too_big {
             return Err(invalid(
                 "billing.prices",
                 format!(

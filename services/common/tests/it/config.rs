@@ -391,3 +391,86 @@ fn the_preview_section_takes_origins_as_a_list_or_a_string_and_checks_its_bounds
         load(None, &[(key, value)]).unwrap();
     }
 }
+
+#[test]
+fn the_billing_section_checks_its_prices_currency_and_batch_bounds() {
+    let s = load(None, &[]).unwrap();
+    assert_eq!(s.billing.currency, "USD");
+    assert!(s.billing.prices.is_empty(), "quantities only by default");
+    assert_eq!(s.billing.batch_max_bytes, 131_072);
+    let s = load(
+        None,
+        &[("SLIPWAY__BILLING__PRICES__LLM_INPUT_TOKENS", "0.000003")],
+    )
+    .unwrap();
+    assert_eq!(s.billing.prices["llm_input_tokens"], "0.000003");
+    let s = load(
+        Some("[billing]\ncurrency = \"EUR\"\n[billing.prices]\ndeploys = \"2\"\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            s.billing.currency.as_str(),
+            s.billing.prices["deploys"].as_str()
+        ),
+        ("EUR", "2")
+    );
+    for (key, value, named) in [
+        (
+            "SLIPWAY__BILLING__PRICES__NOT_A_METER",
+            "1",
+            "billing.prices",
+        ),
+        ("SLIPWAY__BILLING__PRICES__DEPLOYS", "-1", "billing.prices"),
+        (
+            "SLIPWAY__BILLING__PRICES__DEPLOYS",
+            "0.0000000001",
+            "billing.prices",
+        ),
+        ("SLIPWAY__BILLING__PRICES__DEPLOYS", "1e3", "billing.prices"),
+        (
+            "SLIPWAY__BILLING__PRICES__DEPLOYS",
+            "100001",
+            "billing.prices",
+        ),
+        (
+            "SLIPWAY__BILLING__PRICES__DEPLOYS",
+            "100000.5",
+            "billing.prices",
+        ),
+        (
+            "SLIPWAY__BILLING__PRICES__DEPLOYS",
+            "1000000",
+            "billing.prices",
+        ),
+        ("SLIPWAY__BILLING__CURRENCY", "usd", "billing.currency"),
+        ("SLIPWAY__BILLING__CURRENCY", "DOLLARS", "billing.currency"),
+        (
+            "SLIPWAY__BILLING__BATCH_MAX_BYTES",
+            "1023",
+            "billing.batch_max_bytes",
+        ),
+        (
+            "SLIPWAY__BILLING__BATCH_MAX_BYTES",
+            "524289",
+            "billing.batch_max_bytes",
+        ),
+        (
+            "SLIPWAY__BILLING__BATCH_MAX_EVENTS",
+            "0",
+            "billing.batch_max_events",
+        ),
+        (
+            "SLIPWAY__BILLING__BATCH_MAX_EVENTS",
+            "1001",
+            "billing.batch_max_events",
+        ),
+    ] {
+        let e = load(None, &[(key, value)]).unwrap_err().to_string();
+        assert!(e.contains(named), "{key}={value}: {e}");
+    }
+    for price in ["100000", "100000.000", "0.000000001", "099999.9"] {
+        load(None, &[("SLIPWAY__BILLING__PRICES__DEPLOYS", price)]).unwrap();
+    }
+}
