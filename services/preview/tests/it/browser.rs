@@ -16,8 +16,9 @@ async fn ticket(sys: &System, run: &str) -> IssueTicketReply {
         .unwrap()
 }
 
-/// Reads an SSE response until `want` events arrived (bounded); answers them as (id, kind).
-async fn read_events(mut resp: reqwest::Response, want: usize) -> Vec<(u64, String)> {
+/// Reads an SSE response until `want` events arrived (bounded); answers them as (id, kind,
+/// data).
+async fn read_events(mut resp: reqwest::Response, want: usize) -> Vec<(u64, String, String)> {
     let mut text = String::new();
     let mut out = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -32,15 +33,18 @@ async fn read_events(mut resp: reqwest::Response, want: usize) -> Vec<(u64, Stri
             let block: String = text.drain(..end + 2).collect();
             let mut id = None;
             let mut kind = String::new();
+            let mut data = String::new();
             for line in block.lines() {
                 if let Some(v) = line.strip_prefix("id:") {
                     id = v.trim().parse().ok();
                 } else if let Some(v) = line.strip_prefix("event:") {
                     kind = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim());
                 }
             }
             if let Some(id) = id {
-                out.push((id, kind));
+                out.push((id, kind, data));
             }
         }
     }
@@ -58,9 +62,53 @@ async fn a_ticket_opens_one_run_s_events_once_and_is_refused_reused_expired_or_e
         ],
     )
     .await;
+    // Another run's events come first in the stream: the ticket's stream shows none of them.
+    let other = sys.app("run_sse_other", "main").await;
+    sys.open("run_sse_other", "main", &other).await;
     let sb = sys.app("run_sse", "main").await;
     sys.open("run_sse", "main", &sb).await;
     let http = slipway_test_support::http();
+
+    // A preflight from the allowed origin.
+    let pre = http
+        .request(
+            reqwest::Method::OPTIONS,
+            format!(
+                "{}/v1/runs/run_sse/events",
+                ticket(&sys, "run_sse")
+                    .await
+                    .events_url
+                    .split("/v1/")
+                    .next()
+                    .unwrap()
+            ),
+        )
+        .header("Origin", origin)
+        .header("Access-Control-Request-Method", "GET")
+        .header("Access-Control-Request-Headers", "last-event-id")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(pre.status(), 204);
+    assert_eq!(
+        pre.headers()["access-control-allow-origin"]
+            .to_str()
+            .unwrap(),
+        origin
+    );
+    assert!(
+        pre.headers()["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("GET")
+    );
+    assert!(
+        pre.headers()["access-control-allow-headers"]
+            .to_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("last-event-id")
+    );
 
     // The run's events, from an allowed origin.
     let t = ticket(&sys, "run_sse").await;
@@ -86,6 +134,11 @@ async fn a_ticket_opens_one_run_s_events_once_and_is_refused_reused_expired_or_e
     );
     let first = read_events(resp, 1).await;
     assert_eq!(first[0].1, "preview_ready");
+    assert!(
+        first[0].2.contains("\"runId\":\"run_sse\""),
+        "{}",
+        first[0].2
+    );
     let ready_id = first[0].0;
 
     // Used once: refused the second time.
@@ -159,8 +212,8 @@ async fn a_ticket_opens_one_run_s_events_once_and_is_refused_reused_expired_or_e
         "slipway_preview_tickets_total{outcome=\"other_run\"} 1",
         "slipway_preview_tickets_total{outcome=\"expired\"} 1",
         "slipway_preview_tickets_total{outcome=\"unknown\"} 2",
-        "slipway_preview_tokens_issued_total 2",
-        "slipway_preview_open 1",
+        "slipway_preview_tokens_issued_total 3",
+        "slipway_preview_open 2",
         "slipway_preview_shares_live 1",
     ] {
         assert!(
@@ -168,6 +221,16 @@ async fn a_ticket_opens_one_run_s_events_once_and_is_refused_reused_expired_or_e
             "{line} not in:\n{metrics}"
         );
     }
+
+    // The tickets bucket gone: 503 with a message that names no internals.
+    let t5 = ticket(&sys, "run_sse").await;
+    let js = async_nats::jetstream::new(sys.executor.nats_client.clone());
+    js.delete_key_value("slipway_tickets").await.unwrap();
+    let r = http.get(&t5.previews_url).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(!body.to_string().contains("slipway_tickets"), "{body}");
 }
 
 /// A platform's page on its own origin follows a run with a ticket and shows its preview in an
