@@ -5,7 +5,8 @@
 //!   in windows of 500);
 //! - the fold: one billing replica (in this process) from start until `BILLED` holds every event.
 //!
-//! `cargo bench -p slipway-billing --bench fold`; SLIPWAY_BENCH_EVENTS (1000000). Target: the
+//! `cargo bench -p slipway-billing --bench fold`; SLIPWAY_BENCH_EVENTS (1000000), and any
+//! `SLIPWAY__BILLING__*` setting passes through to the folder. Target: the
 //! fold at least half the lower of the two raw rates. Prints rates, the ratio and the peak RSS.
 #![allow(clippy::unwrap_used)] // A benchmark fails loudly on the first surprise.
 
@@ -96,10 +97,12 @@ fn rss_peak_mib() -> f64 {
 async fn main() {
     let n = events();
     let nats = NatsServer::start().unwrap();
-    let env: Vec<(String, String)> = vec![
+    let mut env: Vec<(String, String)> = vec![
         ("SLIPWAY__NATS__URL".into(), nats.url()),
         ("SLIPWAY__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
     ];
+    // Billing's own settings pass through (batch sizes, for example).
+    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("SLIPWAY__BILLING__")));
     let settings = Settings::load(&Sources {
         env: env.iter().cloned().collect(),
         ..Default::default()

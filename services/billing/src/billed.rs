@@ -15,7 +15,7 @@ use slipway_proto::codec::{ContentType, encode};
 use slipway_proto::v1::{BilledUsage, FoldCheckpoint, UserBilled};
 
 /// Users published to at once (each user's messages stay in order).
-const USERS_AT_ONCE: usize = 32;
+const USERS_AT_ONCE: usize = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BilledError {

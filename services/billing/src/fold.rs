@@ -35,7 +35,7 @@ use crate::prices::{Prices, day, period};
 use crate::validate::{self, Window};
 
 /// Store operations in flight at once.
-const AT_ONCE: usize = 64;
+const AT_ONCE: usize = 256;
 
 pub struct Folder {
     pub(crate) checkpoints: Records<FoldCheckpoint>,
@@ -384,7 +384,7 @@ impl Folder {
         let mut by_record: BTreeMap<String, Vec<AggregateDelta>> = BTreeMap::new();
         for d in &cp.deltas {
             by_record
-                .entry(agg_key(&d.user_token, &d.period))
+                .entry(day_key(&d.user_token, &d.period, &d.row))
                 .or_default()
                 .push(d.clone());
         }
@@ -477,8 +477,21 @@ impl Folder {
     }
 }
 
+/// A user's period record, `agg.<user>.<YYYY-MM>`: whether the period is closed (Billing 2/2
+/// writes it when it closes the period).
 pub fn agg_key(user_token: &str, period: &str) -> String {
     format!("agg.{user_token}.{period}")
+}
+
+/// Where a row's usage is kept: one record per user and day of the period,
+/// `agg.<user>.<YYYY-MM>.<DD>`, so a batch rewrites a day's rows, not a month's; adjustments
+/// (rows of another month billed in this one) in `agg.<user>.<YYYY-MM>.adj`.
+pub fn day_key(user_token: &str, period: &str, row: &str) -> String {
+    let day = row.split('|').next().unwrap_or_default();
+    match day.strip_prefix(period).and_then(|d| d.strip_prefix('-')) {
+        Some(dd) => format!("agg.{user_token}.{period}.{dd}"),
+        None => format!("agg.{user_token}.{period}.adj"),
+    }
 }
 
 fn checkpoint(
