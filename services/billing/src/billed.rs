@@ -97,11 +97,10 @@ impl BilledPublisher {
         let entry = known
             .entry(cp.partition.clone())
             .or_insert_with(|| (0, HashMap::new()));
-        if entry.0 + 1 != cp.number {
-            entry.1.clear();
-        }
+        // Only this checkpoint's users: a user not in the next one is read back then (the
+        // cache stays the size of a batch).
         entry.0 = cp.number;
-        entry.1.extend(done);
+        entry.1 = done.into_iter().collect();
         Ok(())
     }
 

@@ -73,6 +73,27 @@ impl Decimal {
         Ok(Decimal(w * ONE + f))
     }
 
+    /// Parses a stored sum (an aggregate or an amount), which may pass the input bounds: only
+    /// the syntax and `i128` bound it.
+    pub fn parse_sum(s: &str) -> Result<Self, DecimalError> {
+        if s.ends_with('.') {
+            return Err(DecimalError::Syntax(s.chars().take(40).collect()));
+        }
+        let (whole, frac) = s.split_once('.').unwrap_or((s, ""));
+        let too_large = || DecimalError::TooLarge(s.chars().take(40).collect());
+        let w: i128 = whole
+            .parse()
+            .map_err(|_| DecimalError::Syntax(s.chars().take(40).collect()))?;
+        let head = Decimal::parse(&format!("0.{}", if frac.is_empty() { "0" } else { frac }))?;
+        if w < 0 || whole.starts_with(['+', '-']) {
+            return Err(DecimalError::Syntax(s.chars().take(40).collect()));
+        }
+        w.checked_mul(ONE)
+            .and_then(|w| w.checked_add(head.0))
+            .map(Decimal)
+            .ok_or_else(too_large)
+    }
+
     pub fn checked_add(self, other: Decimal) -> Option<Decimal> {
         self.0.checked_add(other.0).map(Decimal)
     }
@@ -144,6 +165,23 @@ mod tests {
                 matches!(Decimal::parse(big), Err(DecimalError::TooLarge(_))),
                 "{big}"
             );
+        }
+    }
+
+    #[test]
+    fn stored_sums_pass_the_input_bounds_and_stay_exact() {
+        let big = Decimal::parse_sum("1800000000000000.5").unwrap();
+        assert_eq!(big.to_string(), "1800000000000000.5");
+        let sum = big.checked_add(d("1000000000000000")).unwrap();
+        assert_eq!(Decimal::parse_sum(&sum.to_string()).unwrap(), sum);
+        assert_eq!(
+            Decimal::parse_sum("100000000000000000000")
+                .unwrap()
+                .to_string(),
+            "100000000000000000000"
+        );
+        for bad in ["", "-1", "+1", "1.", "x", "1.0000000001"] {
+            assert!(Decimal::parse_sum(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -68,16 +68,30 @@ pub fn dedupe_key(source: &str, id: &str) -> String {
         .collect()
 }
 
-fn now_ms() -> i64 {
-    let t = now();
-    t.seconds * 1000 + i64::from(t.nanos / 1_000_000)
+/// A stored sum (empty is zero) plus `b`. A sum that cannot be read or grows past `i128`
+/// stops the batch: it is never taken for zero.
+fn add(a: &str, b: Decimal) -> Result<Decimal, Fenced> {
+    let a = if a.is_empty() {
+        Decimal::ZERO
+    } else {
+        Decimal::parse_sum(a).map_err(|e| fenced(format!("a stored sum: {e}")))?
+    };
+    a.checked_add(b)
+        .ok_or_else(|| fenced("a sum past the 128-bit bound"))
 }
 
-fn add(a: &str, b: Decimal) -> Decimal {
-    Decimal::parse(a)
-        .unwrap_or(Decimal::ZERO)
-        .checked_add(b)
-        .unwrap_or(Decimal::ZERO)
+fn stored(s: &str) -> Result<Decimal, Fenced> {
+    add(s, Decimal::ZERO)
+}
+
+/// What a claim found.
+enum Claim {
+    /// The event is this attempt's to count.
+    Ours,
+    /// It was counted before (a confirmed claim).
+    Duplicate,
+    /// Another partition's unconfirmed claim: not decided yet.
+    Busy,
 }
 
 /// An accepted event on its way into a checkpoint.
@@ -100,17 +114,19 @@ impl Folder {
         let (last, revision) = self.complete(&key, &name).await?;
 
         // 1. Checked; the invalid refused.
-        let window = Window {
-            now_ms: now_ms(),
-            skew_ms: self.skew_ms,
-            lateness_ms: self.lateness_ms,
-        };
         let mut outcomes: Vec<Result<(), HandlerError>> = vec![Ok(()); items.len()];
         let mut valid = Vec::new();
         for (i, item) in items.iter().enumerate() {
             if item.delivery.delivered > 1 {
                 self.metrics.redelivered();
             }
+            // Judged against when the stream stored it, not the clock of this delivery: the
+            // same event gets the same verdict however often, and however late, it comes.
+            let window = Window {
+                now_ms: item.delivery.published_ms,
+                skew_ms: self.skew_ms,
+                lateness_ms: self.lateness_ms,
+            };
             match validate::check(&item.delivery.subject, &item.message, window) {
                 Ok(v) => valid.push((i, v)),
                 Err(r) => {
@@ -137,16 +153,26 @@ impl Folder {
             .map(|(i, _, k)| (k.clone(), items[*i].delivery.stream_sequence))
             .collect();
         let (name_ref, nonce_ref) = (&name, &nonce);
-        let claims: Vec<bool> = futures::stream::iter(wanted)
+        let claims: Vec<Claim> = futures::stream::iter(wanted)
             .map(|(k, seq)| async move { self.claim(&k, name_ref, number, nonce_ref, seq).await })
             .buffered(AT_ONCE)
             .try_collect()
             .await?;
-        let ours: Vec<_> = unique
-            .into_iter()
-            .zip(claims)
-            .filter_map(|(c, ours)| ours.then_some(c))
-            .collect();
+        let mut ours = Vec::new();
+        for (c, claim) in unique.into_iter().zip(claims) {
+            match claim {
+                Claim::Ours => ours.push(c),
+                Claim::Duplicate => {}
+                // Another partition's attempt holds it (a P change in progress, or the same
+                // fact under another user): it comes back once that attempt is settled.
+                Claim::Busy => {
+                    outcomes[c.0] = Err(HandlerError::retry(
+                        Duration::from_secs(1),
+                        "claimed by another partition's unfinished batch",
+                    ));
+                }
+            }
+        }
         let refused = outcomes.iter().filter(|o| o.is_err()).count();
         self.metrics
             .duplicates((items.len() - refused - ours.len()) as u64);
@@ -173,13 +199,14 @@ impl Folder {
             .into_iter()
             .flatten()
             .collect();
-        let open_period = period(now_ms());
         let mut accepted: Vec<Accepted> = ours
             .into_iter()
             .map(|(i, v, k)| {
                 let own = period(v.time_ms);
                 let is_closed = closed.contains(&(v.user_token.clone(), own));
-                self.price(&items[i], v, k, is_closed.then_some(open_period.as_str()))
+                // The open period: the one the stream stored it in.
+                let open = period(items[i].delivery.published_ms);
+                self.price(&items[i], v, k, is_closed.then_some(open.as_str()))
             })
             .collect();
 
@@ -193,7 +220,7 @@ impl Folder {
             first_sequence,
             last_sequence,
             &accepted,
-        );
+        )?;
         // A batch whose record would not fit in one KV value is cut: the rest comes back.
         while prost::Message::encoded_len(&cp) > self.max_checkpoint_bytes && accepted.len() > 1 {
             let keep = accepted.len() / 2;
@@ -217,7 +244,7 @@ impl Folder {
                 first_sequence,
                 last_sequence,
                 &accepted,
-            );
+            )?;
         }
         let written = if revision == 0 {
             self.checkpoints.create(&key, &cp).await
@@ -306,7 +333,7 @@ impl Folder {
         number: u64,
         nonce: &str,
         usage_sequence: u64,
-    ) -> Result<bool, Fenced> {
+    ) -> Result<Claim, Fenced> {
         let claim = DedupeClaim {
             partition: name.to_string(),
             checkpoint: number,
@@ -316,19 +343,22 @@ impl Folder {
         };
         for _ in 0..8 {
             match self.dedupe.create(key, &claim).await {
-                Ok(_) => return Ok(true),
+                Ok(_) => return Ok(Claim::Ours),
                 Err(RecordError::Exists { .. }) => {}
                 Err(e) => return Err(fenced(e)),
             }
             let Some((seen, revision)) = self.dedupe.get(key).await.map_err(fenced)? else {
                 continue;
             };
-            if seen.committed || seen.partition != name {
-                return Ok(false);
+            if seen.committed {
+                return Ok(Claim::Duplicate);
+            }
+            if seen.partition != name {
+                return Ok(Claim::Busy);
             }
             // Claimed by an attempt of this partition that never wrote its checkpoint.
             match self.dedupe.update(key, &claim, revision).await {
-                Ok(_) => return Ok(true),
+                Ok(_) => return Ok(Claim::Ours),
                 Err(RecordError::Conflict { .. }) => continue,
                 Err(e) => return Err(fenced(e)),
             }
@@ -447,17 +477,9 @@ impl Folder {
             }
             for d in &deltas {
                 let row = agg.rows.entry(d.row.clone()).or_default();
-                row.quantity = add(
-                    &row.quantity,
-                    Decimal::parse(&d.quantity).unwrap_or(Decimal::ZERO),
-                )
-                .to_string();
+                row.quantity = add(&row.quantity, stored(&d.quantity)?)?.to_string();
                 if !d.amount.is_empty() {
-                    row.amount = add(
-                        &row.amount,
-                        Decimal::parse(&d.amount).unwrap_or(Decimal::ZERO),
-                    )
-                    .to_string();
+                    row.amount = add(&row.amount, stored(&d.amount)?)?.to_string();
                 }
                 row.events += d.events;
             }
@@ -501,7 +523,7 @@ fn checkpoint(
     first_sequence: u64,
     last_sequence: u64,
     accepted: &[Accepted],
-) -> FoldCheckpoint {
+) -> Result<FoldCheckpoint, Fenced> {
     let mut deltas: BTreeMap<(String, String, String), AggregateDelta> = BTreeMap::new();
     let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
     for a in accepted {
@@ -521,9 +543,9 @@ fn checkpoint(
                 amount: String::new(),
                 events: 0,
             });
-        d.quantity = add(&d.quantity, a.quantity).to_string();
+        d.quantity = add(&d.quantity, a.quantity)?.to_string();
         if let Some(amount) = a.amount {
-            d.amount = add(&d.amount, amount).to_string();
+            d.amount = add(&d.amount, amount)?.to_string();
         }
         d.events += 1;
         billed
@@ -531,7 +553,7 @@ fn checkpoint(
             .or_default()
             .push(a.billed.clone());
     }
-    FoldCheckpoint {
+    Ok(FoldCheckpoint {
         number,
         partition: name.to_string(),
         state: CheckpointState::Written.into(),
@@ -548,5 +570,5 @@ fn checkpoint(
             .collect(),
         nonce: nonce.to_string(),
         written_at: Some(now()),
-    }
+    })
 }

@@ -42,7 +42,7 @@ pub struct Window {
 }
 
 const MAX_ID: usize = 256;
-const MAX_SOURCE: usize = 128;
+const MAX_ATTRIBUTE: usize = 128;
 
 /// Checks one event read from `subject` (the stored form, with or without the partition token).
 pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Refusal> {
@@ -111,9 +111,28 @@ pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Ref
             ),
         ));
     }
-    if e.source.is_empty() || e.source.len() > MAX_SOURCE || e.source.chars().any(char::is_control)
-    {
-        return Err(refuse("invalid_source", "source: 1 to 128 printable bytes"));
+    // The source is the producer's stable name: the same fact under another source would
+    // otherwise be counted again.
+    let source = format!("slipway/{}", meter.producer);
+    if e.source != source {
+        return Err(refuse(
+            "invalid_source",
+            format!("`{}` is published by `{source}`", meter.name),
+        ));
+    }
+    for (field, value) in [
+        ("project_id", &e.project_id),
+        ("workspace_id", &e.workspace_id),
+        ("run_id", &e.run_id),
+        ("sandbox_id", &e.sandbox_id),
+    ] {
+        // Kept in aggregate rows (`<day>|<meter>|<project>`): bounded, printable, no `|`.
+        if value.len() > MAX_ATTRIBUTE || value.chars().any(|c| c.is_control() || c == '|') {
+            return Err(refuse(
+                "invalid_attribution",
+                format!("{field}: at most {MAX_ATTRIBUTE} printable bytes, without `|`"),
+            ));
+        }
     }
     match subjects::user_token(&e.subject) {
         Ok(t) if t == user_token => {}
@@ -154,4 +173,168 @@ pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Ref
 
 fn clip(s: &str) -> String {
     s.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const NOW: i64 = 1_790_000_000_000;
+    const WINDOW: Window = Window {
+        now_ms: NOW,
+        skew_ms: 300_000,
+        lateness_ms: 35 * 86_400_000,
+    };
+
+    fn event() -> UsageEvent {
+        UsageEvent {
+            id: "run1:step:0:llm_input_tokens".into(),
+            source: "slipway/planner".into(),
+            r#type: USAGE_EVENT_TYPE.into(),
+            subject: "ann@example.com".into(),
+            time: Some(pbjson_types::Timestamp {
+                seconds: NOW / 1000 - 60,
+                nanos: 0,
+            }),
+            spec_version: CLOUDEVENTS_SPEC_VERSION.into(),
+            meter: "llm_input_tokens".into(),
+            quantity: "1200".into(),
+            unit: "tokens".into(),
+            project_id: "p1".into(),
+            ..Default::default()
+        }
+    }
+
+    fn subject() -> String {
+        format!(
+            "slipway.usage.planner.llm_input_tokens.{}",
+            subjects::user_token("ann@example.com").unwrap()
+        )
+    }
+
+    fn code(subject: &str, e: &UsageEvent) -> &'static str {
+        check(subject, e, WINDOW)
+            .map(|_| "ok")
+            .unwrap_or_else(|r| r.code)
+    }
+
+    #[test]
+    fn a_good_event_passes_in_both_subject_forms() {
+        let v = check(&subject(), &event(), WINDOW).unwrap();
+        assert_eq!(
+            v.user_token,
+            subjects::user_token("ann@example.com").unwrap()
+        );
+        assert_eq!(v.quantity.to_string(), "1200");
+        assert_eq!(v.time_ms, NOW - 60_000);
+        assert_eq!(code(&format!("{}.3", subject()), &event()), "ok");
+    }
+
+    #[test]
+    fn each_wrong_field_is_refused_with_its_code() {
+        let s = subject();
+        let with = |f: fn(&mut UsageEvent)| {
+            let mut e = event();
+            f(&mut e);
+            e
+        };
+        let cases: Vec<(String, UsageEvent, &str)> = vec![
+            ("slipway.usage.planner".into(), event(), "invalid_subject"),
+            (format!("{s}.3.4"), event(), "invalid_subject"),
+            (s.replace("slipway.", "other."), event(), "invalid_subject"),
+            (
+                s.clone(),
+                with(|e| e.meter = "bogus".into()),
+                "unknown_meter",
+            ),
+            (
+                s.replace("llm_input_tokens", "llm_output_tokens"),
+                event(),
+                "invalid_subject",
+            ),
+            (
+                s.replace(".planner.", ".executor."),
+                event(),
+                "wrong_producer",
+            ),
+            (s.clone(), with(|e| e.unit = "ms".into()), "wrong_unit"),
+            (
+                s.clone(),
+                with(|e| e.r#type = "other".into()),
+                "invalid_type",
+            ),
+            (
+                s.clone(),
+                with(|e| e.spec_version = "0.3".into()),
+                "invalid_type",
+            ),
+            (
+                s.clone(),
+                with(|e| e.id = "run1:step:0".into()),
+                "invalid_id",
+            ),
+            (s.clone(), with(|e| e.id = String::new()), "invalid_id"),
+            (
+                s.clone(),
+                with(|e| e.id = format!("{}:llm_input_tokens", "x".repeat(300))),
+                "invalid_id",
+            ),
+            (
+                s.clone(),
+                with(|e| e.id = "a\u{7}:llm_input_tokens".into()),
+                "invalid_id",
+            ),
+            (
+                s.clone(),
+                with(|e| e.source = "slipway/executor".into()),
+                "invalid_source",
+            ),
+            (
+                s.clone(),
+                with(|e| e.project_id = "a|b".into()),
+                "invalid_attribution",
+            ),
+            (
+                s.clone(),
+                with(|e| e.run_id = "r".repeat(129)),
+                "invalid_attribution",
+            ),
+            (
+                s.clone(),
+                with(|e| e.subject = "bob".into()),
+                "invalid_subject",
+            ),
+            (
+                s.clone(),
+                with(|e| e.quantity = "-1".into()),
+                "invalid_quantity",
+            ),
+            (
+                s.clone(),
+                with(|e| e.quantity = "1.0000000001".into()),
+                "invalid_quantity",
+            ),
+            (s.clone(), with(|e| e.time = None), "missing_time"),
+        ];
+        for (subject, e, want) in cases {
+            assert_eq!(code(&subject, &e), want, "{subject} {e:?}");
+        }
+    }
+
+    #[test]
+    fn the_time_is_held_to_the_skew_and_the_lateness_at_their_edges() {
+        let at = |ms: i64| {
+            let mut e = event();
+            e.time = Some(pbjson_types::Timestamp {
+                seconds: ms.div_euclid(1000),
+                nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+            });
+            code(&subject(), &e)
+        };
+        assert_eq!(at(NOW + WINDOW.skew_ms), "ok");
+        assert_eq!(at(NOW + WINDOW.skew_ms + 1), "future_time");
+        assert_eq!(at(NOW - WINDOW.lateness_ms), "ok");
+        assert_eq!(at(NOW - WINDOW.lateness_ms - 1), "too_late");
+    }
 }

@@ -316,7 +316,14 @@ impl Topology {
         ];
         for s in &streams {
             if let Some(part) = &s.partitioning {
-                consumers.extend(partition_consumers(s.name, part, settings.max_deliver));
+                // Usage is never given up on: a valid event delivered many times (crashes,
+                // handovers, fenced batches) is still money. Billing refuses the invalid itself.
+                let max_deliver = if s.name == streams::USAGE {
+                    -1
+                } else {
+                    settings.max_deliver
+                };
+                consumers.extend(partition_consumers(s.name, part, max_deliver));
             }
         }
         let bucket = |bucket, max_age, description| BucketSpec {
@@ -366,7 +373,7 @@ impl Topology {
             bucket(
                 buckets::BILLING_DEDUPE,
                 DAY * BILLING_DEDUPE_DAYS,
-                "usage event ids seen, per event-hour (billing)",
+                "the first (source, id) of each usage event, kept 36 days from first seen (billing)",
             ),
             bucket(
                 buckets::QUOTAS,

@@ -63,6 +63,9 @@ impl HandlerError {
 pub struct Delivery {
     pub subject: String,
     pub stream_sequence: u64,
+    /// When the stream stored it (ms since the epoch): the same on every delivery, so a
+    /// judgement made against it (billing's lateness) is the same on every delivery too.
+    pub published_ms: i64,
     /// 1 on the first delivery.
     pub delivered: i64,
     /// This is the consumer's last delivery of it: a `Retry` now dead-letters it (a deployer
@@ -591,8 +594,12 @@ pub(crate) fn hold(
     limits: Limits,
     slot: OwnedSemaphorePermit,
 ) -> Option<Held> {
-    let (delivered, sequence) = match message.info() {
-        Ok(info) => (info.delivered, info.stream_sequence),
+    let (delivered, sequence, published_ms) = match message.info() {
+        Ok(info) => (
+            info.delivered,
+            info.stream_sequence,
+            (info.published.unix_timestamp_nanos() / 1_000_000) as i64,
+        ),
         Err(e) => {
             tracing::warn!(error = %e, "a message without JetStream metadata");
             return None;
@@ -626,6 +633,7 @@ pub(crate) fn hold(
         delivery: Delivery {
             subject: message.subject.to_string(),
             stream_sequence: sequence,
+            published_ms,
             delivered,
             last_attempt: limits.max_deliver > 0 && delivered >= limits.max_deliver,
             headers: message.headers.clone(),

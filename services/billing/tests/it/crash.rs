@@ -145,5 +145,7 @@ async fn three_folders_killed_at_every_step_bill_each_event_once() {
     assert_eq!(unique.len(), ids.len(), "each (source, id) billed once");
     assert_eq!(sums, plan.expected, "per-user per-meter totals");
     assert_eq!(bus.count("USAGE_REJECTED").await, plan.invalid);
+    assert_eq!(bus.count("DLQ").await, 0, "nothing dead-lettered");
+    assert_eq!(bus.aggregates().await, plan.expected, "aggregates");
     eprintln!("folded through {hit:?} and a SIGSTOP in {took:?}");
 }

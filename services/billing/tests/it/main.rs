@@ -139,6 +139,28 @@ impl Bus {
         }
     }
 
+    /// Per (user, meter), the quantities billing's aggregate records hold.
+    pub async fn aggregates(&self) -> Totals {
+        let kv = self.js.get_key_value("slipway_billing").await.unwrap();
+        let mut sums = Totals::new();
+        let mut keys = kv.keys().await.unwrap();
+        while let Some(k) = keys.next().await {
+            let k = k.unwrap();
+            if !k.starts_with("agg.") {
+                continue;
+            }
+            let bytes = kv.get(&k).await.unwrap().unwrap();
+            let agg: slipway_proto::v1::UsageAggregate =
+                slipway_common::records::decode(&k, &bytes).unwrap();
+            for (row, r) in &agg.rows {
+                let meter = row.split('|').nth(1).unwrap().to_string();
+                *sums.entry((agg.user_id.clone(), meter)).or_insert(0) +=
+                    generator::nanos(&r.quantity);
+            }
+        }
+        sums
+    }
+
     /// No partition consumer has a message pending or unacknowledged.
     pub async fn idle(&self) -> bool {
         let mut stream = self.js.get_stream("USAGE").await.unwrap();
