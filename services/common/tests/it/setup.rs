@@ -235,3 +235,35 @@ fn partitioned_streams_put_the_partition_last_and_name_p_consumers() {
         assert!(err.to_string().contains("setup.usage_partitions"), "{err}");
     }
 }
+
+/// An installation whose `USAGE` partitions still give up after 5 deliveries (as before usage
+/// was never given up on): readiness names the drift, and `--update` fixes the consumers in
+/// place, keeping their positions.
+#[tokio::test]
+async fn usage_partitions_with_a_delivery_limit_drift_and_update_lifts_it() {
+    let server = NatsServer::start().unwrap();
+    let js = js(&server).await;
+    let topo = topology(&server);
+    let mut old = topo.clone();
+    for c in old.consumers.iter_mut().filter(|c| c.stream == "USAGE") {
+        c.max_deliver = 5;
+    }
+    setup::apply(&js, &old, Mode::CreateMissing).await.unwrap();
+    let report = setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
+    assert!(
+        report
+            .drifted
+            .iter()
+            .any(|d| d.resource.contains("billing-0-of-") && d.field == "max_deliver"),
+        "{:?}",
+        report.drifted
+    );
+    setup::apply(&js, &topo, Mode::Update).await.unwrap();
+    let mut usage = js.get_stream("USAGE").await.unwrap();
+    for c in topo.consumers.iter().filter(|c| c.stream == "USAGE") {
+        let info = usage.consumer_info(&c.durable).await.unwrap();
+        assert_eq!(info.config.max_deliver, -1, "{}", c.durable);
+    }
+    let again = setup::apply(&js, &topo, Mode::CreateMissing).await.unwrap();
+    assert!(again.drifted.is_empty(), "{:?}", again.drifted);
+}
