@@ -1,8 +1,9 @@
 //! Publishing a checkpoint's `BILLED` messages, guarded per user: each user's messages go to
 //! `slipway.billed.<user>` one after another, each with the subject's expected last sequence, so
-//! a second writer is refused by the stream rather than interleaved. On recovery the last
-//! message on the user's subject says how far an interrupted publish got: if it is the k-th of
-//! the checkpoint's messages for that user, publishing goes on at k+1; otherwise all of them go.
+//! a second writer is refused by the stream rather than interleaved. The checkpoint records each
+//! user's floor, the subject's last sequence when it was written; on recovery the subject is
+//! read from there, and only this checkpoint's messages not found go out, so a message already
+//! in the stream is never published again, whoever else wrote to the subject meanwhile.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -73,23 +74,39 @@ impl BilledPublisher {
         }
     }
 
-    /// Publishes the checkpoint's messages. `recovering`: the checkpoint was written by an
-    /// earlier attempt, so each user's subject is read to find where it stopped.
-    pub async fn publish(&self, cp: &FoldCheckpoint, recovering: bool) -> Result<(), BilledError> {
-        let cached: HashMap<String, u64> = {
-            let known = self.known();
-            match known.get(&cp.partition) {
-                // Valid only when this replica wrote every checkpoint since.
-                Some((after, users)) if !recovering && *after + 1 == cp.number => users.clone(),
-                _ => HashMap::new(),
-            }
+    /// Each user's subject's last sequence now: what this replica wrote last when it wrote the
+    /// partition's previous checkpoint (`number - 1`), read back otherwise.
+    pub async fn floors(
+        &self,
+        partition: &str,
+        number: u64,
+        users: Vec<String>,
+    ) -> Result<HashMap<String, u64>, BilledError> {
+        let cached: HashMap<String, u64> = match self.known().get(partition) {
+            Some((after, users)) if *after + 1 == number => users.clone(),
+            _ => HashMap::new(),
         };
         let cached = &cached;
-        let done: Vec<(String, u64)> = futures::stream::iter(cp.billed.clone())
+        futures::stream::iter(users)
             .map(|user| async move {
-                let start = cached.get(&user.user_token).copied();
-                self.publish_user(&user, start).await
+                if let Some(seq) = cached.get(&user) {
+                    return Ok((user, *seq));
+                }
+                let subject = subject(&user);
+                let (seq, _) = self.last(&subject).await?;
+                Ok((user, seq))
             })
+            .buffer_unordered(USERS_AT_ONCE)
+            .try_collect()
+            .await
+    }
+
+    /// Publishes the checkpoint's messages. `recovering`: an earlier attempt may have published
+    /// some, so each user's subject is read from the checkpoint's floor and only what is not
+    /// there goes out.
+    pub async fn publish(&self, cp: &FoldCheckpoint, recovering: bool) -> Result<(), BilledError> {
+        let done: Vec<(String, u64)> = futures::stream::iter(cp.billed.clone())
+            .map(|user| async move { self.publish_user(&user, recovering).await })
             .buffer_unordered(USERS_AT_ONCE)
             .try_collect()
             .await?;
@@ -104,27 +121,50 @@ impl BilledPublisher {
         Ok(())
     }
 
-    /// One user's messages in order. `known`: the subject's last sequence when this replica
-    /// knows it (it wrote it); otherwise the subject is read, and a message of this batch found
-    /// there is where publishing resumes.
+    /// The messages of `user` on its subject after the floor that are this checkpoint's, and
+    /// the subject's last sequence.
+    async fn published_since_floor(
+        &self,
+        subject: &str,
+        user: &UserBilled,
+    ) -> Result<(Vec<bool>, u64), BilledError> {
+        let mut there = vec![false; user.messages.len()];
+        let mut last = user.floor;
+        loop {
+            match self
+                .stream
+                .direct_get_next_for_subject(subject, Some(last + 1))
+                .await
+            {
+                Ok(m) => {
+                    last = m.sequence;
+                    if let Ok(found) = decode_message::<BilledUsage>(Some(&m.headers), &m.payload)
+                        && let Some(k) = user.messages.iter().position(|x| same(x, &found))
+                    {
+                        there[k] = true;
+                    }
+                }
+                Err(e) if e.kind() == jetstream::stream::DirectGetErrorKind::NotFound => {
+                    return Ok((there, last));
+                }
+                Err(e) => return Err(BilledError::Stream(format!("reading {subject}: {e}"))),
+            }
+        }
+    }
+
+    /// One user's messages in order, each with the subject's expected last sequence.
     async fn publish_user(
         &self,
         user: &UserBilled,
-        known: Option<u64>,
+        recovering: bool,
     ) -> Result<(String, u64), BilledError> {
-        let subject = format!("{}.billed.{}", subjects::ROOT, user.user_token);
-        let (mut from, mut last) = match known {
-            Some(seq) => (0, seq),
-            None => {
-                let (seq, message) = self.last(&subject).await?;
-                let at = message
-                    .as_ref()
-                    .and_then(|m| user.messages.iter().position(|x| same(x, m)));
-                (at.map_or(0, |k| k + 1), seq)
-            }
+        let subject = subject(&user.user_token);
+        let (there, mut last) = if recovering {
+            self.published_since_floor(&subject, user).await?
+        } else {
+            (vec![false; user.messages.len()], user.floor)
         };
-        while from < user.messages.len() {
-            let message = &user.messages[from];
+        for (message, _) in user.messages.iter().zip(there).filter(|(_, t)| !t) {
             let publish = PublishMessage::build()
                 .payload(encode(message, ContentType::Protobuf).into())
                 .headers(message_headers::<BilledUsage>(ContentType::Protobuf))
@@ -152,8 +192,11 @@ impl BilledPublisher {
                 }
             }
             slipway_common::failpoint::hit("billing.billed.one");
-            from += 1;
         }
         Ok((user.user_token.clone(), last))
     }
+}
+
+fn subject(user_token: &str) -> String {
+    format!("{}.billed.{user_token}", subjects::ROOT)
 }

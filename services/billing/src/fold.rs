@@ -210,6 +210,14 @@ impl Folder {
             })
             .collect();
 
+        // Each user's BILLED floor, recorded in the checkpoint for recovery.
+        let users: BTreeSet<String> = accepted.iter().map(|a| a.user_token.clone()).collect();
+        let floors = self
+            .billed
+            .floors(&name, number, users.into_iter().collect())
+            .await
+            .map_err(fenced)?;
+
         // 3. The checkpoint, written first.
         let first_sequence = items.first().map_or(0, |i| i.delivery.stream_sequence);
         let last_sequence = items.last().map_or(0, |i| i.delivery.stream_sequence);
@@ -220,6 +228,7 @@ impl Folder {
             first_sequence,
             last_sequence,
             &accepted,
+            &floors,
         )?;
         // A batch whose record would not fit in one KV value is cut: the rest comes back.
         while prost::Message::encoded_len(&cp) > self.max_checkpoint_bytes && accepted.len() > 1 {
@@ -244,6 +253,7 @@ impl Folder {
                 first_sequence,
                 last_sequence,
                 &accepted,
+                &floors,
             )?;
         }
         let written = if revision == 0 {
@@ -523,6 +533,7 @@ fn checkpoint(
     first_sequence: u64,
     last_sequence: u64,
     accepted: &[Accepted],
+    floors: &std::collections::HashMap<String, u64>,
 ) -> Result<FoldCheckpoint, Fenced> {
     let mut deltas: BTreeMap<(String, String, String), AggregateDelta> = BTreeMap::new();
     let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
@@ -564,6 +575,7 @@ fn checkpoint(
         billed: billed
             .into_iter()
             .map(|(user_token, messages)| UserBilled {
+                floor: floors.get(&user_token).copied().unwrap_or(0),
                 user_token,
                 messages,
             })
