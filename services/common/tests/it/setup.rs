@@ -259,7 +259,7 @@ async fn usage_partitions_with_a_delivery_limit_drift_and_update_lifts_it() {
         report.drifted
     );
     setup::apply(&js, &topo, Mode::Update).await.unwrap();
-    let mut usage = js.get_stream("USAGE").await.unwrap();
+    let usage = js.get_stream("USAGE").await.unwrap();
     for c in topo.consumers.iter().filter(|c| c.stream == "USAGE") {
         let info = usage.consumer_info(&c.durable).await.unwrap();
         assert_eq!(info.config.max_deliver, -1, "{}", c.durable);
