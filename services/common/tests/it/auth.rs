@@ -398,3 +398,75 @@ async fn each_service_verifies_its_part_and_owners_release_their_partitions_only
     };
     assert_eq!(still.len(), 8, "no consumer was deleted: {still:?}");
 }
+
+/// The jobs added for previews and billing work under their own users, with no permission
+/// violation: preview reads a run's events with an ordered consumer, keeps tickets and hears
+/// file changes; billing reads a user's last `BILLED` message directly and publishes with an
+/// expected subject sequence.
+#[tokio::test]
+async fn preview_reads_run_events_and_tickets_and_billing_reads_billed_back() {
+    use futures::StreamExt;
+    let (_topo, keys, server, admin) = secured().await;
+    admin
+        .publish("slipway.runs.r1.events.accepted", "x".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let (preview, mut errors) =
+        connect_as(&server, &keys, Principal::Service(Service::Preview)).await;
+    let pjs = async_nats::jetstream::new(preview.clone());
+    let stream = pjs.get_stream_no_info("RUN_EVENTS").await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: "slipway.runs.r1.events.>".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("preview opens an ordered consumer on RUN_EVENTS");
+    let mut messages = consumer.messages().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), messages.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.subject.as_str(), "slipway.runs.r1.events.accepted");
+    let tickets = pjs.get_key_value("slipway_tickets").await.unwrap();
+    tickets.put("t.abc", "x".into()).await.unwrap();
+    assert!(tickets.get("t.abc").await.unwrap().is_some());
+    let _files = preview
+        .subscribe("slipway.sandboxes.*.files")
+        .await
+        .unwrap();
+    preview.flush().await.unwrap();
+    assert!(errors.try_recv().is_err(), "{:?}", errors.try_recv());
+
+    let (billing, mut errors) =
+        connect_as(&server, &keys, Principal::Service(Service::Billing)).await;
+    let bjs = async_nats::jetstream::new(billing.clone());
+    let billed = bjs.get_stream_no_info("BILLED").await.unwrap();
+    let none = billed
+        .direct_get_last_for_subject("slipway.billed.u1")
+        .await;
+    assert_eq!(
+        none.unwrap_err().kind(),
+        async_nats::jetstream::stream::DirectGetErrorKind::NotFound
+    );
+    let publish = async_nats::jetstream::message::PublishMessage::build()
+        .payload("x".into())
+        .expected_last_subject_sequence(0);
+    let ack = bjs
+        .send_publish("slipway.billed.u1", publish)
+        .await
+        .unwrap()
+        .await
+        .expect("billing publishes BILLED with an expected subject sequence");
+    let last = billed
+        .direct_get_last_for_subject("slipway.billed.u1")
+        .await
+        .expect("billing reads a user's last BILLED message");
+    assert_eq!(last.sequence, ack.sequence);
+    billing.flush().await.unwrap();
+    assert!(errors.try_recv().is_err(), "{:?}", errors.try_recv());
+}
