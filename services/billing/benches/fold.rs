@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use slipway_common::config::{Settings, Sources};
 use slipway_common::rpc::message_headers;
 use slipway_proto::codec::{ContentType, encode};
 use slipway_proto::meters::CATALOGUE;
@@ -103,20 +102,10 @@ async fn main() {
     ];
     // Billing's own settings pass through (batch sizes, for example).
     env.extend(std::env::vars().filter(|(k, _)| k.starts_with("SLIPWAY__BILLING__")));
-    let settings = Settings::load(&Sources {
-        env: env.iter().cloned().collect(),
-        ..Default::default()
-    })
-    .unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (_, client) = slipway_test_support::set_up_topology(&nats.url(), &env)
+        .await
+        .unwrap();
     let js = jetstream::new(client.clone());
-    slipway_common::setup::apply(
-        &js,
-        &slipway_common::topology::Topology::new(&settings.setup),
-        slipway_common::setup::Mode::CreateMissing,
-    )
-    .await
-    .unwrap();
 
     let t = Instant::now();
     publish_all(

@@ -14,7 +14,7 @@ pub mod streams;
 pub use nats::NatsServer;
 pub use process::{FailpointRun, RunningProcess};
 pub use sandboxd::Sandboxd;
-pub use spawn::{Spawn, Spawned};
+pub use spawn::{Spawn, Spawned, set_up_topology};
 
 /// A binary of another crate of the workspace, built next to the running test (nextest and
 /// `cargo test --workspace` build every binary before running tests).

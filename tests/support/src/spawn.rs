@@ -112,14 +112,7 @@ impl Spawn {
             ));
         }
         env.extend(self.env.iter().cloned());
-        let settings = load(&env)?;
-        let client = async_nats::connect(url.as_str()).await?;
-        slipway_common::setup::apply(
-            &async_nats::jetstream::new(client),
-            &slipway_common::topology::Topology::new(&settings.setup),
-            slipway_common::setup::Mode::CreateMissing,
-        )
-        .await?;
+        set_up_topology(&url, &env).await?;
         Ok((nats, url, sandboxd, dir, env))
     }
 
@@ -197,6 +190,24 @@ impl Spawn {
         spawned.ready().await?;
         Ok(spawned)
     }
+}
+
+/// Sets up the topology of `env`'s settings on the nats-server at `url`, as a service's start
+/// expects it (for tests and benchmarks that drive the streams themselves too). Answers the
+/// settings and a client of that server.
+pub async fn set_up_topology(
+    url: &str,
+    env: &[(String, String)],
+) -> Result<(Settings, async_nats::Client)> {
+    let settings = load(env)?;
+    let client = async_nats::connect(url).await?;
+    slipway_common::setup::apply(
+        &async_nats::jetstream::new(client.clone()),
+        &slipway_common::topology::Topology::new(&settings.setup),
+        slipway_common::setup::Mode::CreateMissing,
+    )
+    .await?;
+    Ok((settings, client))
 }
 
 fn load(env: &[(String, String)]) -> Result<Settings> {

@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use futures::StreamExt;
-use slipway_common::config::{Settings, Sources};
 use slipway_proto::v1::BilledUsage;
 use slipway_test_support::NatsServer;
 
@@ -43,20 +42,10 @@ impl Bus {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         env.push(("SLIPWAY__NATS__URL".into(), nats.url()));
-        let settings = Settings::load(&Sources {
-            env: env.iter().cloned().collect(),
-            ..Default::default()
-        })
-        .unwrap();
-        let client = async_nats::connect(nats.url()).await.unwrap();
+        let (_, client) = slipway_test_support::set_up_topology(&nats.url(), &env)
+            .await
+            .unwrap();
         let js = jetstream::new(client.clone());
-        slipway_common::setup::apply(
-            &js,
-            &slipway_common::topology::Topology::new(&settings.setup),
-            slipway_common::setup::Mode::CreateMissing,
-        )
-        .await
-        .unwrap();
         Self {
             nats,
             client,

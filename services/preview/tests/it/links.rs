@@ -109,15 +109,7 @@ async fn an_expired_link_is_refused_and_share_expired_is_published_once_by_two_r
     assert_eq!(sys.status(&long.url).await.0, 200);
     // Several sweeps of both replicas later, still one event.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let expired: Vec<String> = sys
-        .events("run_expiry")
-        .await
-        .into_iter()
-        .filter_map(|e| match e.payload {
-            Some(Payload::ShareExpired(x)) => Some(x.share_id),
-            _ => None,
-        })
-        .collect();
+    let expired = sys.expired_shares("run_expiry").await;
     assert_eq!(expired, vec![short.share_id.clone()]);
     let listed: ListShareLinksReply = sys
         .call(

@@ -202,6 +202,18 @@ impl System {
             .collect()
     }
 
+    /// The links `share_expired` was published for, in order.
+    pub async fn expired_shares(&self, run: &str) -> Vec<String> {
+        self.events(run)
+            .await
+            .into_iter()
+            .filter_map(|e| match e.payload {
+                Some(Payload::ShareExpired(x)) => Some(x.share_id),
+                _ => None,
+            })
+            .collect()
+    }
+
     pub async fn count(&self, run: &str, kind: fn(&Payload) -> bool) -> usize {
         self.events(run)
             .await

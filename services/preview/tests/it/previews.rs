@@ -234,8 +234,6 @@ async fn killed_during_open_and_retried_gives_one_preview() {
 /// restarted sweeper adds no second one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_while_making_a_link_or_announcing_its_expiry_leaves_one_link_and_one_event() {
-    use slipway_proto::v1::run_event::Payload;
-
     let sys = System::start(0, &[]).await;
     let sb = sys.app("run_lcrash", "main").await;
     let rpc = short(&sys);
@@ -334,14 +332,6 @@ async fn killed_while_making_a_link_or_announcing_its_expiry_leaves_one_link_and
     tokio::time::sleep(Duration::from_millis(1000)).await;
     replica.terminate().unwrap();
     let _ = replica.wait(Duration::from_secs(30));
-    let expired: Vec<String> = sys
-        .events("run_lcrash")
-        .await
-        .into_iter()
-        .filter_map(|e| match e.payload {
-            Some(Payload::ShareExpired(x)) => Some(x.share_id),
-            _ => None,
-        })
-        .collect();
+    let expired = sys.expired_shares("run_lcrash").await;
     assert_eq!(expired, vec![c.share_id]);
 }
