@@ -50,10 +50,22 @@ pub struct Folder {
     pub(crate) metrics: BillingMetrics,
 }
 
-/// Why a batch stopped: the partition is someone else's, or a store failed. Either way the batch
-/// is dropped unacknowledged and comes back.
-fn fenced(what: impl std::fmt::Display) -> Fenced {
-    Fenced(what.to_string())
+/// Why a batch stopped.
+enum Stop {
+    /// Another holder wrote first: the batch is dropped unacknowledged and the partition
+    /// released (the kit's `Fenced`).
+    Fenced(String),
+    /// A store or stream failed: the batch comes back after a pause, and the partition stays
+    /// here. Everything done so far is completed or taken over by the next attempt.
+    Failed(String),
+}
+
+fn fenced(what: impl std::fmt::Display) -> Stop {
+    Stop::Fenced(what.to_string())
+}
+
+fn failed(what: impl std::fmt::Display) -> Stop {
+    Stop::Failed(what.to_string())
 }
 
 /// The dedupe key of an event: 128 bits of SHA-256 of (`source`, `id`), in hex.
@@ -70,17 +82,17 @@ pub fn dedupe_key(source: &str, id: &str) -> String {
 
 /// A stored sum (empty is zero) plus `b`. A sum that cannot be read or grows past `i128`
 /// stops the batch: it is never taken for zero.
-fn add(a: &str, b: Decimal) -> Result<Decimal, Fenced> {
+fn add(a: &str, b: Decimal) -> Result<Decimal, Stop> {
     let a = if a.is_empty() {
         Decimal::ZERO
     } else {
-        Decimal::parse_sum(a).map_err(|e| fenced(format!("a stored sum: {e}")))?
+        Decimal::parse_sum(a).map_err(|e| failed(format!("a stored sum: {e}")))?
     };
     a.checked_add(b)
-        .ok_or_else(|| fenced("a sum past the 128-bit bound"))
+        .ok_or_else(|| failed("a sum past the 128-bit bound"))
 }
 
-fn stored(s: &str) -> Result<Decimal, Fenced> {
+fn stored(s: &str) -> Result<Decimal, Stop> {
     add(s, Decimal::ZERO)
 }
 
@@ -108,6 +120,25 @@ struct Accepted {
 impl Folder {
     /// Folds one batch of partition `part` (in stream order).
     pub async fn fold(&self, part: PartitionId, items: Vec<Item<UsageEvent>>) -> BatchOutcome {
+        let n = items.len();
+        match self.fold_batch(part, items).await {
+            Ok(outcomes) => Ok(outcomes),
+            Err(Stop::Fenced(why)) => Err(Fenced(why)),
+            Err(Stop::Failed(why)) => {
+                tracing::warn!(partition = %part, %why, "a batch failed; it comes back");
+                Ok(vec![
+                    Err(HandlerError::retry(Duration::from_secs(1), why));
+                    n
+                ])
+            }
+        }
+    }
+
+    async fn fold_batch(
+        &self,
+        part: PartitionId,
+        items: Vec<Item<UsageEvent>>,
+    ) -> Result<Vec<Result<(), HandlerError>>, Stop> {
         let started = Instant::now();
         let name = part.to_string();
         let key = format!("cp.{}.{}", part.count, part.index);
@@ -190,8 +221,8 @@ impl Folder {
                     .aggregates
                     .get(&agg_key(&user, &p))
                     .await
-                    .map_err(fenced)?;
-                Ok::<_, Fenced>(agg.is_some_and(|(a, _)| a.closed).then_some((user, p)))
+                    .map_err(failed)?;
+                Ok::<_, Stop>(agg.is_some_and(|(a, _)| a.closed).then_some((user, p)))
             })
             .buffer_unordered(AT_ONCE)
             .try_collect::<Vec<_>>()
@@ -216,7 +247,7 @@ impl Folder {
             .billed
             .floors(&name, number, users.into_iter().collect())
             .await
-            .map_err(fenced)?;
+            .map_err(failed)?;
 
         // 3. The checkpoint, written first.
         let first_sequence = items.first().map_or(0, |i| i.delivery.stream_sequence);
@@ -267,7 +298,7 @@ impl Folder {
                 self.metrics.fence_conflict();
                 return Err(fenced(format!("{key} was written by another holder")));
             }
-            Err(e) => return Err(fenced(e)),
+            Err(e) => return Err(failed(e)),
         };
         failpoint::hit("billing.after_checkpoint");
 
@@ -282,8 +313,8 @@ impl Folder {
 
     /// Completes the partition's last checkpoint if an earlier holder left it unfinished;
     /// answers its number and the record's revision (0 and 0 when there is none).
-    async fn complete(&self, key: &str, name: &str) -> Result<(u64, u64), Fenced> {
-        let Some((cp, revision)) = self.checkpoints.get(key).await.map_err(fenced)? else {
+    async fn complete(&self, key: &str, name: &str) -> Result<(u64, u64), Stop> {
+        let Some((cp, revision)) = self.checkpoints.get(key).await.map_err(failed)? else {
             return Ok((0, 0));
         };
         if cp.partition != name {
@@ -304,7 +335,7 @@ impl Folder {
         mut cp: FoldCheckpoint,
         mut revision: u64,
         recovering: bool,
-    ) -> Result<u64, Fenced> {
+    ) -> Result<u64, Stop> {
         if cp.state == CheckpointState::Written as i32 {
             self.apply(&cp).await?;
             cp.state = CheckpointState::Applied.into();
@@ -318,20 +349,20 @@ impl Folder {
                 tracing::error!(%subject, expected, partition = %cp.partition, "a second writer on BILLED: the partition stops here");
                 return Err(fenced(format!("a second writer on {subject}")));
             }
-            Err(e) => return Err(fenced(e)),
+            Err(e) => return Err(failed(e)),
         }
         cp.state = CheckpointState::Published.into();
         self.mark(key, &cp, revision).await
     }
 
-    async fn mark(&self, key: &str, cp: &FoldCheckpoint, revision: u64) -> Result<u64, Fenced> {
+    async fn mark(&self, key: &str, cp: &FoldCheckpoint, revision: u64) -> Result<u64, Stop> {
         match self.checkpoints.update(key, cp, revision).await {
             Ok(r) => Ok(r),
             Err(RecordError::Conflict { .. }) => {
                 self.metrics.fence_conflict();
                 Err(fenced(format!("{key} changed under this holder")))
             }
-            Err(e) => Err(fenced(e)),
+            Err(e) => Err(failed(e)),
         }
     }
 
@@ -343,7 +374,7 @@ impl Folder {
         number: u64,
         nonce: &str,
         usage_sequence: u64,
-    ) -> Result<Claim, Fenced> {
+    ) -> Result<Claim, Stop> {
         let claim = DedupeClaim {
             partition: name.to_string(),
             checkpoint: number,
@@ -355,9 +386,9 @@ impl Folder {
             match self.dedupe.create(key, &claim).await {
                 Ok(_) => return Ok(Claim::Ours),
                 Err(RecordError::Exists { .. }) => {}
-                Err(e) => return Err(fenced(e)),
+                Err(e) => return Err(failed(e)),
             }
-            let Some((seen, revision)) = self.dedupe.get(key).await.map_err(fenced)? else {
+            let Some((seen, revision)) = self.dedupe.get(key).await.map_err(failed)? else {
                 continue;
             };
             if seen.committed {
@@ -370,10 +401,10 @@ impl Folder {
             match self.dedupe.update(key, &claim, revision).await {
                 Ok(_) => return Ok(Claim::Ours),
                 Err(RecordError::Conflict { .. }) => continue,
-                Err(e) => return Err(fenced(e)),
+                Err(e) => return Err(failed(e)),
             }
         }
-        Err(fenced(format!("dedupe entry {key} kept changing")))
+        Err(failed(format!("dedupe entry {key} kept changing")))
     }
 
     /// Prices an accepted event and places it in its period: its own, or `open` as an
@@ -420,7 +451,7 @@ impl Folder {
 
     /// Step 4: the deltas into the aggregates (each record skips a checkpoint it applied) and
     /// the claims confirmed.
-    async fn apply(&self, cp: &FoldCheckpoint) -> Result<(), Fenced> {
+    async fn apply(&self, cp: &FoldCheckpoint) -> Result<(), Stop> {
         let mut by_record: BTreeMap<String, Vec<AggregateDelta>> = BTreeMap::new();
         for d in &cp.deltas {
             by_record
@@ -447,7 +478,7 @@ impl Folder {
                     .put(&key, slipway_common::records::encode(&claim))
                     .await
                     .map(|_| ())
-                    .map_err(fenced)
+                    .map_err(failed)
             })
             .buffer_unordered(AT_ONCE)
             .try_collect::<Vec<()>>()
@@ -460,9 +491,9 @@ impl Folder {
         key: String,
         deltas: Vec<AggregateDelta>,
         cp: &FoldCheckpoint,
-    ) -> Result<(), Fenced> {
+    ) -> Result<(), Stop> {
         for _ in 0..16 {
-            let found = self.aggregates.get(&key).await.map_err(fenced)?;
+            let found = self.aggregates.get(&key).await.map_err(failed)?;
             let (mut agg, revision) = match found {
                 Some(x) => x,
                 None => (
@@ -502,10 +533,10 @@ impl Folder {
             match written {
                 Ok(_) => return Ok(()),
                 Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
-                Err(e) => return Err(fenced(e)),
+                Err(e) => return Err(failed(e)),
             }
         }
-        Err(fenced(format!("{key} kept changing")))
+        Err(failed(format!("{key} kept changing")))
     }
 }
 
@@ -534,7 +565,7 @@ fn checkpoint(
     last_sequence: u64,
     accepted: &[Accepted],
     floors: &std::collections::HashMap<String, u64>,
-) -> Result<FoldCheckpoint, Fenced> {
+) -> Result<FoldCheckpoint, Stop> {
     let mut deltas: BTreeMap<(String, String, String), AggregateDelta> = BTreeMap::new();
     let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
     for a in accepted {

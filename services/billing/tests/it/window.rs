@@ -44,3 +44,31 @@ async fn a_duplicate_after_the_duplicate_window_and_a_restart_is_counted_once() 
     assert_eq!(billed.len(), 1);
     assert_eq!(billed[0].event.as_ref().unwrap().time, e.time, "first wins");
 }
+
+/// A store that fails (the dedupe bucket gone) is not a conflict: the batches come back, nothing
+/// is billed, refused or dead-lettered meanwhile, and once the bucket is back every event is
+/// billed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_store_holds_the_batches_back_until_it_returns() {
+    let bus = Bus::start(&[]).await;
+    let plan = generator::plan(400, 10, 11);
+    let _billing = bus.billing().await;
+    bus.js
+        .delete_key_value("slipway_billing_dedupe")
+        .await
+        .unwrap();
+    generator::publish(&bus.js, &plan.messages).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(bus.count("BILLED").await, 0);
+    assert_eq!(bus.count("DLQ").await, 0);
+    assert!(!bus.idle().await, "the batches are still held back");
+    // The bucket back (as `slipway setup` would make it).
+    slipway_test_support::set_up_topology(&bus.nats.url(), &bus.env)
+        .await
+        .unwrap();
+    bus.settled(plan.accepted, plan.invalid, Duration::from_secs(120))
+        .await;
+    let (sums, _) = crate::totals(&bus.billed().await);
+    assert_eq!(sums, plan.expected);
+    assert_eq!(bus.count("DLQ").await, 0);
+}
