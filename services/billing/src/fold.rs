@@ -5,14 +5,13 @@
 //!
 //! 0. the partition's last checkpoint is completed first (applied, published) if it is not;
 //! 1. each event is checked, and the invalid are refused (to `USAGE_REJECTED`, by the worker);
-//! 2. each valid event claims its dedupe entry (the hash of `source` and `id`): first wins,
-//!    whatever its time or `Nats-Msg-Id`; an unconfirmed claim of this partition is from an
-//!    attempt that died before its checkpoint, and is taken over;
+//! 2. each valid event claims its dedupe entry (`claims`): first wins, whatever its time or
+//!    `Nats-Msg-Id`;
 //! 3. the checkpoint (`cp.<P>.<p>`) is written at the revision read: the accepted events, the
 //!    aggregate deltas and every user's `BILLED` messages. A failed write means another holder
 //!    (`Fenced`);
-//! 4. it is applied: each aggregate record skips a checkpoint it has applied, and the claims are
-//!    confirmed;
+//! 4. it is applied (`aggregates`: each record skips a checkpoint it has applied), and its
+//!    claims are confirmed;
 //! 5. its `BILLED` messages are published (see `billed`);
 //! 6. it is marked published, and the batch is acknowledged.
 
@@ -20,7 +19,6 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use sha2::{Digest, Sha256};
 use slipway_common::failpoint;
 use slipway_common::partition::{BatchOutcome, Fenced, PartitionId};
 use slipway_common::records::{RecordError, Records};
@@ -28,14 +26,16 @@ use slipway_common::service::now;
 use slipway_common::worker::{HandlerError, Item};
 use slipway_proto::v1::*;
 
+use crate::aggregates::agg_key;
 use crate::billed::{BilledError, BilledPublisher};
+use crate::claims::{Claim, dedupe_key};
 use crate::decimal::Decimal;
 use crate::metrics::BillingMetrics;
 use crate::prices::{Prices, day, period};
 use crate::validate::{self, Window};
 
 /// Store operations in flight at once.
-const AT_ONCE: usize = 256;
+pub(crate) const AT_ONCE: usize = 256;
 
 pub struct Folder {
     pub(crate) checkpoints: Records<FoldCheckpoint>,
@@ -51,7 +51,7 @@ pub struct Folder {
 }
 
 /// Why a batch stopped.
-enum Stop {
+pub(crate) enum Stop {
     /// Another holder wrote first: the batch is dropped unacknowledged and the partition
     /// released (the kit's `Fenced`).
     Fenced(String),
@@ -60,29 +60,17 @@ enum Stop {
     Failed(String),
 }
 
-fn fenced(what: impl std::fmt::Display) -> Stop {
+pub(crate) fn fenced(what: impl std::fmt::Display) -> Stop {
     Stop::Fenced(what.to_string())
 }
 
-fn failed(what: impl std::fmt::Display) -> Stop {
+pub(crate) fn failed(what: impl std::fmt::Display) -> Stop {
     Stop::Failed(what.to_string())
-}
-
-/// The dedupe key of an event: 128 bits of SHA-256 of (`source`, `id`), in hex.
-pub fn dedupe_key(source: &str, id: &str) -> String {
-    let mut h = Sha256::new();
-    h.update(source.as_bytes());
-    h.update([0u8]);
-    h.update(id.as_bytes());
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A stored sum (empty is zero) plus `b`. A sum that cannot be read or grows past `i128`
 /// stops the batch: it is never taken for zero.
-fn add(a: &str, b: Decimal) -> Result<Decimal, Stop> {
+pub(crate) fn add(a: &str, b: Decimal) -> Result<Decimal, Stop> {
     let a = if a.is_empty() {
         Decimal::ZERO
     } else {
@@ -92,18 +80,8 @@ fn add(a: &str, b: Decimal) -> Result<Decimal, Stop> {
         .ok_or_else(|| failed("a sum past the 128-bit bound"))
 }
 
-fn stored(s: &str) -> Result<Decimal, Stop> {
+pub(crate) fn stored(s: &str) -> Result<Decimal, Stop> {
     add(s, Decimal::ZERO)
-}
-
-/// What a claim found.
-enum Claim {
-    /// The event is this attempt's to count.
-    Ours,
-    /// It was counted before (a confirmed claim).
-    Duplicate,
-    /// Another partition's unconfirmed claim: not decided yet.
-    Busy,
 }
 
 /// An accepted event on its way into a checkpoint.
@@ -338,6 +316,7 @@ impl Folder {
     ) -> Result<u64, Stop> {
         if cp.state == CheckpointState::Written as i32 {
             self.apply(&cp).await?;
+            self.confirm(&cp).await?;
             cp.state = CheckpointState::Applied.into();
             revision = self.mark(key, &cp, revision).await?;
             failpoint::hit("billing.after_apply");
@@ -364,47 +343,6 @@ impl Folder {
             }
             Err(e) => Err(failed(e)),
         }
-    }
-
-    /// Claims an event's dedupe entry for checkpoint `number`; `false` when it is a duplicate.
-    async fn claim(
-        &self,
-        key: &str,
-        name: &str,
-        number: u64,
-        nonce: &str,
-        usage_sequence: u64,
-    ) -> Result<Claim, Stop> {
-        let claim = DedupeClaim {
-            partition: name.to_string(),
-            checkpoint: number,
-            nonce: nonce.to_string(),
-            committed: false,
-            usage_sequence,
-        };
-        for _ in 0..8 {
-            match self.dedupe.create(key, &claim).await {
-                Ok(_) => return Ok(Claim::Ours),
-                Err(RecordError::Exists { .. }) => {}
-                Err(e) => return Err(failed(e)),
-            }
-            let Some((seen, revision)) = self.dedupe.get(key).await.map_err(failed)? else {
-                continue;
-            };
-            if seen.committed {
-                return Ok(Claim::Duplicate);
-            }
-            if seen.partition != name {
-                return Ok(Claim::Busy);
-            }
-            // Claimed by an attempt of this partition that never wrote its checkpoint.
-            match self.dedupe.update(key, &claim, revision).await {
-                Ok(_) => return Ok(Claim::Ours),
-                Err(RecordError::Conflict { .. }) => continue,
-                Err(e) => return Err(failed(e)),
-            }
-        }
-        Err(failed(format!("dedupe entry {key} kept changing")))
     }
 
     /// Prices an accepted event and places it in its period: its own, or `open` as an
@@ -447,113 +385,6 @@ impl Folder {
             amount: priced.map(|(_, a)| a),
             billed,
         }
-    }
-
-    /// Step 4: the deltas into the aggregates (each record skips a checkpoint it applied) and
-    /// the claims confirmed.
-    async fn apply(&self, cp: &FoldCheckpoint) -> Result<(), Stop> {
-        let mut by_record: BTreeMap<String, Vec<AggregateDelta>> = BTreeMap::new();
-        for d in &cp.deltas {
-            by_record
-                .entry(day_key(&d.user_token, &d.period, &d.row))
-                .or_default()
-                .push(d.clone());
-        }
-        futures::stream::iter(by_record)
-            .map(|(key, deltas)| self.apply_one(key, deltas, cp))
-            .buffer_unordered(AT_ONCE)
-            .try_collect::<Vec<()>>()
-            .await?;
-        futures::stream::iter(cp.accepted.clone())
-            .map(|key| async move {
-                let claim = DedupeClaim {
-                    partition: cp.partition.clone(),
-                    checkpoint: cp.number,
-                    nonce: cp.nonce.clone(),
-                    committed: true,
-                    usage_sequence: 0,
-                };
-                self.dedupe
-                    .store()
-                    .put(&key, slipway_common::records::encode(&claim))
-                    .await
-                    .map(|_| ())
-                    .map_err(failed)
-            })
-            .buffer_unordered(AT_ONCE)
-            .try_collect::<Vec<()>>()
-            .await?;
-        Ok(())
-    }
-
-    async fn apply_one(
-        &self,
-        key: String,
-        deltas: Vec<AggregateDelta>,
-        cp: &FoldCheckpoint,
-    ) -> Result<(), Stop> {
-        for _ in 0..16 {
-            let found = self.aggregates.get(&key).await.map_err(failed)?;
-            let (mut agg, revision) = match found {
-                Some(x) => x,
-                None => (
-                    UsageAggregate {
-                        user_id: deltas
-                            .first()
-                            .map(|d| d.user_id.clone())
-                            .unwrap_or_default(),
-                        period: deltas.first().map(|d| d.period.clone()).unwrap_or_default(),
-                        currency: self.prices.currency.clone(),
-                        ..Default::default()
-                    },
-                    0,
-                ),
-            };
-            if agg
-                .applied
-                .get(&cp.partition)
-                .is_some_and(|n| *n >= cp.number)
-            {
-                return Ok(());
-            }
-            for d in &deltas {
-                let row = agg.rows.entry(d.row.clone()).or_default();
-                row.quantity = add(&row.quantity, stored(&d.quantity)?)?.to_string();
-                if !d.amount.is_empty() {
-                    row.amount = add(&row.amount, stored(&d.amount)?)?.to_string();
-                }
-                row.events += d.events;
-            }
-            agg.applied.insert(cp.partition.clone(), cp.number);
-            let written = if revision == 0 {
-                self.aggregates.create(&key, &agg).await
-            } else {
-                self.aggregates.update(&key, &agg, revision).await
-            };
-            match written {
-                Ok(_) => return Ok(()),
-                Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
-                Err(e) => return Err(failed(e)),
-            }
-        }
-        Err(failed(format!("{key} kept changing")))
-    }
-}
-
-/// A user's period record, `agg.<user>.<YYYY-MM>`: whether the period is closed (Billing 2/2
-/// writes it when it closes the period).
-pub fn agg_key(user_token: &str, period: &str) -> String {
-    format!("agg.{user_token}.{period}")
-}
-
-/// Where a row's usage is kept: one record per user and day of the period,
-/// `agg.<user>.<YYYY-MM>.<DD>`, so a batch rewrites a day's rows, not a month's; adjustments
-/// (rows of another month billed in this one) in `agg.<user>.<YYYY-MM>.adj`.
-pub fn day_key(user_token: &str, period: &str, row: &str) -> String {
-    let day = row.split('|').next().unwrap_or_default();
-    match day.strip_prefix(period).and_then(|d| d.strip_prefix('-')) {
-        Some(dd) => format!("agg.{user_token}.{period}.{dd}"),
-        None => format!("agg.{user_token}.{period}.adj"),
     }
 }
 

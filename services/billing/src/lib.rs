@@ -8,7 +8,9 @@
 //! step is completed by the partition's next holder. See `docs/billing.md`.
 #![forbid(unsafe_code)]
 
+pub mod aggregates;
 pub mod billed;
+pub mod claims;
 pub mod decimal;
 pub mod fold;
 pub mod metrics;
