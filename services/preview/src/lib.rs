@@ -11,6 +11,7 @@
 
 pub mod browser;
 pub mod changes;
+pub mod close;
 pub mod ids;
 pub mod index;
 pub mod metrics;
