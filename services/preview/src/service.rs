@@ -1,5 +1,5 @@
-//! The preview service's state and its preview operations: `open`, `token` and `close` (share
-//! links are in `shares`, tickets in `tickets`). Every record is written before the platform call it
+//! The preview service's state and its preview operations `open` and `token` (closing is in
+//! `close`, share links in `shares`, tickets in `tickets`). Every record is written before the platform call it
 //! stands for, and every platform call carries a key derived from the record, so a crash at any
 //! point is resumed by the caller's retry without a second preview or link.
 
