@@ -48,6 +48,8 @@ pub struct Folder {
     /// Largest checkpoint record written; a batch that would make a larger one is cut.
     pub(crate) max_checkpoint_bytes: usize,
     pub(crate) metrics: BillingMetrics,
+    /// Aggregate records as this replica last wrote them, with their revisions (`aggregates`).
+    pub(crate) written: crate::aggregates::Written,
 }
 
 /// Why a batch stopped.

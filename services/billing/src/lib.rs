@@ -52,6 +52,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
         // One KV value, with room for the record's envelope.
         max_checkpoint_bytes: app.settings.setup.max_message_bytes as usize * 9 / 10,
         metrics: metrics::BillingMetrics::register(app.health.metrics()),
+        written: aggregates::Written::default(),
     });
     // The service is registered first: live replicas are counted through it, and partitions
     // are balanced over them.
