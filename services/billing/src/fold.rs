@@ -232,15 +232,18 @@ impl Folder {
         // 3. The checkpoint, written first.
         let first_sequence = items.first().map_or(0, |i| i.delivery.stream_sequence);
         let last_sequence = items.last().map_or(0, |i| i.delivery.stream_sequence);
-        let mut cp = checkpoint(
-            &name,
-            number,
-            &nonce,
-            first_sequence,
-            last_sequence,
-            &accepted,
-            &floors,
-        )?;
+        let build = |accepted: &[Accepted]| {
+            checkpoint(
+                &name,
+                number,
+                &nonce,
+                first_sequence,
+                last_sequence,
+                accepted,
+                &floors,
+            )
+        };
+        let mut cp = build(&accepted)?;
         // A batch whose record would not fit in one KV value is cut: the rest comes back.
         while prost::Message::encoded_len(&cp) > self.max_checkpoint_bytes && accepted.len() > 1 {
             let keep = accepted.len() / 2;
@@ -257,15 +260,7 @@ impl Folder {
                     ));
                 }
             }
-            cp = checkpoint(
-                &name,
-                number,
-                &nonce,
-                first_sequence,
-                last_sequence,
-                &accepted,
-                &floors,
-            )?;
+            cp = build(&accepted)?;
         }
         let written = if revision == 0 {
             self.checkpoints.create(&key, &cp).await

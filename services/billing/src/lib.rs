@@ -30,16 +30,8 @@ use slipway_common::{App, Service};
 /// Registers the service on NATS and runs its folders until shutdown.
 pub async fn serve(app: App) -> anyhow::Result<()> {
     let s = &app.settings.billing;
-    let bucket = |name: &'static str| {
-        let js = app.jetstream.clone();
-        async move {
-            js.get_key_value(name)
-                .await
-                .map_err(|e| anyhow::anyhow!("the `{name}` bucket: {e}"))
-        }
-    };
-    let store = bucket(buckets::BILLING).await?;
-    let dedupe = bucket(buckets::BILLING_DEDUPE).await?;
+    let store = app.bucket(buckets::BILLING).await?;
+    let dedupe = app.bucket(buckets::BILLING_DEDUPE).await?;
     let prices = prices::Prices::new(&s.currency, &s.prices).map_err(|e| anyhow::anyhow!(e))?;
     let folder = Arc::new(fold::Folder {
         checkpoints: Records::new(store.clone()),

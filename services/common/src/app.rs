@@ -104,6 +104,15 @@ impl App {
         Ok(host)
     }
 
+    /// A KV bucket of the topology (setup made it; readiness verifies it), named in the error
+    /// when it cannot be opened.
+    pub async fn bucket(&self, name: &str) -> anyhow::Result<async_nats::jetstream::kv::Store> {
+        self.jetstream
+            .get_key_value(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("the `{name}` bucket: {e}"))
+    }
+
     /// What a durable-consumer worker of this service shares: its JetStream, shutdown and
     /// metrics.
     pub fn worker_context(&self) -> crate::worker::WorkerContext {

@@ -21,11 +21,7 @@ use slipway_common::worker::WorkerSpec;
 
 /// Registers the service on NATS and runs it until shutdown.
 pub async fn serve(app: App) -> anyhow::Result<()> {
-    let store = app
-        .jetstream
-        .get_key_value(buckets::DEPLOYMENTS)
-        .await
-        .map_err(|e| anyhow::anyhow!("the `{}` bucket: {e}", buckets::DEPLOYMENTS))?;
+    let store = app.bucket(buckets::DEPLOYMENTS).await?;
     let deployer = Arc::new(service::Deployer::new(&app, store)?);
     let host = app
         .service_host("Slipway deployer: immutable production deployments, versions, rollback")

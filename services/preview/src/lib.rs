@@ -31,11 +31,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let metrics = metrics::PreviewMetrics::register(app.health.metrics());
     let index = Arc::new(index::Index::new(metrics.clone()));
     let preview = Arc::new(service::Preview::new(&app, index.clone(), metrics).await?);
-    let leases_store = app
-        .jetstream
-        .get_key_value(buckets::LEASES)
-        .await
-        .map_err(|e| anyhow::anyhow!("the `{}` bucket: {e}", buckets::LEASES))?;
+    let leases_store = app.bucket(buckets::LEASES).await?;
     let holder = format!(
         "preview-{}-{:08x}",
         std::process::id(),

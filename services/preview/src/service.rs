@@ -89,17 +89,9 @@ impl Preview {
         index: Arc<Index>,
         metrics: PreviewMetrics,
     ) -> anyhow::Result<Self> {
-        let bucket = |name: &'static str| {
-            let js = app.jetstream.clone();
-            async move {
-                js.get_key_value(name)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("the `{name}` bucket: {e}"))
-            }
-        };
-        let previews = bucket(buckets::PREVIEWS).await?;
-        let shares = bucket(buckets::SHARES).await?;
-        let tickets = bucket(buckets::TICKETS).await?;
+        let previews = app.bucket(buckets::PREVIEWS).await?;
+        let shares = app.bucket(buckets::SHARES).await?;
+        let tickets = app.bucket(buckets::TICKETS).await?;
         Ok(Self {
             rpc: app.rpc.clone(),
             jetstream: app.jetstream.clone(),
