@@ -119,6 +119,36 @@ impl<R: Record> Records<R> {
             })
     }
 
+    /// Reads the record, lets `change` edit it (answering whether there is anything to write),
+    /// and writes it at the revision read; when another writer got there first, reads again and
+    /// repeats. Answers the record as it stands after (`None` when there is none). The fence of
+    /// every racing effect: what `change` decides, it decides on the current record.
+    pub async fn modify(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&mut R) -> bool,
+    ) -> Result<Option<R>, RecordError> {
+        let mut revision = 0;
+        for _ in 0..16 {
+            let Some((mut record, read)) = self.get(key).await? else {
+                return Ok(None);
+            };
+            revision = read;
+            if !change(&mut record) {
+                return Ok(Some(record));
+            }
+            match self.update(key, &record, read).await {
+                Ok(_) => return Ok(Some(record)),
+                Err(RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(RecordError::Conflict {
+            key: key.to_string(),
+            revision,
+        })
+    }
+
     /// Replaces the record read at `revision`; fails with `Conflict` if it changed since.
     pub async fn update(&self, key: &str, record: &R, revision: u64) -> Result<u64, RecordError> {
         self.store

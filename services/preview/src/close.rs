@@ -7,20 +7,23 @@ use slipway_common::records::RecordError;
 use slipway_proto::v1::*;
 
 use crate::ids::{check_run, pv_key, run_key};
-use crate::service::{Preview, executor, is_not_found, modify, store, upstream};
+use crate::service::{Preview, executor, is_not_found, store, upstream};
 
 impl Preview {
     /// Deletes a preview at the platform and marks it closed; `true` when this call closed it.
     pub(crate) async fn close_preview(&self, record: &PreviewRecord) -> Result<bool, ServiceError> {
         self.delete_platform_preview(record).await?;
-        let changed = modify(&self.previews, &pv_key(&record.preview_id), |r| {
-            if r.state == PreviewState::Closed as i32 {
-                return Ok(false);
-            }
-            r.state = PreviewState::Closed.into();
-            Ok(true)
-        })
-        .await?;
+        let changed = self
+            .previews
+            .modify(&pv_key(&record.preview_id), |r| {
+                if r.state == PreviewState::Closed as i32 {
+                    return false;
+                }
+                r.state = PreviewState::Closed.into();
+                true
+            })
+            .await
+            .map_err(store)?;
         Ok(changed.is_some_and(|_| record.state != PreviewState::Closed as i32))
     }
 
@@ -117,13 +120,16 @@ impl Preview {
         };
         let index = match self.runs.create(&key, &closed_index).await {
             Ok(_) => closed_index,
-            Err(RecordError::Exists { .. }) => modify(&self.runs, &key, |r| {
-                let was = r.closed;
-                r.closed = true;
-                Ok(!was)
-            })
-            .await?
-            .unwrap_or(closed_index),
+            Err(RecordError::Exists { .. }) => self
+                .runs
+                .modify(&key, |r| {
+                    let was = r.closed;
+                    r.closed = true;
+                    !was
+                })
+                .await
+                .map_err(store)?
+                .unwrap_or(closed_index),
             Err(e) => return Err(store(e)),
         };
         let mut reply = ClosePreviewsReply::default();

@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use async_nats::jetstream;
 use slipway_common::config::PreviewSettings;
-use slipway_common::records::{Record, RecordError, Records};
+use slipway_common::records::{RecordError, Records};
 use slipway_common::run_events::{RunEventPublisher, Step};
 use slipway_common::service::now;
 use slipway_common::topology::buckets;
@@ -57,32 +57,6 @@ pub(crate) fn is_not_found(e: &slipway_common::RpcError) -> bool {
         .is_some_and(|s| s.code == ErrorCode::NotFound)
 }
 
-/// Reads a record, lets `change` edit it, and writes it at the revision read; on a conflict
-/// (another writer got there first) reads again and repeats. `change` answers `false` when
-/// there is nothing to write.
-pub(crate) async fn modify<R: Record + Clone>(
-    records: &Records<R>,
-    key: &str,
-    mut change: impl FnMut(&mut R) -> Result<bool, ServiceError>,
-) -> Result<Option<R>, ServiceError> {
-    for _ in 0..16 {
-        let Some((mut record, revision)) = records.get(key).await.map_err(store)? else {
-            return Ok(None);
-        };
-        if !change(&mut record)? {
-            return Ok(Some(record));
-        }
-        match records.update(key, &record, revision).await {
-            Ok(_) => return Ok(Some(record)),
-            Err(RecordError::Conflict { .. }) => continue,
-            Err(e) => return Err(store(e)),
-        }
-    }
-    Err(ServiceError::unavailable(format!(
-        "`{key}` kept changing while written; retry"
-    )))
-}
-
 impl Preview {
     pub async fn new(
         app: &App,
@@ -127,26 +101,33 @@ impl Preview {
             Err(RecordError::Exists { .. }) => {}
             Err(e) => return Err(store(e)),
         }
-        modify(&self.runs, &key, |r| {
-            if r.closed {
-                return Err(closed(run_id));
-            }
-            let mut changed = false;
-            if let Some(p) = preview
-                && !r.preview_ids.iter().any(|x| x == p)
-            {
-                r.preview_ids.push(p.to_string());
-                changed = true;
-            }
-            if let Some(s) = share
-                && !r.share_ids.iter().any(|x| x == s)
-            {
-                r.share_ids.push(s.to_string());
-                changed = true;
-            }
-            Ok(changed)
-        })
-        .await?;
+        let index = self
+            .runs
+            .modify(&key, |r| {
+                if r.closed {
+                    return false;
+                }
+                let mut changed = false;
+                if let Some(p) = preview
+                    && !r.preview_ids.iter().any(|x| x == p)
+                {
+                    r.preview_ids.push(p.to_string());
+                    changed = true;
+                }
+                if let Some(s) = share
+                    && !r.share_ids.iter().any(|x| x == s)
+                {
+                    r.share_ids.push(s.to_string());
+                    changed = true;
+                }
+                changed
+            })
+            .await
+            .map_err(store)?;
+        // Nothing is added to a closed run (the change above wrote nothing then).
+        if index.is_some_and(|r| r.closed) {
+            return Err(closed(run_id));
+        }
         Ok(())
     }
 
@@ -206,15 +187,19 @@ impl Preview {
                         // find them once the record points elsewhere.
                         self.retire(&old).await?;
                         let target = record.clone();
-                        modify(&self.previews, &key, |r| {
-                            if r.sandbox_id == target.sandbox_id {
-                                return Ok(false);
-                            }
-                            *r = target.clone();
-                            Ok(true)
-                        })
-                        .await?
-                        .ok_or_else(|| ServiceError::unavailable("the preview record vanished"))?
+                        self.previews
+                            .modify(&key, |r| {
+                                if r.sandbox_id == target.sandbox_id {
+                                    return false;
+                                }
+                                *r = target.clone();
+                                true
+                            })
+                            .await
+                            .map_err(store)?
+                            .ok_or_else(|| {
+                                ServiceError::unavailable("the preview record vanished")
+                            })?
                     }
                 }
             }
@@ -335,18 +320,21 @@ impl Preview {
             ));
         }
         let sandbox = record.sandbox_id.clone();
-        let updated = modify(&self.previews, key, |r| {
-            if r.sandbox_id != sandbox || r.state != PreviewState::Opening as i32 {
-                return Ok(false);
-            }
-            r.platform_preview_id = platform_id.clone();
-            r.url = platform_url.clone();
-            r.state = PreviewState::Open.into();
-            r.opened_at = Some(now());
-            Ok(true)
-        })
-        .await?
-        .ok_or_else(|| ServiceError::unavailable("the preview record vanished"))?;
+        let updated = self
+            .previews
+            .modify(key, |r| {
+                if r.sandbox_id != sandbox || r.state != PreviewState::Opening as i32 {
+                    return false;
+                }
+                r.platform_preview_id = platform_id.clone();
+                r.url = platform_url.clone();
+                r.state = PreviewState::Open.into();
+                r.opened_at = Some(now());
+                true
+            })
+            .await
+            .map_err(store)?
+            .ok_or_else(|| ServiceError::unavailable("the preview record vanished"))?;
         // `close` may have run between the record and the platform call: it found no platform
         // preview to delete, so this one must not outlive the run.
         if updated.state == PreviewState::Closed as i32 || self.run_closed(&record.run_id).await? {
@@ -424,12 +412,14 @@ impl Preview {
             .await
             .map_err(|e| ServiceError::unavailable(format!("publishing preview_ready: {e}")))?;
         let sandbox = record.sandbox_id.clone();
-        modify(&self.previews, key, |r| {
-            let stale = r.announced || r.sandbox_id != sandbox;
-            r.announced = true;
-            Ok(!stale)
-        })
-        .await?;
+        self.previews
+            .modify(key, |r| {
+                let stale = r.announced || r.sandbox_id != sandbox;
+                r.announced = true;
+                !stale
+            })
+            .await
+            .map_err(store)?;
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use slipway_proto::v1::run_event::Payload;
 use slipway_proto::v1::*;
 
 use crate::ids::{branch_or_main, check_minted, check_run, pv_key, run_key, sh_key, share_id};
-use crate::service::{Preview, executor, is_not_found, modify, store, upstream};
+use crate::service::{Preview, executor, is_not_found, store, upstream};
 
 pub(crate) fn millis(t: Option<pbjson_types::Timestamp>) -> i64 {
     t.map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
@@ -121,13 +121,16 @@ impl Preview {
                 }),
             )
             .await?;
-            record = modify(&self.shares, &key, |r| {
-                let was = r.announced;
-                r.announced = true;
-                Ok(!was)
-            })
-            .await?
-            .unwrap_or(record);
+            record = self
+                .shares
+                .modify(&key, |r| {
+                    let was = r.announced;
+                    r.announced = true;
+                    !was
+                })
+                .await
+                .map_err(store)?
+                .unwrap_or(record);
         }
         Ok(ShareLinkReply {
             share: Some(link(&record)),
@@ -195,21 +198,26 @@ impl Preview {
             .map_err(upstream)?;
         slipway_common::failpoint::hit("preview.share.after_platform");
         let made = made.share.unwrap_or_default();
-        let updated = modify(&self.shares, key, |r| {
-            if !r.platform_share_id.is_empty() {
-                return Ok(false);
-            }
-            r.platform_share_id = made.id.clone();
-            if let Some(s) = r.share.as_mut() {
-                s.url = made.url.clone();
-                if made.expires_at.is_some() {
-                    s.expires_at = made.expires_at;
+        let updated = self
+            .shares
+            .modify(key, |r| {
+                if !r.platform_share_id.is_empty() {
+                    return false;
                 }
-            }
-            Ok(true)
-        })
-        .await?
-        .ok_or_else(|| slipway_common::ServiceError::unavailable("the share record vanished"))?;
+                r.platform_share_id = made.id.clone();
+                if let Some(s) = r.share.as_mut() {
+                    s.url = made.url.clone();
+                    if made.expires_at.is_some() {
+                        s.expires_at = made.expires_at;
+                    }
+                }
+                true
+            })
+            .await
+            .map_err(store)?
+            .ok_or_else(|| {
+                slipway_common::ServiceError::unavailable("the share record vanished")
+            })?;
         // Revoked (or its run closed) while the platform made it: it must not stay open.
         if updated.share.as_ref().is_some_and(|s| s.revoked) {
             self.revoke_at_platform(&updated).await?;
@@ -308,16 +316,19 @@ impl Preview {
         }
         self.revoke_at_platform(&record).await?;
         let mut revoked_now = false;
-        let record = modify(&self.shares, &key, |r| {
-            let Some(s) = r.share.as_mut() else {
-                return Ok(false);
-            };
-            revoked_now = !s.revoked;
-            s.revoked = true;
-            Ok(revoked_now)
-        })
-        .await?
-        .unwrap_or(record);
+        let record = self
+            .shares
+            .modify(&key, |r| {
+                let Some(s) = r.share.as_mut() else {
+                    return false;
+                };
+                revoked_now = !s.revoked;
+                s.revoked = true;
+                revoked_now
+            })
+            .await
+            .map_err(store)?
+            .unwrap_or(record);
         if revoked_now {
             self.publish(
                 &record,

@@ -15,7 +15,7 @@ use slipway_proto::v1::run_event::Payload;
 use slipway_proto::v1::*;
 
 use crate::ids::sh_key;
-use crate::service::{Preview, modify, store};
+use crate::service::{Preview, store};
 use crate::shares::{millis, now_ms};
 
 impl Preview {
@@ -39,12 +39,14 @@ impl Preview {
         )
         .await?;
         slipway_common::failpoint::hit("preview.sweep.after_publish");
-        modify(&self.shares, &key, |r| {
-            let was = r.expiry_announced;
-            r.expiry_announced = true;
-            Ok(!was)
-        })
-        .await?;
+        self.shares
+            .modify(&key, |r| {
+                let was = r.expiry_announced;
+                r.expiry_announced = true;
+                !was
+            })
+            .await
+            .map_err(store)?;
         Ok(true)
     }
 }

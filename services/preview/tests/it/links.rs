@@ -43,32 +43,14 @@ async fn two_links_revoke_one_the_other_still_serves_and_a_retry_is_the_same_lin
     assert_eq!(sys.status(&a.url).await.0, 200);
     assert_eq!(sys.status(&b.url).await.0, 200);
 
-    let revoked: RevokeShareLinkReply = sys
-        .call(
-            "share.revoke",
-            &RevokeShareLinkRequest {
-                run_id: "run_links".into(),
-                share_id: a.share_id.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    let revoked: RevokeShareLinkReply = sys.revoke("run_links", &a.share_id).await.unwrap();
     assert!(revoked.share.unwrap().revoked);
     assert_eq!(sys.status(&a.url).await.0, 403, "the revoked link");
     let (status, body) = sys.status(&b.url).await;
     assert_eq!(status, 200, "the other link");
     assert!(body.contains("VERSION_ONE"));
     // Revoking again answers the link; one `share_revoked`.
-    let _: RevokeShareLinkReply = sys
-        .call(
-            "share.revoke",
-            &RevokeShareLinkRequest {
-                run_id: "run_links".into(),
-                share_id: a.share_id.clone(),
-            },
-        )
-        .await
-        .unwrap();
+    let _: RevokeShareLinkReply = sys.revoke("run_links", &a.share_id).await.unwrap();
     assert_eq!(sys.count("run_links", is_revoked).await, 1);
     assert_eq!(sys.count("run_links", is_created).await, 2);
 

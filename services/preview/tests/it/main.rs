@@ -191,6 +191,27 @@ impl System {
         r.share.unwrap()
     }
 
+    pub async fn close(&self, run: &str) -> ClosePreviewsReply {
+        self.call("close", &ClosePreviewsRequest { run_id: run.into() })
+            .await
+            .unwrap()
+    }
+
+    pub async fn revoke(
+        &self,
+        run: &str,
+        share_id: &str,
+    ) -> Result<RevokeShareLinkReply, RpcError> {
+        self.call(
+            "share.revoke",
+            &RevokeShareLinkRequest {
+                run_id: run.into(),
+                share_id: share_id.into(),
+            },
+        )
+        .await
+    }
+
     /// The run's events in `RUN_EVENTS`, in order (the source of truth).
     pub async fn events(&self, run: &str) -> Vec<RunEvent> {
         let js = async_nats::jetstream::new(self.executor.nats_client.clone());

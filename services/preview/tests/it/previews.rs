@@ -74,15 +74,7 @@ async fn close_refuses_every_link_of_the_run_stops_its_relays_and_is_idempotent(
     assert_eq!(sys.status(&a.url).await.0, 200);
     assert_eq!(sys.status(&b.url).await.0, 200);
 
-    let closed: ClosePreviewsReply = sys
-        .call(
-            "close",
-            &ClosePreviewsRequest {
-                run_id: "run_close".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let closed: ClosePreviewsReply = sys.close("run_close").await;
     assert_eq!(closed.previews_closed, 1);
     assert_eq!(closed.shares_revoked, 2);
     assert_eq!(sys.status(&a.url).await.0, 403);
@@ -110,15 +102,7 @@ async fn close_refuses_every_link_of_the_run_stops_its_relays_and_is_idempotent(
     assert!(heard.is_err(), "a change was relayed after close");
 
     // Again: nothing left to close; nothing new opens.
-    let again: ClosePreviewsReply = sys
-        .call(
-            "close",
-            &ClosePreviewsRequest {
-                run_id: "run_close".into(),
-            },
-        )
-        .await
-        .unwrap();
+    let again: ClosePreviewsReply = sys.close("run_close").await;
     assert_eq!((again.previews_closed, again.shares_revoked), (0, 0));
     let reopened = sys
         .call::<_, OpenPreviewReply>(
