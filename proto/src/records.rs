@@ -63,6 +63,10 @@ impl Record for crate::v1::UsageAggregate {
     const SCHEMA_VERSION: u32 = 1;
 }
 
-impl Record for crate::v1::DedupeClaim {
+impl Record for crate::v1::DedupeIndex {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
+impl Record for crate::v1::DedupeKeys {
     const SCHEMA_VERSION: u32 = 1;
 }

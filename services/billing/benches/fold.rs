@@ -92,6 +92,10 @@ fn rss_peak_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// The allocator the `slipway-billing` binary runs with.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let n = events();
@@ -101,7 +105,11 @@ async fn main() {
         ("SLIPWAY__HEALTH__LISTEN".into(), "127.0.0.1:0".into()),
     ];
     // Billing's own settings pass through (batch sizes, for example).
-    env.extend(std::env::vars().filter(|(k, _)| k.starts_with("SLIPWAY__BILLING__")));
+    env.extend(
+        std::env::vars().filter(|(k, _)| {
+            k.starts_with("SLIPWAY__BILLING__") || k.starts_with("SLIPWAY__SETUP__")
+        }),
+    );
     let (_, client) = slipway_test_support::set_up_topology(&nats.url(), &env)
         .await
         .unwrap();

@@ -7,22 +7,28 @@ use std::collections::BTreeMap;
 
 use futures::{StreamExt, TryStreamExt};
 use slipway_common::records::RecordError;
-use slipway_proto::v1::{AggregateDelta, FoldCheckpoint, UsageAggregate};
+use slipway_proto::v1::{AggregateDelta, UsageAggregate};
 
 use crate::fold::{AT_ONCE, Folder, Stop, add, failed, stored};
 
 impl Folder {
-    /// The checkpoint's deltas into the aggregates (each record skips a checkpoint it applied).
-    pub(crate) async fn apply(&self, cp: &FoldCheckpoint) -> Result<(), Stop> {
+    /// Checkpoint `number` of `partition`'s deltas into the aggregates (each record skips a
+    /// checkpoint it applied).
+    pub(crate) async fn apply(
+        &self,
+        partition: &str,
+        number: u64,
+        deltas: &[AggregateDelta],
+    ) -> Result<(), Stop> {
         let mut by_record: BTreeMap<String, Vec<AggregateDelta>> = BTreeMap::new();
-        for d in &cp.deltas {
+        for d in deltas {
             by_record
                 .entry(day_key(&d.user_token, &d.period, &d.row))
                 .or_default()
                 .push(d.clone());
         }
         futures::stream::iter(by_record)
-            .map(|(key, deltas)| self.apply_one(key, deltas, cp))
+            .map(|(key, deltas)| self.apply_one(key, deltas, partition, number))
             .buffer_unordered(AT_ONCE)
             .try_collect::<Vec<()>>()
             .await?;
@@ -33,7 +39,8 @@ impl Folder {
         &self,
         key: String,
         deltas: Vec<AggregateDelta>,
-        cp: &FoldCheckpoint,
+        partition: &str,
+        number: u64,
     ) -> Result<(), Stop> {
         for attempt in 0..16 {
             // What this replica wrote last is the record as long as its revision holds: the
@@ -62,11 +69,7 @@ impl Folder {
                     0,
                 ),
             };
-            if agg
-                .applied
-                .get(&cp.partition)
-                .is_some_and(|n| *n >= cp.number)
-            {
+            if agg.applied.get(partition).is_some_and(|n| *n >= number) {
                 return Ok(());
             }
             for d in &deltas {
@@ -77,7 +80,7 @@ impl Folder {
                 }
                 row.events += d.events;
             }
-            agg.applied.insert(cp.partition.clone(), cp.number);
+            agg.applied.insert(partition.to_string(), number);
             let written = if revision == 0 {
                 self.aggregates.create(&key, &agg).await
             } else {

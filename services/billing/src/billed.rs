@@ -8,21 +8,31 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use async_nats::header::{
+    NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL, NATS_BATCH_ID, NATS_BATCH_SEQUENCE,
+    NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+};
 use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
 use futures::{StreamExt, TryStreamExt};
 use slipway_common::rpc::{decode_message, message_headers};
 use slipway_common::subjects::{self, streams};
 use slipway_proto::codec::{ContentType, encode};
-use slipway_proto::v1::{BilledUsage, FoldCheckpoint, UserBilled};
+use slipway_proto::v1::{BilledUsage, UserBilled};
 
 /// Users published to at once (each user's messages stay in order).
 const USERS_AT_ONCE: usize = 128;
 
+/// The most messages the server takes in one atomic batch.
+const MAX_BATCH: usize = 1000;
+
+/// Users whose last sequence is remembered per partition (past it, they are read back).
+const KNOWN_USERS_MAX: usize = 100_000;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BilledError {
-    /// The subject moved under us outside recovery: another writer publishes for this user.
-    #[error("a second writer on `{subject}`: expected its last sequence {expected}")]
-    SecondWriter { subject: String, expected: u64 },
+    /// A user's subject moved under us: another writer publishes for the user.
+    #[error("a second writer on BILLED: {0}")]
+    SecondWriter(String),
     #[error("BILLED: {0}")]
     Stream(String),
 }
@@ -34,6 +44,7 @@ type Known = HashMap<String, (u64, HashMap<String, u64>)>;
 /// Publishes `BILLED` and remembers, per partition, each user's last subject sequence it wrote.
 pub struct BilledPublisher {
     jetstream: jetstream::Context,
+    client: async_nats::Client,
     stream: jetstream::stream::Stream<()>,
     /// Partition -> (the checkpoint number the cache is valid after, user -> last sequence).
     known: Mutex<Known>,
@@ -52,6 +63,7 @@ impl BilledPublisher {
             .await
             .map_err(|e| anyhow::anyhow!("the {} stream: {e}", streams::BILLED))?;
         Ok(Self {
+            client: jetstream.client(),
             jetstream,
             stream,
             known: Mutex::new(HashMap::new()),
@@ -101,33 +113,147 @@ impl BilledPublisher {
             .await
     }
 
-    /// Publishes the checkpoint's messages. `recovering`: an earlier attempt may have published
-    /// some, so each user's subject is read from the checkpoint's floor and only what is not
-    /// there goes out.
-    pub async fn publish(&self, cp: &FoldCheckpoint, recovering: bool) -> Result<(), BilledError> {
-        let done: Vec<(String, u64)> = futures::stream::iter(cp.billed.clone())
-            .map(|user| async move { self.publish_user(&user, recovering).await })
-            .buffer_unordered(USERS_AT_ONCE)
-            .try_collect()
-            .await?;
+    /// Publishes checkpoint `number`'s messages, every user's in order, as atomic batches: all of
+    /// a batch is stored or none of it. Each user's first message in a batch carries the
+    /// subject's expected last sequence, so a second writer fails the whole batch rather than
+    /// interleaving. `recovering`: an earlier attempt may have published them, so each user's
+    /// subject is read from the checkpoint's floor and only what is not there goes out.
+    pub async fn publish(
+        &self,
+        partition: &str,
+        number: u64,
+        users: Vec<UserBilled>,
+        recovering: bool,
+    ) -> Result<(), BilledError> {
+        // Each user's messages still to go out, after the subject's last sequence.
+        let pending: Vec<(UserBilled, u64)> = if recovering {
+            futures::stream::iter(users)
+                .map(|user| async move {
+                    let (there, last) = self.published_since_floor(&user).await?;
+                    let missing = user
+                        .messages
+                        .into_iter()
+                        .zip(there)
+                        .filter(|(_, t)| !t)
+                        .map(|(m, _)| m)
+                        .collect();
+                    Ok::<_, BilledError>((
+                        UserBilled {
+                            messages: missing,
+                            ..user
+                        },
+                        last,
+                    ))
+                })
+                .buffer_unordered(USERS_AT_ONCE)
+                .try_collect()
+                .await?
+        } else {
+            users
+                .into_iter()
+                .map(|u| {
+                    let floor = u.floor;
+                    (u, floor)
+                })
+                .collect()
+        };
+        let mut last: HashMap<String, u64> = pending
+            .iter()
+            .map(|(u, seq)| (u.user_token.clone(), *seq))
+            .collect();
+        let outgoing: Vec<(&str, &BilledUsage)> = pending
+            .iter()
+            .flat_map(|(u, _)| u.messages.iter().map(|m| (u.user_token.as_str(), m)))
+            .collect();
+        for chunk in outgoing.chunks(MAX_BATCH) {
+            self.publish_batch(chunk, &mut last).await?;
+        }
         let mut known = self.known();
         let entry = known
-            .entry(cp.partition.clone())
+            .entry(partition.to_string())
             .or_insert_with(|| (0, HashMap::new()));
-        // Only this checkpoint's users: a user not in the next one is read back then (the
-        // cache stays the size of a batch).
-        entry.0 = cp.number;
-        entry.1 = done.into_iter().collect();
+        // Valid while the partition's checkpoints follow one another here: a gap means another
+        // holder wrote in between, and the users are read back.
+        if entry.0 + 1 != number || entry.1.len() > KNOWN_USERS_MAX {
+            entry.1.clear();
+        }
+        entry.0 = number;
+        entry.1.extend(last);
         Ok(())
     }
 
-    /// The messages of `user` on its subject after the floor that are this checkpoint's, and
-    /// the subject's last sequence.
+    /// One atomic batch: every message but the last published without waiting, the last with
+    /// the commit, whose ack carries the last sequence (the batch's messages are stored one
+    /// after another). `last` holds each user's subject sequence before, and after on return.
+    async fn publish_batch(
+        &self,
+        batch: &[(&str, &BilledUsage)],
+        last: &mut HashMap<String, u64>,
+    ) -> Result<(), BilledError> {
+        let id = format!("{:032x}", rand::random::<u128>());
+        let n = batch.len();
+        let mut guarded = std::collections::HashSet::new();
+        for (i, (user, message)) in batch.iter().enumerate() {
+            let subject = subject(user);
+            let mut headers = message_headers::<BilledUsage>(ContentType::Protobuf);
+            if guarded.insert(*user) {
+                let expected = last.get(*user).copied().unwrap_or(0);
+                headers.insert(NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string());
+            }
+            let payload = bytes::Bytes::from(encode(*message, ContentType::Protobuf));
+            if n > 1 {
+                headers.insert(NATS_BATCH_ID, id.as_str());
+                headers.insert(NATS_BATCH_SEQUENCE, (i + 1).to_string());
+            }
+            if i + 1 < n {
+                self.client
+                    .publish_with_headers(subject, headers, payload)
+                    .await
+                    .map_err(|e| BilledError::Stream(format!("publishing a batch: {e}")))?;
+                slipway_common::failpoint::hit("billing.billed.one");
+                continue;
+            }
+            if n > 1 {
+                headers.insert(NATS_BATCH_COMMIT, NATS_BATCH_COMMIT_FINAL);
+            }
+            let final_subject = subject.clone();
+            let publish = PublishMessage::build().payload(payload).headers(headers);
+            let acked = match self.jetstream.send_publish(subject, publish).await {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(ack) => {
+                    let first = ack.sequence + 1 - n as u64;
+                    for (k, (user, _)) in batch.iter().enumerate() {
+                        last.insert(user.to_string(), first + k as u64);
+                    }
+                }
+                // Nothing of the batch was stored: a user's subject moved under us.
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    return Err(BilledError::SecondWriter(format!(
+                        "a batch of {n} ending on {final_subject}: {e}"
+                    )));
+                }
+                // The answer may be lost with the batch stored: the partition's next attempt
+                // completes the checkpoint again, reading what is there.
+                Err(e) => {
+                    return Err(BilledError::Stream(format!(
+                        "committing a batch of {n} to BILLED: {e}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The messages of `user` on its subject after the checkpoint's floor that are this
+    /// checkpoint's, and the subject's last sequence.
     async fn published_since_floor(
         &self,
-        subject: &str,
         user: &UserBilled,
     ) -> Result<(Vec<bool>, u64), BilledError> {
+        let subject = &subject(&user.user_token);
         let mut there = vec![false; user.messages.len()];
         let mut last = user.floor;
         loop {
@@ -150,50 +276,6 @@ impl BilledPublisher {
                 Err(e) => return Err(BilledError::Stream(format!("reading {subject}: {e}"))),
             }
         }
-    }
-
-    /// One user's messages in order, each with the subject's expected last sequence.
-    async fn publish_user(
-        &self,
-        user: &UserBilled,
-        recovering: bool,
-    ) -> Result<(String, u64), BilledError> {
-        let subject = subject(&user.user_token);
-        let (there, mut last) = if recovering {
-            self.published_since_floor(&subject, user).await?
-        } else {
-            (vec![false; user.messages.len()], user.floor)
-        };
-        for (message, _) in user.messages.iter().zip(there).filter(|(_, t)| !t) {
-            let publish = PublishMessage::build()
-                .payload(encode(message, ContentType::Protobuf).into())
-                .headers(message_headers::<BilledUsage>(ContentType::Protobuf))
-                .expected_last_subject_sequence(last);
-            let acked = match self.jetstream.send_publish(subject.clone(), publish).await {
-                Ok(ack) => ack.await,
-                Err(e) => Err(e),
-            };
-            match acked {
-                Ok(ack) => last = ack.sequence,
-                Err(e) => {
-                    // The write may have landed with its answer lost: if the subject's last
-                    // message is this one, go on from it; anything else is another writer.
-                    let (seq, found) = self.last(&subject).await?;
-                    if found.as_ref().is_some_and(|m| same(m, message)) {
-                        last = seq;
-                    } else if e.kind() == PublishErrorKind::WrongLastSequence {
-                        return Err(BilledError::SecondWriter {
-                            subject,
-                            expected: last,
-                        });
-                    } else {
-                        return Err(BilledError::Stream(format!("publishing to {subject}: {e}")));
-                    }
-                }
-            }
-            slipway_common::failpoint::hit("billing.billed.one");
-        }
-        Ok((user.user_token.clone(), last))
     }
 }
 

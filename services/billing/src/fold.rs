@@ -1,21 +1,19 @@
 //! The fold: one pinned partition of `USAGE` at a time, each batch folded exactly once.
 //!
 //! KV has no multi-key transaction, so a batch commits in an order that a crash anywhere can be
-//! completed from:
+//! completed from, each step idempotent:
 //!
-//! 0. the partition's last checkpoint is completed first (applied, published) if it is not;
+//! 0. the partition's last checkpoint is completed first, unless this replica completed it;
 //! 1. each event is checked, and the invalid are refused (to `USAGE_REJECTED`, by the worker);
-//! 2. each valid event claims its dedupe entry (`claims`): first wins, whatever its time or
-//!    `Nats-Msg-Id`;
-//! 3. the checkpoint (`cp.<P>.<p>`) is written at the revision read: the accepted events, the
-//!    aggregate deltas and every user's `BILLED` messages. A failed write means another holder
-//!    (`Fenced`);
-//! 4. it is applied (`aggregates`: each record skips a checkpoint it has applied), and its
-//!    claims are confirmed;
-//! 5. its `BILLED` messages are published (see `billed`);
-//! 6. it is marked published, and the batch is acknowledged.
+//! 2. the checkpoint (`cp.<P>.<p>`) is written at the revision read: every valid event once
+//!    (first of its pair in the batch), priced, as each user's `BILLED` messages. A failed write
+//!    means another holder (`Fenced`);
+//! 3. it is applied: each user's dedupe index decides which events are first seen (`dedupe`),
+//!    and theirs are added to the aggregates (`aggregates`: each record skips a checkpoint it
+//!    has applied);
+//! 4. the first seen are published to `BILLED` (see `billed`), and the batch is acknowledged.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
@@ -28,8 +26,8 @@ use slipway_proto::v1::*;
 
 use crate::aggregates::agg_key;
 use crate::billed::{BilledError, BilledPublisher};
-use crate::claims::{Claim, dedupe_key};
 use crate::decimal::Decimal;
+use crate::dedupe::{Indexes, Key, days_of, dedupe_key};
 use crate::metrics::BillingMetrics;
 use crate::prices::{Prices, day, period};
 use crate::validate::{self, Window};
@@ -40,7 +38,8 @@ pub(crate) const AT_ONCE: usize = 256;
 pub struct Folder {
     pub(crate) checkpoints: Records<FoldCheckpoint>,
     pub(crate) aggregates: Records<UsageAggregate>,
-    pub(crate) dedupe: Records<DedupeClaim>,
+    pub(crate) dedupe: Records<DedupeIndex>,
+    pub(crate) chunks: Records<DedupeKeys>,
     pub(crate) billed: BilledPublisher,
     pub(crate) prices: Prices,
     pub(crate) skew_ms: i64,
@@ -50,6 +49,11 @@ pub struct Folder {
     pub(crate) metrics: BillingMetrics,
     /// Aggregate records as this replica last wrote them, with their revisions (`aggregates`).
     pub(crate) written: crate::aggregates::Written,
+    /// User dedupe indexes as this replica last read or wrote them (`dedupe`).
+    pub(crate) indexes: Indexes,
+    /// Checkpoint key -> the revision this replica wrote and completed: the next batch of the
+    /// partition then has nothing to complete.
+    pub(crate) completed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Why a batch stopped.
@@ -86,14 +90,9 @@ pub(crate) fn stored(s: &str) -> Result<Decimal, Stop> {
     add(s, Decimal::ZERO)
 }
 
-/// An accepted event on its way into a checkpoint.
+/// A valid event on its way into a checkpoint.
 struct Accepted {
-    key: String,
     user_token: String,
-    period: String,
-    row: String,
-    quantity: Decimal,
-    amount: Option<Decimal>,
     billed: BilledUsage,
 }
 
@@ -124,9 +123,10 @@ impl Folder {
         let key = format!("cp.{}.{}", part.count, part.index);
         let (last, revision) = self.complete(&key, &name).await?;
 
-        // 1. Checked; the invalid refused.
+        // 1. Checked; the invalid refused; each pair once in the batch.
         let mut outcomes: Vec<Result<(), HandlerError>> = vec![Ok(()); items.len()];
         let mut valid = Vec::new();
+        let mut seen = HashSet::new();
         for (i, item) in items.iter().enumerate() {
             if item.delivery.delivered > 1 {
                 self.metrics.redelivered();
@@ -139,89 +139,37 @@ impl Folder {
                 lateness_ms: self.lateness_ms,
             };
             match validate::check(&item.delivery.subject, &item.message, window) {
-                Ok(v) => valid.push((i, v)),
+                Ok(v) => {
+                    let e = &item.message;
+                    if seen.insert(dedupe_key(&e.source, &e.id)) {
+                        valid.push((i, v));
+                    } else {
+                        self.metrics.duplicates(1);
+                    }
+                }
                 Err(r) => {
                     self.metrics.rejected(r.code);
                     outcomes[i] = Err(HandlerError::permanent(r.code, r.reason));
                 }
             }
         }
-
-        // 2. Claimed: first wins, within the batch too.
-        let number = last + 1;
-        let nonce = format!("{:016x}", rand::random::<u64>());
-        let mut seen = HashSet::new();
-        let unique: Vec<_> = valid
-            .into_iter()
-            .filter_map(|(i, v)| {
-                let e = &items[i].message;
-                let k = dedupe_key(&e.source, &e.id);
-                seen.insert(k.clone()).then_some((i, v, k))
-            })
-            .collect();
-        let wanted: Vec<(String, u64)> = unique
-            .iter()
-            .map(|(i, _, k)| (k.clone(), items[*i].delivery.stream_sequence))
-            .collect();
-        let (name_ref, nonce_ref) = (&name, &nonce);
-        let claims: Vec<Claim> = futures::stream::iter(wanted)
-            .map(|(k, seq)| async move { self.claim(&k, name_ref, number, nonce_ref, seq).await })
-            .buffered(AT_ONCE)
-            .try_collect()
-            .await?;
-        let mut ours = Vec::new();
-        for (c, claim) in unique.into_iter().zip(claims) {
-            match claim {
-                Claim::Ours => ours.push(c),
-                Claim::Duplicate => {}
-                // Another partition's attempt holds it (a P change in progress, or the same
-                // fact under another user): it comes back once that attempt is settled.
-                Claim::Busy => {
-                    outcomes[c.0] = Err(HandlerError::retry(
-                        Duration::from_secs(1),
-                        "claimed by another partition's unfinished batch",
-                    ));
-                }
-            }
-        }
-        let refused = outcomes.iter().filter(|o| o.is_err()).count();
-        self.metrics
-            .duplicates((items.len() - refused - ours.len()) as u64);
-        if ours.is_empty() {
+        if valid.is_empty() {
             return Ok(outcomes);
         }
-        // Which of the users' periods are closed (the rule of adjustments lives here).
-        let pairs: BTreeSet<(String, String)> = ours
-            .iter()
-            .map(|(_, v, _)| (v.user_token.clone(), period(v.time_ms)))
-            .collect();
-        let closed: HashSet<(String, String)> = futures::stream::iter(pairs)
-            .map(|(user, p)| async move {
-                let agg = self
-                    .aggregates
-                    .get(&agg_key(&user, &p))
-                    .await
-                    .map_err(failed)?;
-                Ok::<_, Stop>(agg.is_some_and(|(a, _)| a.closed).then_some((user, p)))
-            })
-            .buffer_unordered(AT_ONCE)
-            .try_collect::<Vec<_>>()
-            .await?
+        let closed = self.closed_periods(&items, &valid).await?;
+        let mut accepted: Vec<Accepted> = valid
             .into_iter()
-            .flatten()
-            .collect();
-        let mut accepted: Vec<Accepted> = ours
-            .into_iter()
-            .map(|(i, v, k)| {
+            .map(|(i, v)| {
                 let own = period(v.time_ms);
-                let is_closed = closed.contains(&(v.user_token.clone(), own));
                 // The open period: the one the stream stored it in.
                 let open = period(items[i].delivery.published_ms);
-                self.price(&items[i], v, k, is_closed.then_some(open.as_str()))
+                let is_closed = closed.contains(&(v.user_token.clone(), own));
+                self.price(&items[i], v, is_closed.then_some(open.as_str()))
             })
             .collect();
 
         // Each user's BILLED floor, recorded in the checkpoint for recovery.
+        let number = last + 1;
         let users: BTreeSet<String> = accepted.iter().map(|a| a.user_token.clone()).collect();
         let floors = self
             .billed
@@ -229,24 +177,21 @@ impl Folder {
             .await
             .map_err(failed)?;
 
-        // 3. The checkpoint, written first.
+        // 2. The checkpoint, written first.
         let first_sequence = items.first().map_or(0, |i| i.delivery.stream_sequence);
         let last_sequence = items.last().map_or(0, |i| i.delivery.stream_sequence);
-        let build = |accepted: &[Accepted]| {
-            checkpoint(
-                &name,
-                number,
-                &nonce,
-                first_sequence,
-                last_sequence,
-                accepted,
-                &floors,
-            )
-        };
-        let mut cp = build(&accepted)?;
-        // A batch whose record would not fit in one KV value is cut: the rest comes back.
-        while prost::Message::encoded_len(&cp) > self.max_checkpoint_bytes && accepted.len() > 1 {
-            let keep = accepted.len() / 2;
+        // A batch whose record would not fit in one KV value is cut: the rest comes back. Each
+        // message is counted with room for its user's share of the record.
+        let mut size = 128 + name.len();
+        let keep = accepted
+            .iter()
+            .take_while(|a| {
+                size += prost::Message::encoded_len(&a.billed) + a.user_token.len() + 24;
+                size <= self.max_checkpoint_bytes
+            })
+            .count()
+            .max(1);
+        if keep < accepted.len() {
             let cut: HashSet<u64> = accepted[keep..]
                 .iter()
                 .map(|a| a.billed.usage_sequence)
@@ -260,8 +205,16 @@ impl Folder {
                     ));
                 }
             }
-            cp = build(&accepted)?;
         }
+        let candidates = accepted.len();
+        let cp = FoldCheckpoint {
+            number,
+            partition: name.clone(),
+            first_sequence,
+            last_sequence,
+            billed: by_user(accepted, &floors),
+            written_at: Some(now()),
+        };
         let written = if revision == 0 {
             self.checkpoints.create(&key, &cp).await
         } else {
@@ -277,17 +230,57 @@ impl Folder {
         };
         failpoint::hit("billing.after_checkpoint");
 
-        // 4-6. Applied, published, marked.
-        self.finish(&key, cp, revision, false).await?;
-        self.metrics.folded(accepted.len() as u64);
+        // 3-4. Applied, published.
+        let billed = self.finish(cp, false).await?;
+        self.completed_at(&key, revision);
+        self.metrics.folded(billed as u64);
+        self.metrics.duplicates((candidates - billed) as u64);
         self.metrics
             .checkpoint_latency(started.elapsed().as_secs_f64());
         failpoint::hit("billing.after_published");
         Ok(outcomes)
     }
 
-    /// Completes the partition's last checkpoint if an earlier holder left it unfinished;
-    /// answers its number and the record's revision (0 and 0 when there is none).
+    fn completed_at(&self, key: &str, revision: u64) {
+        self.completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string(), revision);
+    }
+
+    /// Which of the batch's users' own periods are closed, for the events stored after their
+    /// period ended (the rule of adjustments lives here). An event stored within its own period
+    /// needs no look: a period is closed only once it has ended and every event stored in it
+    /// has been folded (Billing 2/2).
+    async fn closed_periods(
+        &self,
+        items: &[Item<UsageEvent>],
+        valid: &[(usize, validate::Valid)],
+    ) -> Result<HashSet<(String, String)>, Stop> {
+        let pairs: BTreeSet<(String, String)> = valid
+            .iter()
+            .filter(|(i, v)| period(v.time_ms) < period(items[*i].delivery.published_ms))
+            .map(|(_, v)| (v.user_token.clone(), period(v.time_ms)))
+            .collect();
+        Ok(futures::stream::iter(pairs)
+            .map(|(user, p)| async move {
+                let agg = self
+                    .aggregates
+                    .get(&agg_key(&user, &p))
+                    .await
+                    .map_err(failed)?;
+                Ok::<_, Stop>(agg.is_some_and(|(a, _)| a.closed).then_some((user, p)))
+            })
+            .buffer_unordered(AT_ONCE)
+            .try_collect::<Vec<_>>()
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// Completes the partition's last checkpoint unless this replica completed it at the
+    /// revision found; answers its number and the record's revision (0 and 0 when there is none).
     async fn complete(&self, key: &str, name: &str) -> Result<(u64, u64), Stop> {
         let Some((cp, revision)) = self.checkpoints.get(key).await.map_err(failed)? else {
             return Ok((0, 0));
@@ -295,62 +288,90 @@ impl Folder {
         if cp.partition != name {
             return Err(fenced(format!("{key} belongs to `{}`", cp.partition)));
         }
-        if cp.state == CheckpointState::Published as i32 {
-            return Ok((cp.number, revision));
-        }
+        let done = self
+            .completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            == Some(&revision);
         let number = cp.number;
-        let revision = self.finish(key, cp, revision, true).await?;
+        if !done {
+            self.finish(cp, true).await?;
+            self.completed_at(key, revision);
+        }
         Ok((number, revision))
     }
 
-    /// Steps 4 to 6 for a written checkpoint; answers the record's final revision.
-    async fn finish(
-        &self,
-        key: &str,
-        mut cp: FoldCheckpoint,
-        mut revision: u64,
-        recovering: bool,
-    ) -> Result<u64, Stop> {
-        if cp.state == CheckpointState::Written as i32 {
-            self.apply(&cp).await?;
-            self.confirm(&cp).await?;
-            cp.state = CheckpointState::Applied.into();
-            revision = self.mark(key, &cp, revision).await?;
-            failpoint::hit("billing.after_apply");
-        }
-        match self.billed.publish(&cp, recovering).await {
-            Ok(()) => {}
-            Err(BilledError::SecondWriter { subject, expected }) => {
+    /// Steps 3 and 4 for a written checkpoint (again, when `recovering`): answers how many of
+    /// its events were first seen and billed.
+    async fn finish(&self, cp: FoldCheckpoint, recovering: bool) -> Result<usize, Stop> {
+        let written_ms = cp.written_at.as_ref().map_or(0, validate::ms);
+        let (day, cut) = days_of(written_ms);
+        let (day, cut, cp_ref) = (day.as_str(), cut.as_str(), &cp);
+        let mut firsts: Vec<(usize, Vec<bool>)> = futures::stream::iter(0..cp.billed.len())
+            .map(|i| async move {
+                let user = &cp_ref.billed[i];
+                let keys: Vec<Key> = user
+                    .messages
+                    .iter()
+                    .map(|m| {
+                        let e = m.event.as_ref();
+                        dedupe_key(
+                            e.map_or("", |e| e.source.as_str()),
+                            e.map_or("", |e| e.id.as_str()),
+                        )
+                    })
+                    .collect();
+                let first = self
+                    .first_seen(cp_ref, (day, cut), &user.user_token, &keys)
+                    .await?;
+                Ok::<_, Stop>((i, first))
+            })
+            .buffer_unordered(AT_ONCE)
+            .try_collect()
+            .await?;
+        firsts.sort_unstable_by_key(|(i, _)| *i);
+        let FoldCheckpoint {
+            partition,
+            number,
+            billed: all,
+            ..
+        } = cp;
+        let users: Vec<UserBilled> = all
+            .into_iter()
+            .zip(firsts)
+            .map(|(user, (_, first))| UserBilled {
+                messages: user
+                    .messages
+                    .into_iter()
+                    .zip(first)
+                    .filter(|(_, f)| *f)
+                    .map(|(m, _)| m)
+                    .collect(),
+                ..user
+            })
+            .collect();
+        let billed: usize = users.iter().map(|u| u.messages.len()).sum();
+        self.apply(&partition, number, &deltas(&users)?).await?;
+        failpoint::hit("billing.after_apply");
+        match self
+            .billed
+            .publish(&partition, number, users, recovering)
+            .await
+        {
+            Ok(()) => Ok(billed),
+            Err(BilledError::SecondWriter(what)) => {
                 self.metrics.second_writer();
-                tracing::error!(%subject, expected, partition = %cp.partition, "a second writer on BILLED: the partition stops here");
-                return Err(fenced(format!("a second writer on {subject}")));
-            }
-            Err(e) => return Err(failed(e)),
-        }
-        cp.state = CheckpointState::Published.into();
-        self.mark(key, &cp, revision).await
-    }
-
-    async fn mark(&self, key: &str, cp: &FoldCheckpoint, revision: u64) -> Result<u64, Stop> {
-        match self.checkpoints.update(key, cp, revision).await {
-            Ok(r) => Ok(r),
-            Err(RecordError::Conflict { .. }) => {
-                self.metrics.fence_conflict();
-                Err(fenced(format!("{key} changed under this holder")))
+                tracing::error!(%what, %partition, "a second writer on BILLED: the partition stops here");
+                Err(fenced(what))
             }
             Err(e) => Err(failed(e)),
         }
     }
 
-    /// Prices an accepted event and places it in its period: its own, or `open` as an
-    /// adjustment when its own is closed.
-    fn price(
-        &self,
-        item: &Item<UsageEvent>,
-        v: validate::Valid,
-        key: String,
-        open: Option<&str>,
-    ) -> Accepted {
+    /// Prices a valid event and places it in its period: its own, or `open` as an adjustment
+    /// when its own is closed.
+    fn price(&self, item: &Item<UsageEvent>, v: validate::Valid, open: Option<&str>) -> Accepted {
         let e = &item.message;
         let own = period(v.time_ms);
         let (billed_period, adjustment) = match open {
@@ -360,7 +381,7 @@ impl Folder {
         let priced = self.prices.price(&e.meter, v.quantity);
         let billed = BilledUsage {
             event: Some(e.clone()),
-            period: billed_period.clone(),
+            period: billed_period,
             unit_price: priced.map(|(u, _)| u.to_string()).unwrap_or_default(),
             amount: priced.map(|(_, a)| a.to_string()).unwrap_or_default(),
             currency: if priced.is_some() {
@@ -374,72 +395,59 @@ impl Folder {
             period_closed: None,
         };
         Accepted {
-            key,
             user_token: v.user_token,
-            period: billed_period,
-            row: format!("{}|{}|{}", day(v.time_ms), e.meter, e.project_id),
-            quantity: v.quantity,
-            amount: priced.map(|(_, a)| a),
             billed,
         }
     }
 }
 
-fn checkpoint(
-    name: &str,
-    number: u64,
-    nonce: &str,
-    first_sequence: u64,
-    last_sequence: u64,
-    accepted: &[Accepted],
-    floors: &std::collections::HashMap<String, u64>,
-) -> Result<FoldCheckpoint, Stop> {
-    let mut deltas: BTreeMap<(String, String, String), AggregateDelta> = BTreeMap::new();
+/// Each user's messages in stream order, with the user's floor.
+fn by_user(accepted: Vec<Accepted>, floors: &HashMap<String, u64>) -> Vec<UserBilled> {
     let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
     for a in accepted {
-        let d = deltas
-            .entry((a.user_token.clone(), a.period.clone(), a.row.clone()))
-            .or_insert_with(|| AggregateDelta {
-                user_token: a.user_token.clone(),
-                user_id: a
-                    .billed
-                    .event
-                    .as_ref()
-                    .map(|e| e.subject.clone())
-                    .unwrap_or_default(),
-                period: a.period.clone(),
-                row: a.row.clone(),
-                quantity: "0".into(),
-                amount: String::new(),
-                events: 0,
-            });
-        d.quantity = add(&d.quantity, a.quantity)?.to_string();
-        if let Some(amount) = a.amount {
-            d.amount = add(&d.amount, amount)?.to_string();
-        }
-        d.events += 1;
-        billed
-            .entry(a.user_token.clone())
-            .or_default()
-            .push(a.billed.clone());
+        billed.entry(a.user_token).or_default().push(a.billed);
     }
-    Ok(FoldCheckpoint {
-        number,
-        partition: name.to_string(),
-        state: CheckpointState::Written.into(),
-        first_sequence,
-        last_sequence,
-        accepted: accepted.iter().map(|a| a.key.clone()).collect(),
-        deltas: deltas.into_values().collect(),
-        billed: billed
-            .into_iter()
-            .map(|(user_token, messages)| UserBilled {
-                floor: floors.get(&user_token).copied().unwrap_or(0),
-                user_token,
-                messages,
-            })
-            .collect(),
-        nonce: nonce.to_string(),
-        written_at: Some(now()),
-    })
+    billed
+        .into_iter()
+        .map(|(user_token, messages)| UserBilled {
+            floor: floors.get(&user_token).copied().unwrap_or(0),
+            user_token,
+            messages,
+        })
+        .collect()
+}
+
+/// What the billed messages add to the aggregate rows: one delta per user, period and row
+/// (`<YYYY-MM-DD>|<meter>|<project>`, the day of the event's own time).
+fn deltas(users: &[UserBilled]) -> Result<Vec<AggregateDelta>, Stop> {
+    let mut deltas: BTreeMap<(&str, &str, String), AggregateDelta> = BTreeMap::new();
+    for user in users {
+        for m in &user.messages {
+            let e = m
+                .event
+                .as_ref()
+                .ok_or_else(|| failed("a checkpoint message without its event"))?;
+            let time_ms = e.time.as_ref().map_or(0, validate::ms);
+            let row = format!("{}|{}|{}", day(time_ms), e.meter, e.project_id);
+            let quantity = Decimal::parse(&e.quantity)
+                .map_err(|err| failed(format!("a checkpoint quantity: {err}")))?;
+            let d = deltas
+                .entry((user.user_token.as_str(), m.period.as_str(), row.clone()))
+                .or_insert_with(|| AggregateDelta {
+                    user_token: user.user_token.clone(),
+                    user_id: e.subject.clone(),
+                    period: m.period.clone(),
+                    row,
+                    quantity: "0".into(),
+                    amount: String::new(),
+                    events: 0,
+                });
+            d.quantity = add(&d.quantity, quantity)?.to_string();
+            if !m.amount.is_empty() {
+                d.amount = add(&d.amount, stored(&m.amount)?)?.to_string();
+            }
+            d.events += 1;
+        }
+    }
+    Ok(deltas.into_values().collect())
 }

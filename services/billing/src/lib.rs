@@ -10,8 +10,8 @@
 
 pub mod aggregates;
 pub mod billed;
-pub mod claims;
 pub mod decimal;
+pub mod dedupe;
 pub mod fold;
 pub mod metrics;
 pub mod prices;
@@ -36,7 +36,8 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let folder = Arc::new(fold::Folder {
         checkpoints: Records::new(store.clone()),
         aggregates: Records::new(store),
-        dedupe: Records::new(dedupe),
+        dedupe: Records::new(dedupe.clone()),
+        chunks: Records::new(dedupe),
         billed: billed::BilledPublisher::new(app.jetstream.clone()).await?,
         prices,
         skew_ms: (s.clock_skew_sec * 1000) as i64,
@@ -45,6 +46,8 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
         max_checkpoint_bytes: app.settings.setup.max_message_bytes as usize * 9 / 10,
         metrics: metrics::BillingMetrics::register(app.health.metrics()),
         written: aggregates::Written::default(),
+        indexes: dedupe::Indexes::default(),
+        completed: Default::default(),
     });
     // The service is registered first: live replicas are counted through it, and partitions
     // are balanced over them.

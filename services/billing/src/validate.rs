@@ -148,10 +148,7 @@ pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Ref
     let Some(time) = e.time else {
         return Err(refuse("missing_time", "time is required"));
     };
-    let time_ms = time
-        .seconds
-        .saturating_mul(1000)
-        .saturating_add(i64::from(time.nanos) / 1_000_000);
+    let time_ms = ms(&time);
     if time_ms > window.now_ms.saturating_add(window.skew_ms) {
         return Err(refuse(
             "future_time",
@@ -169,6 +166,13 @@ pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Ref
         quantity,
         time_ms,
     })
+}
+
+/// Milliseconds since the epoch of a timestamp (saturating).
+pub fn ms(t: &pbjson_types::Timestamp) -> i64 {
+    t.seconds
+        .saturating_mul(1000)
+        .saturating_add(i64::from(t.nanos) / 1_000_000)
 }
 
 fn clip(s: &str) -> String {

@@ -13,6 +13,13 @@ use prometheus_client::registry::Registry;
 
 type Labels = Vec<(String, String)>;
 
+/// Consumer counters by stream, consumer and outcome, resolved once: counting a message then
+/// allocates nothing (a worker counts every message it holds and settles).
+type ConsumerCounters = std::collections::HashMap<
+    String,
+    std::collections::HashMap<String, std::collections::HashMap<String, Counter>>,
+>;
+
 pub struct Metrics {
     registry: Mutex<Registry>,
     requests: Family<Labels, Counter>,
@@ -21,6 +28,7 @@ pub struct Metrics {
     handler_latency: Family<Labels, Histogram>,
     consumer_pending: Family<Labels, Gauge>,
     partitions_pinned: Family<Labels, Gauge>,
+    consumer_counters: Mutex<ConsumerCounters>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -86,6 +94,7 @@ impl Metrics {
             handler_latency,
             consumer_pending,
             partitions_pinned,
+            consumer_counters: Mutex::new(ConsumerCounters::new()),
         }
     }
 
@@ -98,9 +107,33 @@ impl Metrics {
 
     /// Counts one message of a consumer by `outcome`.
     pub fn count_consumer(&self, stream: &str, consumer: &str, outcome: &str) {
+        self.count_consumer_n(stream, consumer, outcome, 1);
+    }
+
+    /// Counts `n` messages of a consumer by `outcome`.
+    pub fn count_consumer_n(&self, stream: &str, consumer: &str, outcome: &str, n: u64) {
+        let mut counters = self
+            .consumer_counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let found = counters
+            .get(stream)
+            .and_then(|c| c.get(consumer))
+            .and_then(|o| o.get(outcome));
+        if let Some(counter) = found {
+            counter.inc_by(n);
+            return;
+        }
         let mut labels = Self::consumer_labels(stream, consumer);
         labels.push(("outcome".to_string(), outcome.to_string()));
-        self.consumer_messages.get_or_create(&labels).inc();
+        let counter = self.consumer_messages.get_or_create(&labels).clone();
+        counter.inc_by(n);
+        counters
+            .entry(stream.to_string())
+            .or_default()
+            .entry(consumer.to_string())
+            .or_default()
+            .insert(outcome.to_string(), counter);
     }
 
     pub fn observe_handler(&self, stream: &str, consumer: &str, seconds: f64) {

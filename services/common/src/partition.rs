@@ -629,8 +629,7 @@ where
     let mut held = Vec::new();
     let mut settled = Vec::new();
     for h in gathered {
-        let m = h.message();
-        match decode_message::<M>(m.headers.as_ref(), &m.payload) {
+        match decode_message::<M>(h.delivery.headers.as_deref(), &h.message().payload) {
             Ok(message) => {
                 items.push(Item {
                     message,

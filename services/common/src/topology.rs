@@ -38,6 +38,8 @@ pub struct StreamSpec {
     /// Reads by subject (`DIRECT.GET` with `next_by_subj`) served by any replica: what a
     /// partition's worker reads a key's messages with.
     pub allow_direct: bool,
+    /// Atomic batch publishes (ADR-50, server 2.12): all of a batch is stored or none of it.
+    pub allow_atomic: bool,
 }
 
 /// A stream split into `partitions` by one token of its subjects: the server appends
@@ -203,6 +205,7 @@ impl Topology {
             description,
             partitioning: None,
             allow_direct: false,
+            allow_atomic: false,
         };
         let partitioned = |source: String, key_wildcard, partitions, owner| Partitioning {
             partitions,
@@ -211,7 +214,11 @@ impl Topology {
             owner,
             priority_timeout: Duration::from_millis(settings.priority_timeout_ms),
             ack_wait: Duration::from_secs(settings.partition_ack_wait_sec),
-            max_ack_pending: settings.partition_max_ack_pending,
+            max_ack_pending: if owner == Service::Billing {
+                settings.usage_max_ack_pending
+            } else {
+                settings.partition_max_ack_pending
+            },
         };
         let days = |d: u64| DAY * u32::try_from(d).unwrap_or(u32::MAX);
         let streams = vec![
@@ -267,8 +274,10 @@ impl Topology {
                 "usage events billing refused, with the reason",
             ),
             StreamSpec {
-                // Billing reads a user's last message to resume an interrupted publish.
+                // Billing reads a user's messages to resume an interrupted publish, and
+                // publishes a batch's messages for all its users at once, atomically.
                 allow_direct: true,
+                allow_atomic: true,
                 ..stream(
                     streams::BILLED,
                     Retention::Limits,

@@ -71,7 +71,7 @@ pub struct Delivery {
     /// This is the consumer's last delivery of it: a `Retry` now dead-letters it (a deployer
     /// publishes its failure event here rather than leave the run waiting).
     pub last_attempt: bool,
-    pub headers: Option<async_nats::HeaderMap>,
+    pub headers: Option<std::sync::Arc<async_nats::HeaderMap>>,
     pub payload_len: usize,
     /// Triggered when the service shuts down: a long handler may checkpoint and stop early
     /// (its `Retry` hands the message on).
@@ -279,22 +279,23 @@ where
         let handler = handler.clone();
         async move {
             let started = Instant::now();
-            let outcome =
-                match decode_message::<M>(held.message.headers.as_ref(), &held.message.payload) {
-                    Ok(m) => {
-                        let span = handler_span(&held);
-                        let call =
-                            AssertUnwindSafe(handler(m, held.delivery.clone()).instrument(span));
-                        match call.catch_unwind().await {
-                            Ok(outcome) => outcome,
-                            Err(_) => Err(HandlerError::retry(
-                                Duration::from_secs(1),
-                                "the handler panicked",
-                            )),
-                        }
+            let outcome = match decode_message::<M>(
+                held.delivery.headers.as_deref(),
+                &held.message.payload,
+            ) {
+                Ok(m) => {
+                    let span = handler_span(&held);
+                    let call = AssertUnwindSafe(handler(m, held.delivery.clone()).instrument(span));
+                    match call.catch_unwind().await {
+                        Ok(outcome) => outcome,
+                        Err(_) => Err(HandlerError::retry(
+                            Duration::from_secs(1),
+                            "the handler panicked",
+                        )),
                     }
-                    Err(e) => Err(HandlerError::permanent("malformed", e.to_string())),
-                };
+                }
+                Err(e) => Err(HandlerError::permanent("malformed", e.to_string())),
+            };
             ctx.metrics.observe_handler(
                 &held.stream,
                 &held.consumer,
@@ -417,7 +418,7 @@ where
     let mut slots = Vec::new();
     let mut settled = Vec::new();
     for held in gathered {
-        match decode_message::<M>(held.message.headers.as_ref(), &held.message.payload) {
+        match decode_message::<M>(held.delivery.headers.as_deref(), &held.message.payload) {
             Ok(message) => {
                 items.push(Item {
                     message,
@@ -473,7 +474,7 @@ fn handler_span(held: &Held) -> tracing::Span {
         sequence = held.delivery.stream_sequence,
         delivered = held.delivery.delivered,
     );
-    crate::telemetry::set_parent_from(&span, held.message.headers.as_ref());
+    crate::telemetry::set_parent_from(&span, held.delivery.headers.as_deref());
     span
 }
 
@@ -605,7 +606,7 @@ pub(crate) fn hold(
             return None;
         }
     };
-    let (message, acker) = message.split();
+    let (mut message, acker) = message.split();
     let acks = Arc::new(Acks {
         acker,
         settled: tokio::sync::Mutex::new(false),
@@ -636,8 +637,9 @@ pub(crate) fn hold(
             published_ms,
             delivered,
             last_attempt: limits.max_deliver > 0 && delivered >= limits.max_deliver,
-            headers: message.headers.clone(),
             payload_len: message.payload.len(),
+            // Moved, not copied: the held message's headers are read from here.
+            headers: message.headers.take().map(std::sync::Arc::new),
             shutdown: ctx.shutdown.token().clone(),
         },
         message,
@@ -701,7 +703,7 @@ pub(crate) async fn settle(
         match deadletter::publish(
             &ctx.jetstream,
             &target,
-            held.message.headers.as_ref(),
+            held.delivery.headers.as_deref(),
             held.message.payload.clone(),
             &reason,
         )

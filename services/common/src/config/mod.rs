@@ -173,6 +173,9 @@ pub struct SetupSettings {
     /// Messages of one partition delivered and not yet acknowledged at once: what a replica
     /// holds (and what waits for `ack_wait` when it dies).
     pub partition_max_ack_pending: i64,
+    /// The same for `USAGE`'s partitions: billing folds a whole batch per checkpoint, and the
+    /// server sends the next batch while one folds.
+    pub usage_max_ack_pending: i64,
     /// How long the `slipway_blobs` object store keeps a value (plans, model outputs).
     pub blobs_max_age_days: u64,
 }
@@ -430,6 +433,9 @@ impl Settings {
         if !(1..=10_000).contains(&s.partition_max_ack_pending) {
             return Err(invalid("setup.partition_max_ack_pending", "1 to 10000"));
         }
+        if !(1..=10_000).contains(&s.usage_max_ack_pending) {
+            return Err(invalid("setup.usage_max_ack_pending", "1 to 10000"));
+        }
         if !(1..=3650).contains(&s.blobs_max_age_days) {
             return Err(invalid("setup.blobs_max_age_days", "1 to 3650 days"));
         }
@@ -513,6 +519,7 @@ const DEFAULTS: &[(&str, &str)] = &[
     ("setup.priority_timeout_ms", "6000"),
     ("setup.partition_ack_wait_sec", "10"),
     ("setup.partition_max_ack_pending", "256"),
+    ("setup.usage_max_ack_pending", "2000"),
     ("setup.blobs_max_age_days", "30"),
     ("service.max_in_flight", "64"),
     ("service.grace_period_ms", "25000"),

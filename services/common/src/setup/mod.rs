@@ -361,6 +361,7 @@ pub fn stream_config(spec: &StreamSpec, topo: &Topology) -> stream::Config {
         num_replicas: topo.replicas,
         discard: stream::DiscardPolicy::Old,
         allow_direct: spec.allow_direct,
+        allow_atomic_publish: spec.allow_atomic,
         subject_transform: spec
             .partitioning
             .as_ref()
@@ -541,6 +542,13 @@ fn diff_stream(resource: &str, expected: &stream::Config, actual: &stream::Confi
         "allow_direct",
         expected.allow_direct.to_string(),
         actual.allow_direct.to_string(),
+    );
+    push(
+        &mut d,
+        resource,
+        "allow_atomic",
+        expected.allow_atomic_publish.to_string(),
+        actual.allow_atomic_publish.to_string(),
     );
     let transform = |t: &Option<stream::SubjectTransform>| {
         t.as_ref()

@@ -271,6 +271,26 @@ fn stream_limits_are_settings() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("setup.duplicate_window_sec"), "{e}");
+    for (key, value, name) in [
+        (
+            "SLIPWAY__SETUP__USAGE_MAX_ACK_PENDING",
+            "0",
+            "setup.usage_max_ack_pending",
+        ),
+        (
+            "SLIPWAY__SETUP__USAGE_MAX_ACK_PENDING",
+            "10001",
+            "setup.usage_max_ack_pending",
+        ),
+        (
+            "SLIPWAY__SETUP__PARTITION_MAX_ACK_PENDING",
+            "0",
+            "setup.partition_max_ack_pending",
+        ),
+    ] {
+        let e = load(None, &[(key, value)]).unwrap_err().to_string();
+        assert!(e.contains(name), "{key}={value}: {e}");
+    }
 }
 
 #[test]
@@ -397,7 +417,9 @@ fn the_billing_section_checks_its_prices_currency_and_batch_bounds() {
     let s = load(None, &[]).unwrap();
     assert_eq!(s.billing.currency, "USD");
     assert!(s.billing.prices.is_empty(), "quantities only by default");
-    assert_eq!(s.billing.batch_max_bytes, 131_072);
+    assert_eq!(s.billing.batch_max_bytes, 524_288);
+    assert_eq!(s.billing.batch_max_events, 1000);
+    assert_eq!(s.setup.usage_max_ack_pending, 2000);
     let s = load(
         None,
         &[("SLIPWAY__BILLING__PRICES__LLM_INPUT_TOKENS", "0.000003")],
