@@ -59,6 +59,10 @@ impl Record for crate::v1::FoldCheckpoint {
     const SCHEMA_VERSION: u32 = 1;
 }
 
+impl Record for crate::v1::FoldCompleted {
+    const SCHEMA_VERSION: u32 = 1;
+}
+
 impl Record for crate::v1::UsageAggregate {
     const SCHEMA_VERSION: u32 = 1;
 }

@@ -122,51 +122,44 @@ impl BilledPublisher {
         &self,
         partition: &str,
         number: u64,
-        users: Vec<UserBilled>,
+        users: &[UserBilled],
         recovering: bool,
     ) -> Result<(), BilledError> {
         // Each user's messages still to go out, after the subject's last sequence.
-        let pending: Vec<(UserBilled, u64)> = if recovering {
-            futures::stream::iter(users)
-                .map(|user| async move {
-                    let (there, last) = self.published_since_floor(&user).await?;
+        let pending: Vec<(Vec<&BilledUsage>, &str, u64)> = if recovering {
+            futures::stream::iter(0..users.len())
+                .map(|i| async move {
+                    let user = &users[i];
+                    let (there, last) = self.published_since_floor(user).await?;
                     let missing = user
                         .messages
-                        .into_iter()
+                        .iter()
                         .zip(there)
                         .filter(|(_, t)| !t)
                         .map(|(m, _)| m)
                         .collect();
-                    Ok::<_, BilledError>((
-                        UserBilled {
-                            messages: missing,
-                            ..user
-                        },
-                        last,
-                    ))
+                    Ok::<_, BilledError>((missing, user.user_token.as_str(), last))
                 })
                 .buffer_unordered(USERS_AT_ONCE)
                 .try_collect()
                 .await?
         } else {
             users
-                .into_iter()
-                .map(|u| {
-                    let floor = u.floor;
-                    (u, floor)
-                })
+                .iter()
+                .map(|u| (u.messages.iter().collect(), u.user_token.as_str(), u.floor))
                 .collect()
         };
         let mut last: HashMap<String, u64> = pending
             .iter()
-            .map(|(u, seq)| (u.user_token.clone(), *seq))
+            .map(|(_, user, seq)| (user.to_string(), *seq))
             .collect();
         let outgoing: Vec<(&str, &BilledUsage)> = pending
             .iter()
-            .flat_map(|(u, _)| u.messages.iter().map(|m| (u.user_token.as_str(), m)))
+            .flat_map(|(messages, user, _)| messages.iter().map(|m| (*user, *m)))
             .collect();
+        let mut trusted = true;
         for chunk in outgoing.chunks(MAX_BATCH) {
-            self.publish_batch(chunk, &mut last).await?;
+            trusted &= self.publish_batch(chunk, &mut last).await?;
         }
         let mut known = self.known();
         let entry = known
@@ -174,7 +167,7 @@ impl BilledPublisher {
             .or_insert_with(|| (0, HashMap::new()));
         // Valid while the partition's checkpoints follow one another here: a gap means another
         // holder wrote in between, and the users are read back.
-        if entry.0 + 1 != number || entry.1.len() > KNOWN_USERS_MAX {
+        if !trusted || entry.0 + 1 != number || entry.1.len() > KNOWN_USERS_MAX {
             entry.1.clear();
         }
         entry.0 = number;
@@ -184,12 +177,13 @@ impl BilledPublisher {
 
     /// One atomic batch: every message but the last published without waiting, the last with
     /// the commit, whose ack carries the last sequence (the batch's messages are stored one
-    /// after another). `last` holds each user's subject sequence before, and after on return.
+    /// after another). `last` holds each user's subject sequence before, and after on return;
+    /// `false` when the ack could not be read as the batch's (then they are read back later).
     async fn publish_batch(
         &self,
         batch: &[(&str, &BilledUsage)],
         last: &mut HashMap<String, u64>,
-    ) -> Result<(), BilledError> {
+    ) -> Result<bool, BilledError> {
         let id = format!("{:032x}", rand::random::<u128>());
         let n = batch.len();
         let mut guarded = std::collections::HashSet::new();
@@ -223,12 +217,21 @@ impl BilledPublisher {
                 Err(e) => Err(e),
             };
             match acked {
-                Ok(ack) => {
-                    let first = ack.sequence + 1 - n as u64;
-                    for (k, (user, _)) in batch.iter().enumerate() {
-                        last.insert(user.to_string(), first + k as u64);
+                Ok(ack) => match (ack.sequence + 1).checked_sub(n as u64) {
+                    // The batch's messages are stored one after another, ending at the ack's.
+                    Some(first) => {
+                        for (k, (user, _)) in batch.iter().enumerate() {
+                            last.insert(user.to_string(), first + k as u64);
+                        }
                     }
-                }
+                    // An answer that cannot be: its users' sequences are read back next time.
+                    None => {
+                        for (user, _) in batch {
+                            last.remove(*user);
+                        }
+                        return Ok(false);
+                    }
+                },
                 // Nothing of the batch was stored: a user's subject moved under us.
                 Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
                     return Err(BilledError::SecondWriter(format!(
@@ -244,7 +247,7 @@ impl BilledPublisher {
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// The messages of `user` on its subject after the checkpoint's floor that are this

@@ -2,7 +2,7 @@
 //!
 //! Each end-user has an index in `slipway_billing_dedupe`, `u.<user_token>`: the keys (the first
 //! 16 bytes of SHA-256 of the pair) of the user's events first seen in the last
-//! `BILLING_DEDUPE_DAYS`, by the day first seen. It is written when a checkpoint is applied, one
+//! `BILLING_DEDUPE_DAYS` of stream time, by the day first seen. It is written when a checkpoint is applied, one
 //! revision-checked write per user per batch: the write decides which of the checkpoint's events
 //! are first, and tags the keys it adds with the checkpoint (partition, number). Applying that
 //! checkpoint again (a new holder completing it, or a stalled one resuming) finds its group and
@@ -84,6 +84,10 @@ impl Indexes {
     }
 
     fn keep(&self, user_token: &str, known: Known) {
+        // A user this heavy is read each time rather than push everyone else out.
+        if known.keys.len() > REMEMBERED_KEYS_MAX / 8 {
+            return;
+        }
         let mut guard = self.lock();
         let (map, held) = &mut *guard;
         if *held + known.keys.len() > REMEMBERED_KEYS_MAX {
@@ -97,7 +101,8 @@ impl Indexes {
     }
 }
 
-/// The days a checkpoint written at `ms` files its keys under, and the first day it keeps.
+/// The day a checkpoint whose newest event was stored at `ms` files its keys under, and the
+/// first day it keeps.
 pub fn days_of(ms: i64) -> (String, String) {
     let window = i64::from(BILLING_DEDUPE_DAYS) * 86_400_000;
     (day(ms), day(ms.saturating_sub(window)))
@@ -122,7 +127,7 @@ impl Folder {
             };
             let mut known = match remembered {
                 Some(k) => k,
-                None => self.read_index(&key).await?,
+                None => self.read_index(&key, cut).await?,
             };
             if let Some(g) = known
                 .index
@@ -155,7 +160,7 @@ impl Folder {
                 .filter(|(_, f)| **f)
                 .map(|(k, _)| *k)
                 .collect();
-            add_group(&mut known, cp, (day, cut), &added);
+            let chunk_dropped = add_group(&mut known, cp, (day, cut), &added);
             self.seal(&key, &mut known, day).await?;
             let written = if known.revision == 0 {
                 self.dedupe.create(&key, &known.index).await
@@ -166,7 +171,10 @@ impl Folder {
                 Ok(revision) => {
                     known.revision = revision;
                     known.keys.extend(added);
-                    self.indexes.keep(user_token, known);
+                    // A dropped chunk's keys are only gone from a fresh read.
+                    if !chunk_dropped {
+                        self.indexes.keep(user_token, known);
+                    }
                     return Ok(first);
                 }
                 Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
@@ -177,7 +185,7 @@ impl Folder {
     }
 
     /// The index and every key it holds, its chunks' too (empty, revision 0, when there is none).
-    async fn read_index(&self, key: &str) -> Result<Known, Stop> {
+    async fn read_index(&self, key: &str, cut: &str) -> Result<Known, Stop> {
         let Some((index, revision)) = self.dedupe.get(key).await.map_err(failed)? else {
             return Ok(Known {
                 index: DedupeIndex::default(),
@@ -192,9 +200,13 @@ impl Folder {
             .chain(index.groups.iter().flat_map(|g| keys_of(&g.keys)))
             .collect();
         for chunk in &index.chunks {
-            // A chunk is written before the index that lists it; one gone has aged out.
-            if let Some((sealed, _)) = self.chunks.get(&chunk.key).await.map_err(failed)? {
-                keys.extend(keys_of(&sealed.keys));
+            match self.chunks.get(&chunk.key).await.map_err(failed)? {
+                Some((sealed, _)) => keys.extend(keys_of(&sealed.keys)),
+                // Past the window it has aged out. Within it, a chunk is written before the index
+                // that lists it, so a miss is a stale read (a lagging replica): never taken for
+                // "no keys", which would count its duplicates again.
+                None if chunk.last_day.as_str() < cut => {}
+                None => return Err(failed(format!("{key}: chunk {} not found", chunk.key))),
             }
         }
         Ok(Known {
@@ -206,8 +218,14 @@ impl Folder {
 }
 
 /// Replaces this partition's previous group (settled under its day) with the checkpoint's, and
-/// drops what is older than `cut`.
-fn add_group(known: &mut Known, cp: &FoldCheckpoint, (day, cut): (&str, &str), added: &[Key]) {
+/// drops what is older than `cut`; `true` when a chunk was dropped (its keys are still in
+/// `known.keys`).
+fn add_group(
+    known: &mut Known,
+    cp: &FoldCheckpoint,
+    (day, cut): (&str, &str),
+    added: &[Key],
+) -> bool {
     let index = &mut known.index;
     if let Some(at) = index
         .groups
@@ -235,10 +253,20 @@ fn add_group(known: &mut Known, cp: &FoldCheckpoint, (day, cut): (&str, &str), a
         }
         keep
     });
+    // Other partitions' groups too (a count of `P` no longer in use leaves its groups).
+    index.groups.retain(|g| {
+        let keep = g.day.as_str() >= cut;
+        if !keep {
+            dropped.extend(keys_of(&g.keys));
+        }
+        keep
+    });
+    let chunks = index.chunks.len();
     index.chunks.retain(|c| c.last_day.as_str() >= cut);
     for k in dropped {
         known.keys.remove(&k);
     }
+    chunks != index.chunks.len()
 }
 
 impl Folder {
@@ -291,6 +319,7 @@ mod tests {
         let dedupe = js.get_key_value("slipway_billing_dedupe").await.unwrap();
         Folder {
             checkpoints: Records::new(store.clone()),
+            completions: Records::new(store.clone()),
             aggregates: Records::new(store),
             dedupe: Records::new(dedupe.clone()),
             chunks: Records::new(dedupe),

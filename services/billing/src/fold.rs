@@ -3,7 +3,8 @@
 //! KV has no multi-key transaction, so a batch commits in an order that a crash anywhere can be
 //! completed from, each step idempotent:
 //!
-//! 0. the partition's last checkpoint is completed first, unless this replica completed it;
+//! 0. the partition's last checkpoint is completed first, unless it is known complete (this
+//!    replica completed it, or its `done.<P>.<p>` mark says so);
 //! 1. each event is checked, and the invalid are refused (to `USAGE_REJECTED`, by the worker);
 //! 2. the checkpoint (`cp.<P>.<p>`) is written at the revision read: every valid event once
 //!    (first of its pair in the batch), priced, as each user's `BILLED` messages. A failed write
@@ -11,7 +12,8 @@
 //! 3. it is applied: each user's dedupe index decides which events are first seen (`dedupe`),
 //!    and theirs are added to the aggregates (`aggregates`: each record skips a checkpoint it
 //!    has applied);
-//! 4. the first seen are published to `BILLED` (see `billed`), and the batch is acknowledged.
+//! 4. the first seen are published to `BILLED` (see `billed`); the checkpoint is marked done, and
+//!    the batch is acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -37,6 +39,8 @@ pub(crate) const AT_ONCE: usize = 256;
 
 pub struct Folder {
     pub(crate) checkpoints: Records<FoldCheckpoint>,
+    /// `done.<P>.<p>`: the partition's last checkpoint completed.
+    pub(crate) completions: Records<FoldCompleted>,
     pub(crate) aggregates: Records<UsageAggregate>,
     pub(crate) dedupe: Records<DedupeIndex>,
     pub(crate) chunks: Records<DedupeKeys>,
@@ -121,7 +125,7 @@ impl Folder {
         let started = Instant::now();
         let name = part.to_string();
         let key = format!("cp.{}.{}", part.count, part.index);
-        let (last, revision) = self.complete(&key, &name).await?;
+        let (last, revision) = self.complete(&key, part).await?;
 
         // 1. Checked; the invalid refused; each pair once in the batch.
         let mut outcomes: Vec<Result<(), HandlerError>> = vec![Ok(()); items.len()];
@@ -141,7 +145,8 @@ impl Folder {
             match validate::check(&item.delivery.subject, &item.message, window) {
                 Ok(v) => {
                     let e = &item.message;
-                    if seen.insert(dedupe_key(&e.source, &e.id)) {
+                    // Per end-user, as the dedupe is: two users' events never hide each other.
+                    if seen.insert((v.user_token.clone(), dedupe_key(&e.source, &e.id))) {
                         valid.push((i, v));
                     } else {
                         self.metrics.duplicates(1);
@@ -207,6 +212,11 @@ impl Folder {
             }
         }
         let candidates = accepted.len();
+        let stream_ms = items
+            .iter()
+            .map(|i| i.delivery.published_ms)
+            .max()
+            .unwrap_or(0);
         let cp = FoldCheckpoint {
             number,
             partition: name.clone(),
@@ -214,6 +224,10 @@ impl Folder {
             last_sequence,
             billed: by_user(accepted, &floors),
             written_at: Some(now()),
+            stream_time: Some(pbjson_types::Timestamp {
+                seconds: stream_ms.div_euclid(1000),
+                nanos: (stream_ms.rem_euclid(1000) * 1_000_000) as i32,
+            }),
         };
         let written = if revision == 0 {
             self.checkpoints.create(&key, &cp).await
@@ -232,6 +246,7 @@ impl Folder {
 
         // 3-4. Applied, published.
         let billed = self.finish(cp, false).await?;
+        self.mark_done(part, number).await?;
         self.completed_at(&key, revision);
         self.metrics.folded(billed as u64);
         self.metrics.duplicates((candidates - billed) as u64);
@@ -279,34 +294,67 @@ impl Folder {
             .collect())
     }
 
-    /// Completes the partition's last checkpoint unless this replica completed it at the
-    /// revision found; answers its number and the record's revision (0 and 0 when there is none).
-    async fn complete(&self, key: &str, name: &str) -> Result<(u64, u64), Stop> {
+    /// Completes the partition's last checkpoint unless it is known complete: this replica
+    /// completed it at the revision found, or its `done` mark says so. Answers its number and
+    /// the record's revision (0 and 0 when there is none).
+    async fn complete(&self, key: &str, part: PartitionId) -> Result<(u64, u64), Stop> {
+        let name = part.to_string();
         let Some((cp, revision)) = self.checkpoints.get(key).await.map_err(failed)? else {
             return Ok((0, 0));
         };
         if cp.partition != name {
             return Err(fenced(format!("{key} belongs to `{}`", cp.partition)));
         }
-        let done = self
+        let remembered = self
             .completed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             == Some(&revision);
         let number = cp.number;
-        if !done {
-            self.finish(cp, true).await?;
-            self.completed_at(key, revision);
+        if remembered {
+            return Ok((number, revision));
         }
+        // Completing it again long after would be wrong, not only slow: its duplicates' keys
+        // may have aged out of the dedupe window by then.
+        let marked = self
+            .completions
+            .get(&done_key(part))
+            .await
+            .map_err(failed)?
+            .is_some_and(|(d, _)| d.partition == name && d.number >= number);
+        if !marked {
+            self.finish(cp, true).await?;
+            self.mark_done(part, number).await?;
+        }
+        self.completed_at(key, revision);
         Ok((number, revision))
+    }
+
+    /// Marks checkpoint `number` of `part` complete. A plain write: a stalled holder writing an
+    /// older number only makes the next holder complete the last checkpoint again, which is
+    /// idempotent.
+    async fn mark_done(&self, part: PartitionId, number: u64) -> Result<(), Stop> {
+        let done = FoldCompleted {
+            partition: part.to_string(),
+            number,
+            completed_at: Some(now()),
+        };
+        self.completions
+            .store()
+            .put(done_key(part), slipway_common::records::encode(&done))
+            .await
+            .map(|_| ())
+            .map_err(failed)
     }
 
     /// Steps 3 and 4 for a written checkpoint (again, when `recovering`): answers how many of
     /// its events were first seen and billed.
     async fn finish(&self, cp: FoldCheckpoint, recovering: bool) -> Result<usize, Stop> {
-        let written_ms = cp.written_at.as_ref().map_or(0, validate::ms);
-        let (day, cut) = days_of(written_ms);
+        let Some(stream_time) = cp.stream_time.as_ref().or(cp.written_at.as_ref()) else {
+            return Err(failed(format!("checkpoint {} has no time", cp.number)));
+        };
+        let (day, cut) = days_of(validate::ms(stream_time));
         let (day, cut, cp_ref) = (day.as_str(), cut.as_str(), &cp);
         let mut firsts: Vec<(usize, Vec<bool>)> = futures::stream::iter(0..cp.billed.len())
             .map(|i| async move {
@@ -354,11 +402,19 @@ impl Folder {
         let billed: usize = users.iter().map(|u| u.messages.len()).sum();
         self.apply(&partition, number, &deltas(&users)?).await?;
         failpoint::hit("billing.after_apply");
-        match self
+        let mut result = self
             .billed
-            .publish(&partition, number, users, recovering)
-            .await
-        {
+            .publish(&partition, number, &users, recovering)
+            .await;
+        if let (false, Err(BilledError::SecondWriter(what))) = (recovering, &result) {
+            // Another writer on one of the users' subjects (a `P` change draining): nothing of
+            // the batch was stored, so it is published again as a recovery would, after what
+            // is there now, before the partition is given up.
+            self.metrics.second_writer();
+            tracing::warn!(%what, %partition, "a second writer on BILLED: publishing after it");
+            result = self.billed.publish(&partition, number, &users, true).await;
+        }
+        match result {
             Ok(()) => Ok(billed),
             Err(BilledError::SecondWriter(what)) => {
                 self.metrics.second_writer();
@@ -402,6 +458,10 @@ impl Folder {
 }
 
 /// Each user's messages in stream order, with the user's floor.
+fn done_key(part: PartitionId) -> String {
+    format!("done.{}.{}", part.count, part.index)
+}
+
 fn by_user(accepted: Vec<Accepted>, floors: &HashMap<String, u64>) -> Vec<UserBilled> {
     let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
     for a in accepted {

@@ -35,6 +35,7 @@ pub async fn serve(app: App) -> anyhow::Result<()> {
     let prices = prices::Prices::new(&s.currency, &s.prices).map_err(|e| anyhow::anyhow!(e))?;
     let folder = Arc::new(fold::Folder {
         checkpoints: Records::new(store.clone()),
+        completions: Records::new(store.clone()),
         aggregates: Records::new(store),
         dedupe: Records::new(dedupe.clone()),
         chunks: Records::new(dedupe),

@@ -14,6 +14,11 @@ const DAY: Duration = Duration::from_secs(24 * 3600);
 /// age): the accepted lateness (`billing.lateness_days`) stays below it.
 pub const BILLING_DEDUPE_DAYS: u32 = 36;
 
+/// How long the `BILLING_DEDUPE` bucket keeps a value after its last write: past the window
+/// (counted in stream time), so a fold that runs up to 24 days behind the stream still finds a
+/// user's keys however long the user was idle.
+pub const BILLING_DEDUPE_KEEP_DAYS: u32 = 60;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Retention {
     /// Kept until `max_age`: many readers.
@@ -381,8 +386,8 @@ impl Topology {
             ),
             bucket(
                 buckets::BILLING_DEDUPE,
-                DAY * BILLING_DEDUPE_DAYS,
-                "the first (source, id) of each usage event, kept 36 days from first seen (billing)",
+                DAY * BILLING_DEDUPE_KEEP_DAYS,
+                "per end-user, the (source, id) keys of its usage first seen in the last 36 days (billing)",
             ),
             bucket(
                 buckets::QUOTAS,

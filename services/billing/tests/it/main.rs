@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)] // Tests fail loudly on the first surprise.
 
 mod crash;
+mod dedupe;
 mod fold;
 mod generator;
 mod property;
