@@ -44,7 +44,9 @@ pub struct Window {
 const MAX_ID: usize = 256;
 const MAX_ATTRIBUTE: usize = 128;
 
-/// Checks one event read from `subject` (the stored form, with or without the partition token).
+/// Checks one event read from `subject`: the stored form (`slipway.usage.<p>.<service>.<meter>.
+/// <user>`), the published one without the partition token, or the form with the token last
+/// that earlier versions stored.
 pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Refusal> {
     let tokens: Vec<&str> = subject.split('.').collect();
     let root_ok = tokens.len() >= 2 && tokens[0] == subjects::ROOT && tokens[1] == "usage";
@@ -54,7 +56,19 @@ pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Ref
             format!("`{subject}` is not slipway.usage.<service>.<meter>.<user>"),
         ));
     }
-    let (service, meter_token, user_token) = (tokens[2], tokens[3], tokens[4]);
+    // A partition token is a number; a service name never is.
+    let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let rest = if tokens.len() == 6 && numeric(tokens[2]) {
+        &tokens[3..]
+    } else if tokens.len() == 6 && !numeric(tokens[5]) {
+        return Err(refuse(
+            "invalid_subject",
+            format!("`{subject}` has no partition token"),
+        ));
+    } else {
+        &tokens[2..5]
+    };
+    let (service, meter_token, user_token) = (rest[0], rest[1], rest[2]);
     let Some(meter) = meters::find(&e.meter) else {
         return Err(refuse(
             "unknown_meter",
@@ -224,7 +238,7 @@ mod tests {
     }
 
     #[test]
-    fn a_good_event_passes_in_both_subject_forms() {
+    fn a_good_event_passes_in_every_subject_form() {
         let v = check(&subject(), &event(), WINDOW).unwrap();
         assert_eq!(
             v.user_token,
@@ -233,6 +247,8 @@ mod tests {
         assert_eq!(v.quantity.to_string(), "1200");
         assert_eq!(v.time_ms, NOW - 60_000);
         assert_eq!(code(&format!("{}.3", subject()), &event()), "ok");
+        let leading = subject().replacen("slipway.usage.", "slipway.usage.3.", 1);
+        assert_eq!(code(&leading, &event()), "ok");
     }
 
     #[test]
@@ -246,6 +262,12 @@ mod tests {
         let cases: Vec<(String, UsageEvent, &str)> = vec![
             ("slipway.usage.planner".into(), event(), "invalid_subject"),
             (format!("{s}.3.4"), event(), "invalid_subject"),
+            (format!("{s}.x"), event(), "invalid_subject"),
+            (
+                s.replacen("slipway.usage.", "slipway.usage.3.", 1) + ".4",
+                event(),
+                "invalid_subject",
+            ),
             (s.replace("slipway.", "other."), event(), "invalid_subject"),
             (
                 s.clone(),

@@ -63,8 +63,14 @@ pub enum DeadLetterError {
 /// `slipway.dlq.<stream>`.
 pub fn target(stream: &str, subject: &str, refused: bool) -> String {
     if refused && stream == streams::USAGE {
-        // `slipway.usage.<service>.<meter>.<user>`: the publishing service.
-        if let Some(service) = subject.split('.').nth(2)
+        // `slipway.usage.<p>.<service>.<meter>.<user>` as stored (or without the partition
+        // token): the publishing service, never the partition number.
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let partition = tokens
+            .get(2)
+            .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
+        let service = tokens.get(if partition { 3 } else { 2 });
+        if let Some(service) = service
             && let Ok(t) = subjects::usage_rejected(service)
         {
             return t;
@@ -288,4 +294,32 @@ pub async fn replay(js: &jetstream::Context, sequence: u64) -> Result<u64, DeadL
         .map_err(|e| read(&e))?;
     dlq.delete_message(sequence).await.map_err(|e| read(&e))?;
     Ok(ack.sequence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_usage_goes_to_its_publishers_refusals_whatever_the_stored_form() {
+        for subject in [
+            "slipway.usage.3.executor.exec_count.u",
+            "slipway.usage.executor.exec_count.u",
+            "slipway.usage.executor.exec_count.u.3",
+        ] {
+            assert_eq!(
+                target(streams::USAGE, subject, true),
+                "slipway.rejected.usage.executor",
+                "{subject}"
+            );
+        }
+        assert_eq!(
+            target(
+                streams::USAGE,
+                "slipway.usage.3.executor.exec_count.u",
+                false
+            ),
+            "slipway.dlq.USAGE"
+        );
+    }
 }

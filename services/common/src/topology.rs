@@ -47,13 +47,19 @@ pub struct StreamSpec {
     pub allow_atomic: bool,
 }
 
-/// A stream split into `partitions` by one token of its subjects: the server appends
-/// `partition(P, key)` as the stored subject's last token (so prefix filters keep working and
-/// stored subjects overlap no other stream), and one consumer per partition, pinned to one
-/// client at a time, filters on it.
+/// A stream split into `partitions` by one token of its subjects: the server's subject
+/// transform adds `partition(P, key)` as a token of the stored subject, and one consumer per
+/// partition, pinned to one client at a time, filters on it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Partitioning {
     pub partitions: u32,
+    /// Where the partition token goes. Right after the subjects' literal prefix
+    /// (`slipway.usage.<p>.…`), a partition's filter is a literal prefix: the server finds a
+    /// partition's next message without matching every other subject of the stream (measured:
+    /// half its time in a busy fold went to that matching with the token last). Last
+    /// (`….<p>`), the stored subjects keep their published prefixes (a run's commands stay
+    /// under `slipway.runs.<run>.`, apart from `RUN_EVENTS`' `slipway.runs.<run>.events.…`).
+    pub leading: bool,
     /// The published subjects the transform applies to (one `*` per token).
     pub source: String,
     /// Which wildcard of `source` is the key (1-based, as in the server's mapping functions).
@@ -67,30 +73,46 @@ pub struct Partitioning {
 }
 
 impl Partitioning {
-    /// The stream's subject transform destination: the source's tokens, then the partition.
+    /// The stream's subject transform destination: the source's tokens with the partition's,
+    /// first after the literal prefix (`leading`) or last.
     pub fn destination(&self) -> String {
         let wildcards = self.source.split('.').filter(|t| *t == "*").count();
+        debug_assert!(usize::from(self.key_wildcard) <= wildcards);
+        let partition = format!(
+            "{{{{partition({},{})}}}}",
+            self.partitions, self.key_wildcard
+        );
         let mut dest: Vec<String> = Vec::new();
         let mut w = 0;
         for token in self.source.split('.') {
             if token == "*" {
+                if self.leading && w == 0 {
+                    dest.push(partition.clone());
+                }
                 w += 1;
                 dest.push(format!("{{{{wildcard({w})}}}}"));
             } else {
                 dest.push(token.to_string());
             }
         }
-        debug_assert!(usize::from(self.key_wildcard) <= wildcards);
-        dest.push(format!(
-            "{{{{partition({},{})}}}}",
-            self.partitions, self.key_wildcard
-        ));
+        if !self.leading {
+            dest.push(partition);
+        }
         dest.join(".")
     }
 
     /// The stored subjects of partition `p`.
     pub fn filter(&self, p: u32) -> String {
-        format!("{}.{p}", self.source)
+        if !self.leading {
+            return format!("{}.{p}", self.source);
+        }
+        let tokens: Vec<&str> = self.source.split('.').collect();
+        let lead = tokens.iter().take_while(|t| **t != "*").count();
+        format!(
+            "{}.{p}.{}",
+            tokens[..lead].join("."),
+            tokens[lead..].join(".")
+        )
     }
 
     /// The durable consumer of partition `p`. The count is in the name so that a change of `P`
@@ -212,8 +234,9 @@ impl Topology {
             allow_direct: false,
             allow_atomic: false,
         };
-        let partitioned = |source: String, key_wildcard, partitions, owner| Partitioning {
+        let partitioned = |source: String, key_wildcard, partitions, owner, leading| Partitioning {
             partitions,
+            leading,
             source,
             key_wildcard,
             owner,
@@ -239,6 +262,7 @@ impl Topology {
                     1,
                     settings.run_command_partitions,
                     Service::Planner,
+                    false,
                 )),
                 allow_direct: true,
                 ..stream(
@@ -264,6 +288,7 @@ impl Topology {
                     3,
                     settings.usage_partitions,
                     Service::Billing,
+                    true,
                 )),
                 ..stream(
                     streams::USAGE,

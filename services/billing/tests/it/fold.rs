@@ -47,6 +47,14 @@ async fn a_mixed_stream_is_folded_exactly_once_with_the_invalid_refused() {
     let mut js = bus.js.get_stream("USAGE_REJECTED").await.unwrap();
     let first = js.info().await.unwrap().state.first_sequence;
     let raw = js.get_raw_message(first).await.unwrap();
+    // Filed under the service that published it, not the partition it was stored in.
+    assert!(
+        ["executor", "planner", "deployer"]
+            .iter()
+            .any(|p| raw.subject.as_str() == format!("slipway.rejected.usage.{p}")),
+        "{}",
+        raw.subject
+    );
     let reasons = format!("{:?}", raw.headers);
     assert!(
         [

@@ -178,7 +178,7 @@ fn partitioned_streams_put_the_partition_last_and_name_p_consumers() {
     let part = usage.partitioning.as_ref().unwrap();
     assert_eq!(
         part.destination(),
-        "slipway.usage.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}.{{partition(3,3)}}"
+        "slipway.usage.{{partition(3,3)}}.{{wildcard(1)}}.{{wildcard(2)}}.{{wildcard(3)}}"
     );
     let runs = topo.stream(streams::RUN_COMMANDS).unwrap();
     assert_eq!(
@@ -194,9 +194,9 @@ fn partitioned_streams_put_the_partition_last_and_name_p_consumers() {
     assert_eq!(
         billing,
         [
-            ("billing-0-of-3", "slipway.usage.*.*.*.0"),
-            ("billing-1-of-3", "slipway.usage.*.*.*.1"),
-            ("billing-2-of-3", "slipway.usage.*.*.*.2"),
+            ("billing-0-of-3", "slipway.usage.0.*.*.*"),
+            ("billing-1-of-3", "slipway.usage.1.*.*.*"),
+            ("billing-2-of-3", "slipway.usage.2.*.*.*"),
         ]
     );
     // Only the owner may unpin its partitions, and only the planner reads runs by subject.
