@@ -55,9 +55,11 @@ pub struct Folder {
     pub(crate) written: crate::aggregates::Written,
     /// User dedupe indexes as this replica last read or wrote them (`dedupe`).
     pub(crate) indexes: Indexes,
-    /// Checkpoint key -> the revision this replica wrote and completed: the next batch of the
-    /// partition then has nothing to complete.
-    pub(crate) completed: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Checkpoint key -> (revision, number) of the checkpoint this replica wrote and completed
+    /// last. The partition's next batch then neither reads nor completes it: its own
+    /// checkpoint is written at that revision, which fails if anyone else wrote since. Taken
+    /// out while a batch runs, so a batch that fails reads the record again.
+    pub(crate) completed: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
 }
 
 /// Why a batch stopped.
@@ -125,7 +127,11 @@ impl Folder {
         let started = Instant::now();
         let name = part.to_string();
         let key = format!("cp.{}.{}", part.count, part.index);
-        let (last, revision) = self.complete(&key, part).await?;
+        let remembered = self.completed().remove(&key);
+        let (last, revision) = match remembered {
+            Some((revision, number)) => (number, revision),
+            None => self.complete(&key, part).await?,
+        };
 
         // 1. Checked; the invalid refused; each pair once in the batch.
         let mut outcomes: Vec<Result<(), HandlerError>> = vec![Ok(()); items.len()];
@@ -159,6 +165,7 @@ impl Folder {
             }
         }
         if valid.is_empty() {
+            self.completed().insert(key, (revision, last));
             return Ok(outcomes);
         }
         let closed = self.closed_periods(&items, &valid).await?;
@@ -247,7 +254,7 @@ impl Folder {
         // 3-4. Applied, published.
         let billed = self.finish(cp, false).await?;
         self.mark_done(part, number).await?;
-        self.completed_at(&key, revision);
+        self.completed().insert(key, (revision, number));
         self.metrics.folded(billed as u64);
         self.metrics.duplicates((candidates - billed) as u64);
         self.metrics
@@ -256,11 +263,10 @@ impl Folder {
         Ok(outcomes)
     }
 
-    fn completed_at(&self, key: &str, revision: u64) {
-        self.completed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.to_string(), revision);
+    fn completed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (u64, u64)>> {
+        self.completed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Which of the batch's users' own periods are closed, for the events stored after their
@@ -294,9 +300,8 @@ impl Folder {
             .collect())
     }
 
-    /// Completes the partition's last checkpoint unless it is known complete: this replica
-    /// completed it at the revision found, or its `done` mark says so. Answers its number and
-    /// the record's revision (0 and 0 when there is none).
+    /// Completes the partition's last checkpoint unless its `done` mark says it is complete.
+    /// Answers its number and the record's revision (0 and 0 when there is none).
     async fn complete(&self, key: &str, part: PartitionId) -> Result<(u64, u64), Stop> {
         let name = part.to_string();
         let Some((cp, revision)) = self.checkpoints.get(key).await.map_err(failed)? else {
@@ -305,16 +310,7 @@ impl Folder {
         if cp.partition != name {
             return Err(fenced(format!("{key} belongs to `{}`", cp.partition)));
         }
-        let remembered = self
-            .completed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(key)
-            == Some(&revision);
         let number = cp.number;
-        if remembered {
-            return Ok((number, revision));
-        }
         // Completing it again long after would be wrong, not only slow: its duplicates' keys
         // may have aged out of the dedupe window by then.
         let marked = self
@@ -327,7 +323,6 @@ impl Folder {
             self.finish(cp, true).await?;
             self.mark_done(part, number).await?;
         }
-        self.completed_at(key, revision);
         Ok((number, revision))
     }
 
