@@ -63,16 +63,32 @@ struct Known {
     keys: HashSet<Key>,
 }
 
-/// User indexes this replica wrote last (bounded: a miss only costs a read).
-#[derive(Default)]
-pub struct Indexes(Mutex<(HashMap<String, Known>, usize)>);
+/// User indexes this replica wrote last, bounded by the keys they hold (a miss only costs a
+/// read).
+pub struct Indexes {
+    remembered: Mutex<(HashMap<String, Known>, usize)>,
+    max_keys: usize,
+}
 
 const REMEMBERED_KEYS_MAX: usize = 4_000_000;
 
+impl Default for Indexes {
+    fn default() -> Self {
+        Self::with_limit(REMEMBERED_KEYS_MAX)
+    }
+}
+
 impl Indexes {
+    fn with_limit(max_keys: usize) -> Self {
+        Self {
+            remembered: Mutex::new((HashMap::new(), 0)),
+            max_keys,
+        }
+    }
+
     /// The remembered indexes and how many keys they hold.
     fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, Known>, usize)> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.remembered.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn take(&self, user_token: &str) -> Option<Known> {
@@ -85,12 +101,12 @@ impl Indexes {
 
     fn keep(&self, user_token: &str, known: Known) {
         // A user this heavy is read each time rather than push everyone else out.
-        if known.keys.len() > REMEMBERED_KEYS_MAX / 8 {
+        if known.keys.len() > self.max_keys / 8 {
             return;
         }
         let mut guard = self.lock();
         let (map, held) = &mut *guard;
-        if *held + known.keys.len() > REMEMBERED_KEYS_MAX {
+        if *held + known.keys.len() > self.max_keys {
             map.clear();
             *held = 0;
         }
@@ -418,6 +434,19 @@ mod tests {
                 .ok()
                 .unwrap();
             assert!(first.iter().all(|f| *f), "batch {b} is all new");
+            // Sealed exactly when the settled keys (earlier batches') pass SEAL_AT.
+            let (index, _) = f.dedupe.get(&index_key("heavy")).await.unwrap().unwrap();
+            let settled: usize = index.settled.values().map(|b| b.len() / 16).sum();
+            let before = b as usize * per_batch as usize;
+            let sealed_at = SEAL_AT - SEAL_AT % per_batch as usize + per_batch as usize;
+            if before < sealed_at {
+                assert!(index.chunks.is_empty(), "batch {b}: not sealed yet");
+                assert_eq!(settled, before, "batch {b}");
+            } else if before == sealed_at {
+                assert_eq!(index.chunks.len(), 1, "batch {b}: sealed once");
+                assert_eq!(index.chunks[0].count as usize, sealed_at);
+                assert_eq!(settled, 0, "batch {b}");
+            }
         }
         let (index, _) = f.dedupe.get(&index_key("heavy")).await.unwrap().unwrap();
         assert!(index.chunks.len() >= 2, "sealed: {:?}", index.chunks.len());
@@ -475,6 +504,125 @@ mod tests {
                 .ok(),
             Some(vec![true, false])
         );
+    }
+
+    #[tokio::test]
+    async fn what_the_window_drops_is_dropped_from_what_a_replica_remembers_too() {
+        let nats = NatsServer::start().unwrap();
+        let f = folder(&nats).await;
+        let old_days = ("2026-09-01", "2026-07-27");
+        // Settled keys of an old day, and an old group of a count of P no longer in use.
+        for (c, k) in [(cp("0-of-8", 1), 1), (cp("0-of-8", 2), 2)] {
+            f.first_seen(&c, old_days, "u", &[key(k)])
+                .await
+                .ok()
+                .unwrap();
+        }
+        f.first_seen(&cp("1-of-4", 9), old_days, "u", &[key(5)])
+            .await
+            .ok()
+            .unwrap();
+        // A checkpoint of today, by the same replica: the old keys go from its memory as well.
+        f.first_seen(&cp("0-of-8", 3), DAYS, "u", &[key(3)])
+            .await
+            .ok()
+            .unwrap();
+        assert_eq!(
+            f.first_seen(
+                &cp("0-of-8", 4),
+                DAYS,
+                "u",
+                &[key(1), key(2), key(5), key(3)]
+            )
+            .await
+            .ok(),
+            Some(vec![true, true, true, false])
+        );
+        let (index, _) = f.dedupe.get(&index_key("u")).await.unwrap().unwrap();
+        assert!(
+            index.groups.iter().all(|g| g.partition != "1-of-4"),
+            "the old count's group is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_listed_chunk_missing_within_the_window_is_not_taken_for_no_keys() {
+        let nats = NatsServer::start().unwrap();
+        let f = folder(&nats).await;
+        let keys: Vec<Key> = (0..SEAL_AT as u32 + 1).map(key).collect();
+        for (n, batch) in [&keys[..], &[key(90_000)], &[key(90_001)]]
+            .iter()
+            .enumerate()
+        {
+            f.first_seen(&cp("0-of-8", n as u64 + 1), DAYS, "u", batch)
+                .await
+                .ok()
+                .unwrap();
+        }
+        let (index, _) = f.dedupe.get(&index_key("u")).await.unwrap().unwrap();
+        assert_eq!(index.chunks.len(), 1);
+        f.chunks.store().purge(&index.chunks[0].key).await.unwrap();
+        // A replica reading the index now: a stale read, not "no keys" (which would count
+        // the sealed keys' duplicates again).
+        match folder(&nats)
+            .await
+            .first_seen(&cp("0-of-8", 4), DAYS, "u", &[key(0)])
+            .await
+        {
+            Err(Stop::Failed(why)) => assert!(why.contains("not found"), "{why}"),
+            _ => panic!("a missing chunk within the window must fail the batch"),
+        }
+        // Its last day is the window's first: still within it.
+        let edge = ("2027-01-03", DAYS.0);
+        assert!(matches!(
+            folder(&nats)
+                .await
+                .first_seen(&cp("0-of-8", 4), edge, "u", &[key(0)])
+                .await,
+            Err(Stop::Failed(_))
+        ));
+        // Past the window, the same chunk has simply aged out.
+        let later = ("2027-02-01", "2026-12-27");
+        assert_eq!(
+            folder(&nats)
+                .await
+                .first_seen(&cp("0-of-8", 4), later, "u", &[key(0)])
+                .await
+                .ok(),
+            Some(vec![true])
+        );
+    }
+
+    fn known(n: u32) -> Known {
+        Known {
+            index: DedupeIndex::default(),
+            revision: u64::from(n),
+            keys: (0..n).map(key).collect(),
+        }
+    }
+
+    #[test]
+    fn remembered_indexes_are_bounded_by_the_keys_they_hold() {
+        let r = Indexes::with_limit(80);
+        r.keep("a", known(10));
+        assert_eq!(r.take("a").map(|k| k.revision), Some(10));
+        assert!(r.take("a").is_none(), "taken once");
+        // One user past an eighth of the limit is not remembered at all.
+        r.keep("heavy", known(11));
+        assert!(r.take("heavy").is_none());
+        // Eight users of 10 fit; a ninth starts again empty, holding only itself.
+        for u in 0..8 {
+            r.keep(&format!("u{u}"), known(10));
+        }
+        assert_eq!(r.lock().1, 80);
+        r.keep("u8", known(10));
+        assert_eq!(r.lock().1, 10);
+        assert!(r.take("u0").is_none());
+        assert!(r.take("u8").is_some());
+        // Keeping a user again replaces it, counted once.
+        r.keep("v", known(10));
+        r.keep("v", known(5));
+        assert_eq!(r.lock().1, 5);
     }
 
     #[test]
