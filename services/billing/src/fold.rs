@@ -128,6 +128,7 @@ impl Folder {
         let name = part.to_string();
         let key = format!("cp.{}.{}", part.count, part.index);
         let remembered = self.completed().remove(&key);
+        let from_memory = remembered.is_some();
         let (last, revision) = match remembered {
             Some((revision, number)) => (number, revision),
             None => self.complete(&key, part).await?,
@@ -243,6 +244,11 @@ impl Folder {
         };
         let revision = match written {
             Ok(r) => r,
+            // Written since this replica last completed it (the partition went elsewhere and
+            // came back): read it again, without calling it a fence.
+            Err(RecordError::Conflict { .. }) if from_memory => {
+                return Err(failed(format!("{key} changed since this replica wrote it")));
+            }
             Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => {
                 self.metrics.fence_conflict();
                 return Err(fenced(format!("{key} was written by another holder")));
@@ -326,21 +332,31 @@ impl Folder {
         Ok((number, revision))
     }
 
-    /// Marks checkpoint `number` of `part` complete. A plain write: a stalled holder writing an
-    /// older number only makes the next holder complete the last checkpoint again, which is
-    /// idempotent.
+    /// Marks checkpoint `number` of `part` complete. The mark only moves forward: a stalled
+    /// holder finishing an older checkpoint late must not make the next holder complete the
+    /// last one again.
     async fn mark_done(&self, part: PartitionId, number: u64) -> Result<(), Stop> {
+        let key = done_key(part);
         let done = FoldCompleted {
             partition: part.to_string(),
             number,
             completed_at: Some(now()),
         };
-        self.completions
-            .store()
-            .put(done_key(part), slipway_common::records::encode(&done))
-            .await
-            .map(|_| ())
-            .map_err(failed)
+        for _ in 0..16 {
+            let written = match self.completions.get(&key).await.map_err(failed)? {
+                Some((d, _)) if d.partition == done.partition && d.number >= number => {
+                    return Ok(());
+                }
+                Some((_, revision)) => self.completions.update(&key, &done, revision).await,
+                None => self.completions.create(&key, &done).await,
+            };
+            match written {
+                Ok(_) => return Ok(()),
+                Err(RecordError::Exists { .. } | RecordError::Conflict { .. }) => continue,
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        Err(failed(format!("{key} kept changing")))
     }
 
     /// Steps 3 and 4 for a written checkpoint (again, when `recovering`): answers how many of
@@ -412,7 +428,9 @@ impl Folder {
         match result {
             Ok(()) => Ok(billed),
             Err(BilledError::SecondWriter(what)) => {
-                self.metrics.second_writer();
+                if recovering {
+                    self.metrics.second_writer();
+                }
                 tracing::error!(%what, %partition, "a second writer on BILLED: the partition stops here");
                 Err(fenced(what))
             }
@@ -452,11 +470,12 @@ impl Folder {
     }
 }
 
-/// Each user's messages in stream order, with the user's floor.
+/// The key of a partition's completion mark.
 fn done_key(part: PartitionId) -> String {
     format!("done.{}.{}", part.count, part.index)
 }
 
+/// Each user's messages in stream order, with the user's floor.
 fn by_user(accepted: Vec<Accepted>, floors: &HashMap<String, u64>) -> Vec<UserBilled> {
     let mut billed: BTreeMap<String, Vec<BilledUsage>> = BTreeMap::new();
     for a in accepted {

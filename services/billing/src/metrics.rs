@@ -63,7 +63,7 @@ impl BillingMetrics {
         );
         metrics.register(
             "billing_second_writers",
-            "BILLED subjects found moved by another writer outside recovery (the partition stops)",
+            "BILLED publishes refused because another writer moved a user's subject",
             m.second_writers.clone(),
         );
         m

@@ -11,7 +11,12 @@ use crate::{Bus, generator, totals};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_stream_is_folded_exactly_once_with_the_invalid_refused() {
-    let bus = Bus::start(&[("SLIPWAY__BILLING__PRICES__LLM_INPUT_TOKENS", "0.000003")]).await;
+    // Small batches: each partition folds several, one after another on the same subjects.
+    let bus = Bus::start(&[
+        ("SLIPWAY__BILLING__PRICES__LLM_INPUT_TOKENS", "0.000003"),
+        ("SLIPWAY__BILLING__BATCH_MAX_EVENTS", "50"),
+    ])
+    .await;
     let plan = generator::plan(3000, 40, 7);
     let billing = bus.billing().await;
     generator::publish(&bus.js, &plan.messages).await;
@@ -70,6 +75,22 @@ async fn a_mixed_stream_is_folded_exactly_once_with_the_invalid_refused() {
 
     // The aggregates agree with the stream.
     assert_eq!(bus.aggregates().await, plan.expected, "aggregates");
+    // One replica is never its own second writer, nor fenced: its remembered floors and the
+    // sequences it read off its batches' acks were right.
+    let text = slipway_test_support::http()
+        .get(format!("http://{}/metrics", billing.health))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for zero in [
+        "slipway_billing_second_writers_total 0",
+        "slipway_billing_fence_conflicts_total 0",
+    ] {
+        assert!(text.contains(zero), "{zero}: {text}");
+    }
     drop(billing);
 }
 

@@ -166,7 +166,7 @@ fn partition_consumer_names_read_back_only_in_their_one_form() {
 }
 
 #[test]
-fn partitioned_streams_put_the_partition_last_and_name_p_consumers() {
+fn partitioned_streams_place_the_partition_token_and_name_p_consumers() {
     let topo = Topology::new(
         &settings(
             "nats://127.0.0.1:1",
