@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 use slipway_common::records::RecordError;
-use slipway_common::topology::BILLING_DEDUPE_DAYS;
+use slipway_common::topology::{BILLING_DEDUPE_DAYS, BILLING_DEDUPE_KEEP_DAYS};
 use slipway_proto::v1::{DedupeChunk, DedupeGroup, DedupeIndex, DedupeKeys, FoldCheckpoint};
 
 use crate::fold::{Folder, Stop, failed, fenced};
@@ -115,6 +115,16 @@ impl Indexes {
             *held = held.saturating_sub(old.keys.len());
         }
     }
+}
+
+/// Whether the bucket may have removed `chunk` by now (a day's margin for clocks).
+fn expired(chunk: &DedupeChunk) -> bool {
+    let keep = i64::from(BILLING_DEDUPE_KEEP_DAYS.saturating_sub(1)) * 86_400;
+    let now = slipway_common::service::now().seconds;
+    chunk
+        .sealed_at
+        .as_ref()
+        .is_some_and(|t| t.seconds.saturating_add(keep) < now)
 }
 
 /// The day a checkpoint whose newest event was stored at `ms` files its keys under, and the
@@ -222,6 +232,11 @@ impl Folder {
                 // that lists it, so a miss is a stale read (a lagging replica): never taken for
                 // "no keys", which would count its duplicates again.
                 None if chunk.last_day.as_str() < cut => {}
+                // Written long enough ago for the bucket to have removed it: a fold that far
+                // behind the stream loses those keys (logged) rather than stop the partition.
+                None if expired(chunk) => {
+                    tracing::warn!(%key, chunk = %chunk.key, last_day = %chunk.last_day, "a sealed chunk aged out of the bucket while still in the window: its keys are lost");
+                }
                 None => return Err(failed(format!("{key}: chunk {} not found", chunk.key))),
             }
         }
@@ -312,6 +327,7 @@ impl Folder {
             key: chunk_key,
             last_day,
             count: settled as u32,
+            sealed_at: Some(slipway_common::service::now()),
         });
         Ok(())
     }
@@ -581,6 +597,26 @@ mod tests {
                 .await,
             Err(Stop::Failed(_))
         ));
+        // Written longer ago than the bucket keeps values: gone for good, and the partition
+        // goes on (the keys are lost, which is logged).
+        let mut aged = index.clone();
+        aged.chunks[0].sealed_at = Some(pbjson_types::Timestamp {
+            seconds: slipway_common::service::now().seconds - 61 * 86_400,
+            nanos: 0,
+        });
+        let (_, revision) = f.dedupe.get(&index_key("u")).await.unwrap().unwrap();
+        f.dedupe
+            .update(&index_key("u"), &aged, revision)
+            .await
+            .unwrap();
+        assert_eq!(
+            folder(&nats)
+                .await
+                .first_seen(&cp("0-of-8", 4), DAYS, "u", &[key(0)])
+                .await
+                .ok(),
+            Some(vec![true])
+        );
         // Past the window, the same chunk has simply aged out.
         let later = ("2027-02-01", "2026-12-27");
         assert_eq!(
