@@ -220,11 +220,12 @@ impl Folder {
             }
         }
         let candidates = accepted.len();
-        let stream_ms = items
-            .iter()
-            .map(|i| i.delivery.published_ms)
-            .max()
-            .unwrap_or(0);
+        let stored = items.iter().map(|i| i.delivery.published_ms);
+        let (oldest_ms, newest_ms) = (stored.clone().min().unwrap_or(0), stored.max().unwrap_or(0));
+        let timestamp = |ms: i64| pbjson_types::Timestamp {
+            seconds: ms.div_euclid(1000),
+            nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+        };
         let cp = FoldCheckpoint {
             number,
             partition: name.clone(),
@@ -232,10 +233,8 @@ impl Folder {
             last_sequence,
             billed: by_user(accepted, &floors),
             written_at: Some(now()),
-            stream_time: Some(pbjson_types::Timestamp {
-                seconds: stream_ms.div_euclid(1000),
-                nanos: (stream_ms.rem_euclid(1000) * 1_000_000) as i32,
-            }),
+            stream_time: Some(timestamp(newest_ms)),
+            oldest_stream_time: Some(timestamp(oldest_ms)),
         };
         let written = if revision == 0 {
             self.checkpoints.create(&key, &cp).await
@@ -365,7 +364,9 @@ impl Folder {
         let Some(stream_time) = cp.stream_time.as_ref().or(cp.written_at.as_ref()) else {
             return Err(failed(format!("checkpoint {} has no time", cp.number)));
         };
-        let (day, cut) = days_of(validate::ms(stream_time));
+        let oldest = cp.oldest_stream_time.as_ref().unwrap_or(stream_time);
+        let (day, _) = days_of(validate::ms(stream_time));
+        let (_, cut) = days_of(validate::ms(oldest));
         let (day, cut, cp_ref) = (day.as_str(), cut.as_str(), &cp);
         let mut firsts: Vec<(usize, Vec<bool>)> = futures::stream::iter(0..cp.billed.len())
             .map(|i| async move {
@@ -417,7 +418,7 @@ impl Folder {
             .billed
             .publish(&partition, number, &users, recovering)
             .await;
-        if let (false, Err(BilledError::SecondWriter(what))) = (recovering, &result) {
+        if let Err(BilledError::SecondWriter(what)) = &result {
             // Another writer on one of the users' subjects (a `P` change draining): nothing of
             // the batch was stored, so it is published again as a recovery would, after what
             // is there now, before the partition is given up.
@@ -428,9 +429,6 @@ impl Folder {
         match result {
             Ok(()) => Ok(billed),
             Err(BilledError::SecondWriter(what)) => {
-                if recovering {
-                    self.metrics.second_writer();
-                }
                 tracing::error!(%what, %partition, "a second writer on BILLED: the partition stops here");
                 Err(fenced(what))
             }
