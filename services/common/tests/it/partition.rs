@@ -377,7 +377,10 @@ async fn pinned_partitions_fail_over_fence_and_balance_with_10000_keys() {
         let pin = info.priority_groups[0].pinned_client_id.clone();
         at_kill.push((name.clone(), pin, info.delivered.consumer_sequence));
     }
-    let bound = PRIORITY_TIMEOUT + ACK_WAIT + Duration::from_secs(2);
+    // The pin moves after PRIORITY_TIMEOUT and the victim's deliveries come back after
+    // ACK_WAIT; the slack is for the new holder's pulls on a loaded 2-core machine (CI once
+    // took 8.02 s against a 2 s slack). What is bounded is that nothing else is waited for.
+    let bound = PRIORITY_TIMEOUT + ACK_WAIT + Duration::from_secs(4);
     let mut moved: Vec<Option<Duration>> = vec![None; at_kill.len()];
     let mut settled: Vec<Option<Duration>> = vec![None; at_kill.len()];
     while settled.iter().any(Option::is_none) {
