@@ -48,27 +48,12 @@ const MAX_ATTRIBUTE: usize = 128;
 /// <user>`), the published one without the partition token, or the form with the token last
 /// that earlier versions stored.
 pub fn check(subject: &str, e: &UsageEvent, window: Window) -> Result<Valid, Refusal> {
-    let tokens: Vec<&str> = subject.split('.').collect();
-    let root_ok = tokens.len() >= 2 && tokens[0] == subjects::ROOT && tokens[1] == "usage";
-    if !root_ok || !(tokens.len() == 5 || tokens.len() == 6) {
+    let Some((service, meter_token, user_token)) = subjects::usage_parts(subject) else {
         return Err(refuse(
             "invalid_subject",
             format!("`{subject}` is not slipway.usage.<service>.<meter>.<user>"),
         ));
-    }
-    // A partition token is a number; a service name never is.
-    let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
-    let rest = if tokens.len() == 6 && numeric(tokens[2]) {
-        &tokens[3..]
-    } else if tokens.len() == 6 && !numeric(tokens[5]) {
-        return Err(refuse(
-            "invalid_subject",
-            format!("`{subject}` has no partition token"),
-        ));
-    } else {
-        &tokens[2..5]
     };
-    let (service, meter_token, user_token) = (rest[0], rest[1], rest[2]);
     let Some(meter) = meters::find(&e.meter) else {
         return Err(refuse(
             "unknown_meter",

@@ -63,14 +63,8 @@ pub enum DeadLetterError {
 /// `slipway.dlq.<stream>`.
 pub fn target(stream: &str, subject: &str, refused: bool) -> String {
     if refused && stream == streams::USAGE {
-        // `slipway.usage.<p>.<service>.<meter>.<user>` as stored (or without the partition
-        // token): the publishing service, never the partition number.
-        let tokens: Vec<&str> = subject.split('.').collect();
-        let partition = tokens
-            .get(2)
-            .is_some_and(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()));
-        let service = tokens.get(if partition { 3 } else { 2 });
-        if let Some(service) = service
+        // The publishing service, never the partition number.
+        if let Some((service, _, _)) = subjects::usage_parts(subject)
             && let Ok(t) = subjects::usage_rejected(service)
         {
             return t;

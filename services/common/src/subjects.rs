@@ -140,6 +140,25 @@ pub fn usage(service: Service, meter: &str, user_id: &str) -> Result<String, Sub
     ))
 }
 
+/// The (service, meter, user token) of a `USAGE` subject in any of its forms: as published
+/// (`slipway.usage.<service>.<meter>.<user>`), as stored (`slipway.usage.<p>.<service>.<meter>.
+/// <user>`), or as earlier versions stored it (the partition token last). A partition token is
+/// a number; a service name never is. `None` for anything else.
+pub fn usage_parts(subject: &str) -> Option<(&str, &str, &str)> {
+    let tokens: Vec<&str> = subject.split('.').collect();
+    if tokens.len() < 5 || tokens[0] != ROOT || tokens[1] != "usage" {
+        return None;
+    }
+    let numeric = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+    let rest = match tokens.len() {
+        5 => &tokens[2..5],
+        6 if numeric(tokens[2]) => &tokens[3..6],
+        6 if numeric(tokens[5]) => &tokens[2..5],
+        _ => return None,
+    };
+    Some((rest[0], rest[1], rest[2]))
+}
+
 /// `slipway.rejected.usage.<service>`: usage events billing refused, with the reason.
 pub fn usage_rejected(service: &str) -> Result<String, SubjectError> {
     Ok(format!("{ROOT}.rejected.usage.{}", token(service)?))

@@ -256,6 +256,18 @@ impl Spawned {
         bail!("{url} never answered 200")
     }
 
+    /// What its `/metrics` shows now (Prometheus text).
+    pub async fn metrics(&self) -> Result<String> {
+        let url = format!("http://{}/metrics", self.health);
+        Ok(crate::http()
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     /// Shuts the service down: SIGTERM to the process, or the in-process shutdown; waits for it.
     pub async fn stop(&mut self) -> Result<()> {
         if let Some(s) = &self.shutdown {

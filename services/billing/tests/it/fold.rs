@@ -77,14 +77,7 @@ async fn a_mixed_stream_is_folded_exactly_once_with_the_invalid_refused() {
     assert_eq!(bus.aggregates().await, plan.expected, "aggregates");
     // One replica is never its own second writer, nor fenced: its remembered floors and the
     // sequences it read off its batches' acks were right.
-    let text = slipway_test_support::http()
-        .get(format!("http://{}/metrics", billing.health))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = billing.metrics().await.unwrap();
     for zero in [
         "slipway_billing_second_writers_total 0",
         "slipway_billing_fence_conflicts_total 0",

@@ -183,3 +183,21 @@ fn the_architecture_page_names_every_stream_bucket_and_subject() {
         );
     }
 }
+
+#[test]
+fn usage_subjects_are_read_in_every_form_and_the_rest_refused() {
+    use slipway_common::subjects::usage_parts;
+    let parts = Some(("executor", "exec_count", "u"));
+    assert_eq!(usage_parts("slipway.usage.executor.exec_count.u"), parts);
+    assert_eq!(usage_parts("slipway.usage.3.executor.exec_count.u"), parts);
+    assert_eq!(usage_parts("slipway.usage.executor.exec_count.u.3"), parts);
+    for bad in [
+        "slipway.usage.executor.exec_count",
+        "slipway.usage.executor.exec_count.u.x",
+        "slipway.usage.3.executor.exec_count.u.4",
+        "other.usage.executor.exec_count.u",
+        "slipway.billed.executor.exec_count.u",
+    ] {
+        assert_eq!(usage_parts(bad), None, "{bad}");
+    }
+}

@@ -297,14 +297,7 @@ async fn versions_roll_back_and_forward_and_each_is_verified_and_counted_once() 
         .unwrap();
     assert_eq!(listed.deployments.len(), 1);
     // Jobs by outcome, build and verification times, the queue's depth.
-    let text = slipway_test_support::http()
-        .get(format!("http://{}/metrics", sys.deployer.health))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = sys.deployer.metrics().await.unwrap();
     assert!(
         text.contains("slipway_deploy_jobs_total{outcome=\"deployed\"} 2"),
         "{text}"

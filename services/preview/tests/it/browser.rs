@@ -198,14 +198,7 @@ async fn a_ticket_opens_one_run_s_events_once_and_is_refused_reused_expired_or_e
     assert_eq!(http.get(&forged).send().await.unwrap().status(), 401);
 
     // What the replica counted, as its /metrics shows it.
-    let metrics = http
-        .get(format!("http://{}/metrics", sys.replicas[0].health))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = sys.replicas[0].metrics().await.unwrap();
     for line in [
         "slipway_preview_tickets_total{outcome=\"redeemed\"} 3",
         "slipway_preview_tickets_total{outcome=\"reused\"} 1",
